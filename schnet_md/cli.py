@@ -1,0 +1,132 @@
+"""`schnet-md` command line: parse, call the library, print. No physics lives here."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _train(args) -> int:
+    import torch
+
+    from .data import read_rmd17
+    from .model import config_from_preset
+    from .train import TrainSettings, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = read_rmd17(args.data, labels=args.labels)
+    if args.max_frames:
+        data = data.subset(range(min(args.max_frames, len(data))))
+    config = config_from_preset(args.preset, data.elements, energy_unit=data.energy_unit,
+                                n_features=args.features, n_interactions=args.interactions)
+    settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
+                             rho=args.rho, validation_fraction=args.validation_fraction, seed=args.seed,
+                             lr_patience=args.lr_patience)
+    train(data, config, args.out, settings, resume=args.resume)
+    print(f"model written to {Path(args.out) / 'model.pt'}")
+    return 0
+
+
+def _export(args) -> int:
+    from .export import export_model
+    from .structures import read_structure, select_atoms
+
+    structure = read_structure(args.structure)
+    atoms = select_atoms(structure, args.atoms) if args.atoms else None
+    path = export_model(args.model, structure, args.out, atoms=atoms, dtype=args.precision)
+    n = structure.n_atoms if atoms is None else len(atoms)
+    print(f"TorchForce module for {n} of {structure.n_atoms} particles written to {path}")
+    return 0
+
+
+def _simulate(args) -> int:
+    from .simulate import SimulationSettings, resume_simulation, run_simulation
+
+    if args.resume:
+        result = resume_simulation(args.resume, steps=args.steps, platform=args.platform)
+    else:
+        if not (args.structure and args.model and args.out):
+            raise SystemExit("simulate needs STRUCTURE, --model and --out (or --resume DIR)")
+        settings = SimulationSettings(
+            steps=args.steps, timestep_fs=args.timestep, temperature_k=args.temperature,
+            friction_per_ps=args.friction, report_interval=args.report_interval,
+            checkpoint_interval=args.checkpoint_interval, minimize=args.minimize, seed=args.seed,
+            platform=args.platform, precision=args.precision)
+        result = run_simulation(args.structure, args.model, args.out, settings)
+    print(f"trajectory: {result.trajectory}  ({result.n_frames} frames)")
+    print(f"state log:  {result.state_csv}")
+    print(f"speed:      {result.ns_per_day:.2f} ns/day, {result.steps_per_second:.1f} steps/s "
+          f"on the {result.platform} platform")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="schnet-md", description="SchNet potentials for molecular dynamics: train, export to OpenMM, simulate.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a SchNet on energies and forces",
+                       description="Train a SchNet on an rMD17-format npz file (Å, kcal/mol).")
+    t.add_argument("--data", required=True, help="rMD17 npz file")
+    t.add_argument("--labels", choices=["new", "old"], default="new",
+                   help="new: revised rMD17 labels; old: original MD17 labels of the same frames")
+    t.add_argument("--out", required=True, help="output folder (model.pt, checkpoint.pt, metrics.json)")
+    t.add_argument("--preset", default="schnet2017", choices=["schnet2017", "schnet2018"])
+    t.add_argument("--features", type=int, help="override F (feature width)")
+    t.add_argument("--interactions", type=int, help="override the number of interaction blocks")
+    t.add_argument("--epochs", type=int, default=100)
+    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--lr", type=float, default=1e-3, help="initial Adam learning rate")
+    t.add_argument("--lr-patience", type=int, default=10, help="epochs without improvement before lr halves")
+    t.add_argument("--rho", type=float, default=0.01, help="energy weight in the loss (paper: 0.01)")
+    t.add_argument("--validation-fraction", type=float, default=0.05)
+    t.add_argument("--max-frames", type=int, help="use only the first N frames of the file")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, help="torch CPU threads")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser("export", help="write an openmmtorch.TorchForce module for a structure",
+                       description="Export MODEL for the particles of STRUCTURE: the module takes positions "
+                                   "in nm (and box vectors in nm) and returns the energy in kJ/mol.")
+    e.add_argument("model", help="model file written by `schnet-md train`")
+    e.add_argument("--structure", required=True, help="PDB or XYZ file of the whole system")
+    e.add_argument("--atoms", help="the particles the model acts on: 'resname MOL', 'resid 0', "
+                                   "'index 0-8,12' or 'all' (default: all)")
+    e.add_argument("--precision", choices=["float32", "float64"], default="float32")
+    e.add_argument("--out", required=True, help="output .pt file (TorchScript)")
+    e.set_defaults(func=_export)
+
+    s = sub.add_parser("simulate", help="run MD in OpenMM with the model",
+                       description="Langevin MD (LangevinMiddleIntegrator) of STRUCTURE with MODEL in OpenMM.")
+    s.add_argument("structure", nargs="?", help="PDB or XYZ file")
+    s.add_argument("--model", help="model file")
+    s.add_argument("--out", help="output folder")
+    s.add_argument("--steps", type=int, default=1000, help="steps to run (with --resume: further steps)")
+    s.add_argument("--timestep", type=float, default=0.5, help="fs")
+    s.add_argument("--temperature", type=float, default=300.0, help="K")
+    s.add_argument("--friction", type=float, default=1.0, help="1/ps")
+    s.add_argument("--report-interval", type=int, default=10, help="steps between frames and state.csv rows")
+    s.add_argument("--checkpoint-interval", type=int, default=1000, help="steps between checkpoints")
+    s.add_argument("--platform", choices=["CUDA", "OpenCL", "CPU", "Reference"],
+                   help="default: fastest available (CUDA > OpenCL > CPU > Reference)")
+    s.add_argument("--precision", choices=["float32", "float64"], default="float32", help="model precision")
+    s.add_argument("--minimize", action="store_true", help="minimise the energy first")
+    s.add_argument("--seed", type=int, default=0, help="seed for velocities and the thermostat")
+    s.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    s.set_defaults(func=_simulate)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"schnet-md {args.command}: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""Element symbols and atomic numbers (the periodic table is OpenMM's, so names match topologies)."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from openmm.app import element as _element
+
+
+def symbol(z: int) -> str:
+    """Chemical symbol of atomic number `z`, e.g. 8 -> 'O'."""
+    try:
+        return _element.Element.getByAtomicNumber(int(z)).symbol
+    except (KeyError, AttributeError):
+        return f"Z={int(z)}"
+
+
+def atomic_number(sym: str) -> int:
+    """Atomic number of a chemical symbol (case-insensitive), with a clear error for unknown ones."""
+    try:
+        return _element.Element.getBySymbol(sym.strip().capitalize()).atomic_number
+    except KeyError:
+        raise ValueError(f"unknown element symbol {sym!r}") from None
+
+
+def formula(numbers: Iterable[int]) -> str:
+    """Hill-order formula, e.g. [6, 6, 8, 1, ...] -> 'C2H6O'."""
+    counts: dict[str, int] = {}
+    for z in numbers:
+        counts[symbol(z)] = counts.get(symbol(z), 0) + 1
+    order = (["C", "H"] if "C" in counts else []) + sorted(k for k in counts if k not in ("C", "H") or "C" not in counts)
+    return "".join(f"{s}{counts[s] if counts[s] > 1 else ''}" for s in order)

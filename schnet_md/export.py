@@ -1,0 +1,183 @@
+"""The OpenMM-facing module: positions (nm) [+ box vectors (nm)] -> energy (kJ/mol).
+
+This is the one place where OpenMM's units meet the model's: nm -> Å on the way in, the model's
+energy unit -> kJ/mol on the way out. The module carries the atomic numbers and the indices of the
+particles it acts on, so a solute inside a larger system works; every other particle gets no force.
+`openmmtorch.TorchForce(path)` loads the written file directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from . import __version__
+from .model import SchNet
+from .modelfile import ModelFileError, load_model
+from .neighbors import all_pairs, check_box, check_molecule_fits_box, minimum_image
+from .units import ANGSTROM_PER_NM, energy_factor
+
+EXPORT_FORMAT_VERSION = 1
+METADATA_FILE = "schnet_md.json"   # TorchScript extra file holding the metadata
+
+
+class OpenMMSchNet(nn.Module):
+    """forward(positions [n_particles, 3] nm, boxvectors [3, 3] nm optional) -> energy kJ/mol.
+
+    Geometry modes:
+      molecule   no box: all pairs, raw vectors;
+      periodic   box and a model cutoff: all pairs at their minimum image (cutoff <= half box height);
+      in_box     box, model without cutoff: a molecule inside a periodic system (e.g. solvated); pair
+                 vectors are minimum images, valid while the molecule spans less than half the box.
+    """
+
+    def __init__(self, model: SchNet, atomic_numbers: Sequence[int], particle_indices: Sequence[int],
+                 n_particles: int, periodic: bool):
+        super().__init__()
+        if len(atomic_numbers) != len(particle_indices):
+            raise ValueError(f"{len(atomic_numbers)} atomic numbers for {len(particle_indices)} particles")
+        indices = torch.as_tensor(np.asarray(particle_indices, dtype=np.int64))
+        if len(indices) == 0 or int(indices.min()) < 0 or int(indices.max()) >= n_particles:
+            raise ValueError(f"particle indices must lie in 0..{n_particles - 1}")
+        if len(torch.unique(indices)) != len(indices):
+            raise ValueError("particle indices contain duplicates")
+        self.model = model
+        self.register_buffer("species", model.species(torch.as_tensor(np.asarray(atomic_numbers))))
+        self.register_buffer("particle_indices", indices)
+        i, j = all_pairs(len(indices), torch.device("cpu"))
+        self.register_buffer("pair_i", i)
+        self.register_buffer("pair_j", j)
+        self.n_particles = int(n_particles)
+        self.periodic = bool(periodic)
+        self.has_cutoff = model.cutoff != float("inf")
+        self.cutoff = float(model.cutoff)
+        self.angstrom_per_nm = ANGSTROM_PER_NM
+        self.kj_per_model_energy = energy_factor(model.config.energy_unit, "kJ/mol")
+
+    def forward(self, positions: Tensor, boxvectors: Optional[Tensor] = None) -> Tensor:
+        if positions.dim() != 2 or positions.shape[0] != self.n_particles or positions.shape[1] != 3:
+            raise ValueError("this SchNet force was exported for a system of " + str(self.n_particles)
+                             + " particles, but got positions of shape " + str(list(positions.shape)))
+        dtype = self.model.readout.scale.dtype
+        r = positions.index_select(0, self.particle_indices).to(dtype) * self.angstrom_per_nm
+        if not bool(torch.isfinite(r).all()):
+            raise ValueError("SchNet force: positions contain NaN or infinite values (has the simulation "
+                             "blown up?)")
+        vectors = r.index_select(0, self.pair_j) - r.index_select(0, self.pair_i)
+        if self.periodic:
+            if boxvectors is None:
+                raise ValueError("this SchNet force was exported for a periodic system but got no box vectors")
+            box = boxvectors.to(dtype) * self.angstrom_per_nm
+            if self.has_cutoff:
+                check_box(box, self.cutoff)
+            vectors = minimum_image(vectors, box)
+            if not self.has_cutoff:
+                check_molecule_fits_box(torch.linalg.norm(vectors, dim=-1).detach(), box)
+        energy = self.model.atomic_energies(self.species, vectors, self.pair_i, self.pair_j).sum()
+        return energy * self.kj_per_model_energy
+
+
+ModelLike = Union[SchNet, str, os.PathLike]
+
+
+def _load(model: ModelLike, dtype: str) -> Tuple[SchNet, dict]:
+    torch_dtype = {"float32": torch.float32, "float64": torch.float64}[dtype]
+    if isinstance(model, SchNet):
+        return model.to(torch_dtype).eval(), {}
+    return load_model(model, dtype=torch_dtype)
+
+
+def build_module(model: ModelLike, atomic_numbers: Sequence[int], particle_indices: Sequence[int] | None = None,
+                 n_particles: int | None = None, periodic: bool = False, dtype: str = "float32"
+                 ) -> Tuple[torch.jit.ScriptModule, dict]:
+    """Script an OpenMMSchNet; returns (module, metadata). Atomic numbers are those of the particles
+    the model acts on, in the order of `particle_indices` (default: all particles 0..n-1)."""
+    schnet, model_metadata = _load(model, dtype)
+    if particle_indices is None:
+        particle_indices = list(range(len(atomic_numbers)))
+    n_particles = len(atomic_numbers) if n_particles is None else int(n_particles)
+    module = torch.jit.script(OpenMMSchNet(schnet, atomic_numbers, particle_indices, n_particles, periodic))
+    metadata = {
+        "format": "schnet-md/openmm-force",
+        "format_version": EXPORT_FORMAT_VERSION,
+        "schnet_md_version": __version__,
+        "preset": schnet.config.preset,
+        "cutoff_angstrom": schnet.config.cutoff,
+        "model_elements": schnet.config.elements,
+        "atomic_numbers": [int(z) for z in atomic_numbers],
+        "particle_indices": [int(k) for k in particle_indices],
+        "n_particles": n_particles,
+        "periodic": bool(periodic),
+        "precision": dtype,
+        "units": {"positions": "nm", "box": "nm", "energy": "kJ/mol"},
+        "model_energy_unit": schnet.config.energy_unit,
+        "training_data_sha256": model_metadata.get("training", {}).get("data_sha256"),
+        "model": model_metadata,
+    }
+    return module, metadata
+
+
+def _topology_atoms(topology, atoms: Sequence[int] | None):
+    z = np.array([a.element.atomic_number if a.element is not None else 0 for a in topology.atoms()])
+    indices = np.arange(len(z)) if atoms is None else np.asarray(atoms, dtype=np.int64)
+    if (z[indices] == 0).any():
+        raise ValueError("some selected atoms have no element in the topology")
+    return z[indices], indices, len(z), topology.getPeriodicBoxVectors() is not None
+
+
+def create_torch_force(model: ModelLike, topology_or_atomic_numbers, atoms: Sequence[int] | None = None,
+                       periodic: bool | None = None, dtype: str = "float32"):
+    """A ready `openmmtorch.TorchForce` for `model` acting on `atoms` of an OpenMM Topology (default:
+    all of them), or on a list of atomic numbers (one per particle). Periodicity follows the
+    topology's box unless given."""
+    import openmmtorch  # noqa: F401  (torch must be imported first, which it is)
+
+    if hasattr(topology_or_atomic_numbers, "atoms"):
+        z, indices, n_particles, has_box = _topology_atoms(topology_or_atomic_numbers, atoms)
+    else:
+        all_z = np.asarray(topology_or_atomic_numbers, dtype=np.int64)
+        indices = np.arange(len(all_z)) if atoms is None else np.asarray(atoms, dtype=np.int64)
+        z, n_particles, has_box = all_z[indices], len(all_z), False
+    periodic = has_box if periodic is None else periodic
+    module, _ = build_module(model, z, indices, n_particles, periodic, dtype)
+    force = openmmtorch.TorchForce(module)
+    force.setUsesPeriodicBoundaryConditions(periodic)
+    force.setOutputsForces(False)
+    return force
+
+
+def export_model(model: ModelLike, structure, out: str | Path, atoms: Sequence[int] | None = None,
+                 dtype: str = "float32", periodic: bool | None = None) -> Path:
+    """Write the TorchScript force for `structure` (a schnet_md Structure or OpenMM Topology)."""
+    topology = getattr(structure, "topology", structure)
+    z, indices, n_particles, has_box = _topology_atoms(topology, atoms)
+    periodic = has_box if periodic is None else periodic
+    module, metadata = build_module(model, z, indices, n_particles, periodic, dtype)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    torch.jit.save(module, str(tmp), _extra_files={METADATA_FILE: json.dumps(metadata)})
+    os.replace(tmp, out)
+    return out
+
+
+def load_exported(path: str | Path) -> Tuple[torch.jit.ScriptModule, dict]:
+    """Load an exported force module and its metadata, with a clear error for bad files."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"exported force file {path} does not exist")
+    extra = {METADATA_FILE: ""}
+    try:
+        module = torch.jit.load(str(path), _extra_files=extra, map_location="cpu")
+    except (RuntimeError, ValueError) as err:
+        raise ModelFileError(f"{path} is not a readable TorchScript force file (damaged or truncated?): "
+                             f"{str(err).splitlines()[0]}") from None
+    if not extra[METADATA_FILE]:
+        raise ModelFileError(f"{path} is TorchScript but not a schnet-md export (no {METADATA_FILE})")
+    return module, json.loads(extra[METADATA_FILE])

@@ -1,0 +1,262 @@
+"""SchNet (Schütt et al., NeurIPS 2017), readable against the paper.
+
+    E = sum_i  scale * y_i + shift + E_ref[Z_i]
+    y_i = readout(x_i^(T))                              atom-wise readout
+    x_i^(t+1) = x_i^(t) + v_i^(t)                       interaction block, residual
+    v_i = Dense(ssp(Dense(cfconv(x)_i)))
+    cfconv(x)_i = sum_{j != i} Dense_nobias(x)_j * W(r_ij)      continuous-filter convolution
+    W(r) = ssp(Dense(ssp(Dense(e(r))))) * f_cut(r)             filter-generating network
+    e_k(r) = exp(-gamma (r - mu_k)^2)                            Gaussian expansion
+    x_i^(0) = embedding(Z_i)
+
+Forces are -dE/dr by autograd. Lengths are Å; energies are in the model's `energy_unit`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import List, Optional
+
+import torch
+from torch import Tensor, nn
+
+from . import elements as _elements
+from .neighbors import all_pairs, check_box, minimum_image
+
+MAX_ATOMIC_NUMBER = 118
+
+
+def shifted_softplus(x: Tensor) -> Tensor:
+    """ssp(x) = ln(0.5 e^x + 0.5): softplus shifted so that ssp(0) = 0."""
+    return nn.functional.softplus(x) - math.log(2.0)
+
+
+class ShiftedSoftplus(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return shifted_softplus(x)
+
+
+@dataclass
+class SchNetConfig:
+    """Hyper-parameters of one SchNet; `elements` are the atomic numbers it was built for."""
+    elements: List[int]
+    n_features: int = 64            # F, width of atom features and filters
+    n_interactions: int = 3         # T, interaction blocks
+    n_gaussians: int = 301          # K, Gaussians in the distance expansion
+    mu_min: float = 0.0             # Å, first Gaussian centre
+    mu_max: float = 30.0            # Å, last Gaussian centre
+    gamma: float = 10.0             # Å^-2, Gaussian width parameter
+    cutoff: Optional[float] = None  # Å; None sums over all pairs
+    cutoff_function: str = "none"   # "none" or "cosine"
+    energy_unit: str = "kcal/mol"
+    preset: str = "custom"
+
+    def __post_init__(self) -> None:
+        self.elements = sorted(int(z) for z in self.elements)
+        if not self.elements or len(set(self.elements)) != len(self.elements):
+            raise ValueError("elements must be a non-empty list of distinct atomic numbers")
+        if any(z < 1 or z > MAX_ATOMIC_NUMBER for z in self.elements):
+            raise ValueError(f"atomic numbers must lie in 1..{MAX_ATOMIC_NUMBER}, got {self.elements}")
+        if self.cutoff_function not in ("none", "cosine"):
+            raise ValueError(f"cutoff_function must be 'none' or 'cosine', got {self.cutoff_function!r}")
+        if self.cutoff_function == "cosine" and not (self.cutoff and self.cutoff > 0):
+            raise ValueError("a cosine cutoff needs a positive cutoff distance")
+        if self.cutoff_function == "none" and self.cutoff is not None:
+            raise ValueError("cutoff is set but cutoff_function is 'none'; use cutoff_function='cosine'")
+        if self.n_features < 2 or self.n_interactions < 1 or self.n_gaussians < 1:
+            raise ValueError("n_features >= 2, n_interactions >= 1 and n_gaussians >= 1 are required")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PRESETS = {
+    # NeurIPS 2017: F=64, 3 interactions, mu in 0..30 Å every 0.1 Å, gamma = 10 Å^-2, all pairs.
+    "schnet2017": dict(n_features=64, n_interactions=3, n_gaussians=301, mu_min=0.0, mu_max=30.0,
+                       gamma=10.0, cutoff=None, cutoff_function="none"),
+    # J. Chem. Phys. 2018: F=128, 6 interactions, 25 Gaussians on 0..5 Å, cosine cutoff at 5 Å;
+    # gamma = 0.5 / spacing^2 so neighbouring Gaussians overlap at one standard deviation.
+    "schnet2018": dict(n_features=128, n_interactions=6, n_gaussians=25, mu_min=0.0, mu_max=5.0,
+                       gamma=0.5 / (5.0 / 24) ** 2, cutoff=5.0, cutoff_function="cosine"),
+}
+
+
+def config_from_preset(preset: str, elements: List[int], **overrides) -> SchNetConfig:
+    """A config from a named preset, with any field overridden."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    values = dict(PRESETS[preset], preset=preset)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return SchNetConfig(elements=list(elements), **values)
+
+
+class GaussianExpansion(nn.Module):
+    """e_k(d) = exp(-gamma (d - mu_k)^2), k = 1..K."""
+
+    def __init__(self, mu_min: float, mu_max: float, n_gaussians: int, gamma: float):
+        super().__init__()
+        self.register_buffer("mu", torch.linspace(mu_min, mu_max, n_gaussians))
+        self.gamma = gamma
+
+    def forward(self, distances: Tensor) -> Tensor:
+        return torch.exp(-self.gamma * (distances[:, None] - self.mu) ** 2)
+
+
+class CosineCutoff(nn.Module):
+    """f(d) = (cos(pi d / r_c) + 1) / 2 for d < r_c, else 0: smooth, so forces stay continuous."""
+
+    def __init__(self, cutoff: float):
+        super().__init__()
+        self.cutoff = cutoff
+
+    def forward(self, distances: Tensor) -> Tensor:
+        f = 0.5 * (torch.cos(distances * (math.pi / self.cutoff)) + 1.0)
+        return f * (distances < self.cutoff).to(distances.dtype)
+
+
+class NoCutoff(nn.Module):
+    def forward(self, distances: Tensor) -> Tensor:
+        return torch.ones_like(distances)
+
+
+class FilterNetwork(nn.Module):
+    """Filter-generating network: Dense(K->F) + ssp -> Dense(F->F) + ssp."""
+
+    def __init__(self, n_gaussians: int, n_features: int):
+        super().__init__()
+        self.dense1 = nn.Linear(n_gaussians, n_features)
+        self.dense2 = nn.Linear(n_features, n_features)
+
+    def forward(self, expansion: Tensor) -> Tensor:
+        return shifted_softplus(self.dense2(shifted_softplus(self.dense1(expansion))))
+
+
+class CFConv(nn.Module):
+    """Continuous-filter convolution: x_i <- sum_{j != i} Dense_nobias(x)_j * W(r_ij)."""
+
+    def __init__(self, n_features: int, n_gaussians: int):
+        super().__init__()
+        self.in2f = nn.Linear(n_features, n_features, bias=False)
+        self.filter_network = FilterNetwork(n_gaussians, n_features)
+
+    def forward(self, x: Tensor, expansion: Tensor, envelope: Tensor, i: Tensor, j: Tensor) -> Tensor:
+        filters = self.filter_network(expansion) * envelope[:, None]
+        messages = self.in2f(x)[j] * filters
+        return torch.zeros_like(x).index_add(0, i, messages)
+
+
+class Interaction(nn.Module):
+    """Interaction block: cfconv -> Dense + ssp -> Dense; the caller adds the result back (residual)."""
+
+    def __init__(self, n_features: int, n_gaussians: int):
+        super().__init__()
+        self.cfconv = CFConv(n_features, n_gaussians)
+        self.dense1 = nn.Linear(n_features, n_features)
+        self.dense2 = nn.Linear(n_features, n_features)
+
+    def forward(self, x: Tensor, expansion: Tensor, envelope: Tensor, i: Tensor, j: Tensor) -> Tensor:
+        v = self.cfconv(x, expansion, envelope, i, j)
+        return self.dense2(shifted_softplus(self.dense1(v)))
+
+
+class AtomwiseReadout(nn.Module):
+    """Atom-wise energy: Dense(F->F/2) + ssp -> Dense(->1), then scale, shift and element reference.
+
+    scale, shift and the per-element reference energies are fitted on the training data (see
+    `schnet_md.train.fit_energy_statistics`) so the network only learns an O(1) correction."""
+
+    def __init__(self, n_features: int, n_species: int):
+        super().__init__()
+        self.dense1 = nn.Linear(n_features, n_features // 2)
+        self.dense2 = nn.Linear(n_features // 2, 1)
+        self.register_buffer("scale", torch.tensor(1.0))
+        self.register_buffer("shift", torch.tensor(0.0))
+        self.register_buffer("reference_energies", torch.zeros(n_species))
+
+    def forward(self, x: Tensor, species: Tensor) -> Tensor:
+        y = self.dense2(shifted_softplus(self.dense1(x))).squeeze(-1)
+        return self.scale * y + self.shift + self.reference_energies[species]
+
+
+class SchNet(nn.Module):
+    """The SchNet energy model. Call it as `model(atomic_numbers, positions_angstrom[, box_angstrom])`."""
+
+    def __init__(self, config: SchNetConfig):
+        super().__init__()
+        self.config = config
+        n_species = len(config.elements)
+        species_of_z = torch.full((MAX_ATOMIC_NUMBER + 1,), -1, dtype=torch.long)
+        species_of_z[torch.tensor(config.elements)] = torch.arange(n_species)
+        self.register_buffer("species_of_z", species_of_z)
+        self.element_symbols: List[str] = [_elements.symbol(z) for z in config.elements]
+        self.cutoff: float = float(config.cutoff) if config.cutoff is not None else float("inf")
+
+        self.embedding = nn.Embedding(n_species, config.n_features)
+        self.expansion = GaussianExpansion(config.mu_min, config.mu_max, config.n_gaussians, config.gamma)
+        self.envelope = CosineCutoff(config.cutoff) if config.cutoff_function == "cosine" else NoCutoff()
+        self.interactions = nn.ModuleList(
+            [Interaction(config.n_features, config.n_gaussians) for _ in range(config.n_interactions)])
+        self.readout = AtomwiseReadout(config.n_features, n_species)
+
+    def species(self, atomic_numbers: Tensor) -> Tensor:
+        """Map atomic numbers to embedding rows; an element the model was not built for is an error."""
+        z = atomic_numbers.to(torch.long)
+        if bool(((z < 1) | (z > 118)).any()):
+            raise ValueError("atomic numbers must lie in 1..118")
+        s = self.species_of_z[z]
+        if bool((s < 0).any()):
+            bad = int(z[s < 0][0])
+            raise ValueError("atomic number " + str(bad) + " is not an element this model was trained on ("
+                             + ", ".join(self.element_symbols) + ")")
+        return s
+
+    def atomic_energies(self, species: Tensor, vectors: Tensor, i: Tensor, j: Tensor) -> Tensor:
+        """Per-atom energies from species and pair vectors r_ij = r_j - r_i (Å)."""
+        distances = torch.linalg.norm(vectors, dim=-1)
+        expansion = self.expansion(distances)
+        envelope = self.envelope(distances)
+        x = self.embedding(species)
+        for interaction in self.interactions:
+            x = x + interaction(x, expansion, envelope, i, j)
+        return self.readout(x, species)
+
+    def forward(self, atomic_numbers: Tensor, positions: Tensor, box: Optional[Tensor] = None) -> Tensor:
+        """Energy of one system: positions [n, 3] in Å, optional reduced box [3, 3] in Å."""
+        if positions.dim() != 2 or positions.shape[1] != 3 or positions.shape[0] != atomic_numbers.shape[0]:
+            raise ValueError("positions must have shape [n_atoms, 3] matching atomic_numbers; got "
+                             + str(list(positions.shape)) + " for " + str(atomic_numbers.shape[0]) + " atoms")
+        if not bool(torch.isfinite(positions).all()):
+            raise ValueError("positions contain NaN or infinite values")
+        species = self.species(atomic_numbers)
+        i, j = all_pairs(positions.shape[0], positions.device)
+        vectors = positions[j] - positions[i]
+        if box is not None:
+            check_box(box, self.cutoff)
+            vectors = minimum_image(vectors, box.to(positions.dtype))
+        return self.atomic_energies(species, vectors, i, j).sum()
+
+    @torch.jit.export
+    def batch_energy(self, species: Tensor, positions: Tensor, i: Tensor, j: Tensor,
+                     molecule: Tensor, n_molecules: int) -> Tensor:
+        """Energies [n_molecules] of molecules stored one after another (training and evaluation)."""
+        e_atoms = self.atomic_energies(species, positions[j] - positions[i], i, j)
+        return torch.zeros(n_molecules, dtype=e_atoms.dtype, device=e_atoms.device).index_add(0, molecule, e_atoms)
+
+
+def energy_and_forces(model: SchNet, atomic_numbers: Tensor, positions: Tensor,
+                      box: Optional[Tensor] = None):
+    """Energy and forces F = -dE/dr of one system, in the model's units (Å, energy_unit)."""
+    positions = positions.detach().clone().requires_grad_(True)
+    energy = model(atomic_numbers, positions, box)
+    (grad,) = torch.autograd.grad(energy, positions)
+    return energy.detach(), -grad
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = ["SchNet", "SchNetConfig", "PRESETS", "config_from_preset", "energy_and_forces",
+           "GaussianExpansion", "CosineCutoff", "FilterNetwork", "CFConv", "Interaction",
+           "AtomwiseReadout", "shifted_softplus"]

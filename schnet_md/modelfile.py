@@ -1,0 +1,71 @@
+"""The model file: tensors plus JSON metadata, never code.
+
+`train` writes it; export, evaluate, simulate and every adapter read it through `load_model`. It is
+read with torch's weights-only loader, so opening a file someone shared cannot execute code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Tuple
+
+import torch
+
+from .model import SchNet, SchNetConfig
+
+FORMAT = "schnet-md/model"
+FORMAT_VERSION = 1
+
+
+class ModelFileError(ValueError):
+    """A model file that is missing, damaged, of the wrong kind, or carries code."""
+
+
+def save_model(model: SchNet, path: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """Write `model` (float32 weights) with its config and metadata. Written atomically."""
+    path = Path(path)
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": json.dumps(model.config.to_dict()),
+        "metadata": json.dumps(metadata or {}),
+        "state_dict": {k: v.detach().cpu().to(torch.float32) if v.is_floating_point() else v.detach().cpu()
+                       for k, v in model.state_dict().items()},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Tuple[SchNet, dict]:
+    """Read a model file; returns (model in eval mode, metadata). Raises ModelFileError on bad files."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"model file {path} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ModelFileError(
+            f"{path} was refused by the weights-only loader: it holds objects other than tensors and plain "
+            f"data (possibly code), so it is not a schnet-md model file and was not opened. ({err})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        raise ModelFileError(f"{path} is not a readable model file (damaged or truncated?): {err}") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ModelFileError(f"{path} is not a schnet-md model file (no '{FORMAT}' marker)")
+    if payload.get("format_version") != FORMAT_VERSION:
+        raise ModelFileError(f"{path} has model format version {payload.get('format_version')}; "
+                             f"this schnet-md reads version {FORMAT_VERSION}")
+    try:
+        config = SchNetConfig(**json.loads(payload["config"]))
+        metadata = json.loads(payload["metadata"])
+        model = SchNet(config)
+        model.load_state_dict(payload["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise ModelFileError(f"{path} has an inconsistent config or weights: {err}") from None
+    return model.to(dtype).eval(), metadata

@@ -1,0 +1,331 @@
+"""Molecular dynamics in OpenMM with a SchNet force.
+
+A run folder holds everything needed to read or continue the run:
+    topology.pdb      the structure (with bonds) the trajectory refers to
+    force.pt          the exported TorchForce module (TorchScript)
+    run.json          settings, inputs and versions
+    trajectory.dcd    frames every `report_interval` steps
+    state.csv         step, time, potential, kinetic and total energy, temperature, speed
+    checkpoint.chk    the latest checkpoint (written atomically), final.chk at the end
+`resume_simulation` continues from checkpoint.chk: frames and rows written after that checkpoint
+(by a run that was killed) are dropped first, so nothing is duplicated and nothing is lost.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import struct
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import openmm
+import openmm.app as app
+from openmm import unit
+
+from . import __version__
+from .export import export_model, load_exported
+from .modelfile import load_model
+from .structures import read_structure, write_pdb
+
+PLATFORM_PREFERENCE = ("CUDA", "OpenCL", "CPU", "Reference")
+BOLTZMANN_KJ_PER_MOL_K = unit.MOLAR_GAS_CONSTANT_R.value_in_unit(unit.kilojoule_per_mole / unit.kelvin)
+
+
+class SimulationError(RuntimeError):
+    """The run stopped: the model or integrator failed. Frames and checkpoints written so far remain."""
+
+
+@dataclass
+class SimulationSettings:
+    steps: int = 1000
+    timestep_fs: float = 0.5
+    temperature_k: float = 300.0
+    friction_per_ps: float = 1.0
+    report_interval: int = 10
+    checkpoint_interval: int = 1000
+    minimize: bool = False
+    seed: int = 0
+    platform: Optional[str] = None
+    precision: str = "float32"
+    ensemble: str = "nvt"            # "nvt": LangevinMiddleIntegrator; "nve": VerletIntegrator
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.report_interval < 1 or self.checkpoint_interval < 1:
+            raise ValueError("steps >= 0, report_interval >= 1 and checkpoint_interval >= 1 are required")
+        if not (self.timestep_fs > 0 and self.temperature_k > 0 and self.friction_per_ps >= 0):
+            raise ValueError("time step and temperature must be positive, friction non-negative")
+        if self.ensemble not in ("nvt", "nve"):
+            raise ValueError("ensemble must be 'nvt' or 'nve'")
+
+
+@dataclass
+class SimulationResult:
+    out_dir: Path
+    trajectory: Path
+    state_csv: Path
+    n_frames: int
+    steps_done: int
+    platform: str
+    wall_seconds: float
+    steps_per_second: float
+    ns_per_day: float
+    extra: dict = field(default_factory=dict)
+
+
+def available_platforms() -> list:
+    return [openmm.Platform.getPlatform(k).getName() for k in range(openmm.Platform.getNumPlatforms())]
+
+
+def make_integrator(settings: SimulationSettings) -> openmm.Integrator:
+    dt = settings.timestep_fs * unit.femtosecond
+    if settings.ensemble == "nve":
+        return openmm.VerletIntegrator(dt)
+    integrator = openmm.LangevinMiddleIntegrator(settings.temperature_k * unit.kelvin,
+                                                 settings.friction_per_ps / unit.picosecond, dt)
+    integrator.setRandomNumberSeed(settings.seed)
+    return integrator
+
+
+def build_system(topology: app.Topology, force_file: Path) -> openmm.System:
+    """A System with one particle per atom (element masses) and the SchNet TorchForce."""
+    import torch  # noqa: F401  (openmmtorch needs torch's libraries loaded first)
+    import openmmtorch
+
+    _, metadata = load_exported(force_file)
+    if metadata["n_particles"] != topology.getNumAtoms():
+        raise ValueError(f"{force_file} was exported for {metadata['n_particles']} particles, the topology has "
+                         f"{topology.getNumAtoms()}")
+    system = openmm.System()
+    for atom in topology.atoms():
+        system.addParticle(atom.element.mass)
+    box = topology.getPeriodicBoxVectors()
+    if box is not None:
+        system.setDefaultPeriodicBoxVectors(*box)
+    force = openmmtorch.TorchForce(str(force_file))
+    force.setUsesPeriodicBoundaryConditions(bool(metadata["periodic"]))
+    system.addForce(force)
+    return system
+
+
+def make_simulation(topology, system, settings: SimulationSettings):
+    """A Simulation on the requested platform, or the fastest one that can run the TorchForce."""
+    names = [settings.platform] if settings.platform else [p for p in PLATFORM_PREFERENCE
+                                                           if p in available_platforms()]
+    errors = []
+    for name in names:
+        try:
+            platform = openmm.Platform.getPlatformByName(name)
+            return app.Simulation(topology, system, make_integrator(settings), platform), name
+        except Exception as err:  # OpenMM raises OpenMMException (and plain Exception) for missing kernels
+            errors.append(f"{name}: {err}")
+    raise SimulationError("no OpenMM platform could run the SchNet force:\n  " + "\n  ".join(errors))
+
+
+class StateCSVReporter:
+    """Writes step, time (ps), energies (kJ/mol), temperature (K) and speed (ns/day) every N steps."""
+
+    COLUMNS = ["step", "time_ps", "potential_kj_mol", "kinetic_kj_mol", "total_kj_mol", "temperature_k",
+               "speed_ns_day"]
+
+    def __init__(self, path: Path, interval: int, n_dof: int, timestep_fs: float, append: bool):
+        self.interval = interval
+        self.n_dof = n_dof
+        self.timestep_fs = timestep_fs
+        new = not append or not path.exists()
+        self._fh = open(path, "a" if append else "w", newline="")
+        self._writer = csv.writer(self._fh)
+        if new:
+            self._writer.writerow(self.COLUMNS)
+        self._last = None
+
+    def describeNextReport(self, simulation):
+        steps = self.interval - simulation.currentStep % self.interval
+        return {"steps": steps, "periodic": None, "include": ["energy"]}
+
+    def report(self, simulation, state):
+        now = time.perf_counter()
+        step = simulation.currentStep
+        pot = state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+        kin = state.getKineticEnergy().value_in_unit(unit.kilojoule_per_mole)
+        if not (math.isfinite(pot) and math.isfinite(kin)):
+            raise SimulationError(f"non-finite energy at step {step} (potential {pot}, kinetic {kin})")
+        temperature = 2.0 * kin / (self.n_dof * BOLTZMANN_KJ_PER_MOL_K)
+        speed = ""
+        if self._last is not None and now > self._last[1]:
+            ns = (step - self._last[0]) * self.timestep_fs * 1e-6
+            speed = f"{ns / (now - self._last[1]) * 86400:.4g}"
+        self._last = (step, now)
+        self._writer.writerow([step, f"{state.getTime().value_in_unit(unit.picosecond):.6f}", f"{pot:.6f}",
+                               f"{kin:.6f}", f"{pot + kin:.6f}", f"{temperature:.3f}", speed])
+        self._fh.flush()
+
+    def close(self):
+        self._fh.close()
+
+
+class AtomicCheckpointReporter:
+    """Saves a checkpoint every N steps via a temporary file, so a kill never leaves half a checkpoint."""
+
+    def __init__(self, path: Path, interval: int):
+        self.path = path
+        self.interval = interval
+
+    def describeNextReport(self, simulation):
+        return {"steps": self.interval - simulation.currentStep % self.interval, "periodic": None, "include": []}
+
+    def report(self, simulation, state):
+        save_checkpoint(simulation, self.path)
+
+
+def save_checkpoint(simulation, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    simulation.saveCheckpoint(str(tmp))
+    os.replace(tmp, path)
+
+
+def truncate_dcd(path: Path, n_frames: int) -> int:
+    """Keep the first `n_frames` frames of an OpenMM-written DCD file; returns the frames kept."""
+    with open(path, "r+b") as fh:
+        head = fh.read(276)
+        if len(head) < 276 or head[4:8] != b"CORD":
+            raise ValueError(f"{path} is not a DCD file")
+        count, first_step, interval = struct.unpack("<3i", head[8:20])
+        has_box = struct.unpack("<i", head[48:52])[0] == 1
+        comment_bytes = struct.unpack("<i", head[92:96])[0]
+        header = 104 + comment_bytes + 8
+        fh.seek(header - 8)
+        n_atoms = struct.unpack("<i", fh.read(4))[0]
+        frame = (56 if has_box else 0) + 3 * (8 + 4 * n_atoms)
+        size = fh.seek(0, os.SEEK_END)
+        complete = min(count, (size - header) // frame)
+        keep = min(complete, n_frames)
+        fh.truncate(header + keep * frame)
+        fh.seek(8)
+        fh.write(struct.pack("<i", keep))
+        fh.seek(20)
+        fh.write(struct.pack("<i", first_step + max(keep - 1, 0) * interval))
+    return keep
+
+
+def truncate_state_csv(path: Path, last_step: int) -> None:
+    rows = list(csv.reader(open(path, newline="")))
+    kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= last_step]
+    with open(path, "w", newline="") as fh:
+        csv.writer(fh).writerows(kept)
+
+
+def run_simulation(structure_path, model_path, out_dir, settings: SimulationSettings,
+                   progress: bool = True) -> SimulationResult:
+    """Start a new run in `out_dir` (which must not already hold one)."""
+    out = Path(out_dir)
+    if (out / "run.json").exists():
+        raise ValueError(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
+    structure = read_structure(structure_path)
+    model, model_metadata = load_model(model_path)
+    out.mkdir(parents=True, exist_ok=True)
+    force_file = export_model(model, structure, out / "force.pt", dtype=settings.precision)
+    system = build_system(structure.topology, force_file)
+    simulation, platform = make_simulation(structure.topology, system, settings)
+    simulation.context.setPositions(structure.openmm_positions())
+    if settings.minimize:
+        simulation.minimizeEnergy()
+    positions = simulation.context.getState(getPositions=True).getPositions(asNumpy=True)
+    write_pdb(structure.topology, positions.value_in_unit(unit.nanometer), out / "topology.pdb")
+    simulation.context.setVelocitiesToTemperature(settings.temperature_k * unit.kelvin, settings.seed)
+    run_info = {
+        "schnet_md_version": __version__, "openmm_version": openmm.__version__,
+        "structure": str(structure_path), "model": str(model_path),
+        "model_training": model_metadata.get("training", {}), "settings": asdict(settings),
+        "platform": platform, "steps_done": 0,
+    }
+    (out / "run.json").write_text(json.dumps(run_info, indent=1))
+    save_checkpoint(simulation, out / "checkpoint.chk")
+    return _run(simulation, platform, out, settings, settings.steps, append=False, progress=progress)
+
+
+def resume_simulation(out_dir, steps: Optional[int] = None, platform: Optional[str] = None,
+                      progress: bool = True) -> SimulationResult:
+    """Continue the run in `out_dir` from its last checkpoint for `steps` more steps (default: the
+    original run's step count)."""
+    out = Path(out_dir)
+    info_path = out / "run.json"
+    if not info_path.is_file():
+        raise ValueError(f"{out} holds no run to resume (no run.json)")
+    info = json.loads(info_path.read_text())
+    settings = SimulationSettings(**info["settings"])
+    if platform:
+        settings.platform = platform
+    structure = read_structure(out / "topology.pdb")
+    system = build_system(structure.topology, out / "force.pt")
+    simulation, platform_name = make_simulation(structure.topology, system, settings)
+    checkpoint = out / "checkpoint.chk"
+    if not checkpoint.is_file():
+        raise ValueError(f"{out} has no checkpoint.chk to resume from")
+    simulation.loadCheckpoint(str(checkpoint))
+    done = simulation.currentStep
+    n_frames = truncate_dcd(out / "trajectory.dcd", done // settings.report_interval) \
+        if (out / "trajectory.dcd").exists() else 0
+    if n_frames != done // settings.report_interval:
+        raise SimulationError(f"{out / 'trajectory.dcd'} has {n_frames} frames but the checkpoint at step "
+                              f"{done} needs {done // settings.report_interval}; the trajectory is damaged")
+    if (out / "state.csv").exists():
+        truncate_state_csv(out / "state.csv", done)
+    more = settings.steps if steps is None else steps
+    return _run(simulation, platform_name, out, settings, more, append=True, progress=progress)
+
+
+def _run(simulation, platform: str, out: Path, settings: SimulationSettings, steps: int, append: bool,
+         progress: bool) -> SimulationResult:
+    n_dof = 3 * simulation.system.getNumParticles()
+    trajectory = out / "trajectory.dcd"
+    dcd = app.DCDReporter(str(trajectory), settings.report_interval, append=append and trajectory.exists())
+    state = StateCSVReporter(out / "state.csv", settings.report_interval, n_dof, settings.timestep_fs, append)
+    simulation.reporters.extend([dcd, state, AtomicCheckpointReporter(out / "checkpoint.chk",
+                                                                      settings.checkpoint_interval)])
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=steps, unit="step", file=sys.stderr, disable=None, desc="MD")
+    chunk = max(settings.report_interval, min(1000, max(steps // 100, 1)))
+    start_step = simulation.currentStep
+    started = time.perf_counter()
+    try:
+        remaining = steps
+        while remaining > 0:
+            n = min(chunk, remaining)
+            simulation.step(n)
+            remaining -= n
+            if bar is not None:
+                bar.update(n)
+    except Exception as err:
+        raise SimulationError(
+            f"the run stopped near step {simulation.currentStep}: {str(err).strip()}\n"
+            f"Frames written so far are kept in {trajectory}; the last good checkpoint is "
+            f"{out / 'checkpoint.chk'}.") from None
+    finally:
+        wall = time.perf_counter() - started
+        if bar is not None:
+            bar.close()
+        state.close()
+        simulation.reporters.clear()
+        dcd._out.close()  # DCDReporter has no public close(); flush the frames now, not at garbage collection
+    save_checkpoint(simulation, out / "checkpoint.chk")
+    save_checkpoint(simulation, out / "final.chk")
+    info = json.loads((out / "run.json").read_text())
+    info["steps_done"] = simulation.currentStep
+    (out / "run.json").write_text(json.dumps(info, indent=1))
+    done = simulation.currentStep - start_step
+    sps = done / wall if wall > 0 else float("nan")
+    return SimulationResult(out, trajectory, out / "state.csv", simulation.currentStep // settings.report_interval,
+                            simulation.currentStep, platform, wall, sps,
+                            sps * settings.timestep_fs * 1e-6 * 86400)
+
+
+__all__ = ["SimulationSettings", "SimulationResult", "SimulationError", "run_simulation", "resume_simulation",
+           "build_system", "truncate_dcd"]

@@ -1,0 +1,147 @@
+"""Structures: PDB, PDBx/mmCIF or XYZ files read into an OpenMM Topology plus positions (nm)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import openmm.app as app
+from openmm import Vec3, unit
+
+from . import elements as _elements
+from .units import NM_PER_ANGSTROM
+
+# Single-bond covalent radii in Å (Cordero et al., Dalton Trans. 2008); C is the sp3 value.
+COVALENT_RADII = {1: 0.31, 3: 1.28, 5: 0.84, 6: 0.76, 7: 0.71, 8: 0.66, 9: 0.57, 11: 1.66, 12: 1.41,
+                  14: 1.11, 15: 1.07, 16: 1.05, 17: 1.02, 19: 2.03, 20: 1.76, 35: 1.20, 53: 1.39}
+BOND_TOLERANCE = 1.2  # a pair is bonded when closer than 1.2 x the sum of covalent radii
+
+
+@dataclass
+class Structure:
+    topology: app.Topology
+    positions_nm: np.ndarray            # [n_atoms, 3]
+    source: str = ""
+
+    @property
+    def n_atoms(self) -> int:
+        return self.topology.getNumAtoms()
+
+    @property
+    def atomic_numbers(self) -> np.ndarray:
+        return np.array([a.element.atomic_number for a in self.topology.atoms()], dtype=np.int64)
+
+    @property
+    def box_nm(self) -> Optional[np.ndarray]:
+        box = self.topology.getPeriodicBoxVectors()
+        return None if box is None else np.array(box.value_in_unit(unit.nanometer), dtype=np.float64)
+
+    def openmm_positions(self):
+        return [Vec3(*map(float, p)) for p in self.positions_nm] * unit.nanometer
+
+
+def read_structure(path: str | Path) -> Structure:
+    """Read PDB (.pdb), PDBx/mmCIF (.cif, .pdbx) or XYZ (.xyz, extended XYZ Lattice= honoured)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"structure file {path} does not exist")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".xyz":
+            return read_xyz(path)
+        if suffix == ".pdb":
+            f = app.PDBFile(str(path))
+        elif suffix in (".cif", ".pdbx"):
+            f = app.PDBxFile(str(path))
+        else:
+            raise ValueError(f"{path}: unknown structure format {suffix!r} (use .pdb, .cif or .xyz)")
+    except (ValueError, IndexError, KeyError) as err:
+        raise ValueError(f"{path}: cannot read structure: {err}") from None
+    positions = np.array(f.getPositions(asNumpy=True).value_in_unit(unit.nanometer), dtype=np.float64)
+    for atom in f.topology.atoms():
+        if atom.element is None:
+            raise ValueError(f"{path}: atom {atom.name} (residue {atom.residue.name} {atom.residue.id}) has "
+                             "no recognisable element; set the element column")
+    if positions.shape[0] == 0:
+        raise ValueError(f"{path}: no atoms")
+    _check_finite(positions, path)
+    return Structure(f.topology, positions, str(path))
+
+
+def read_xyz(path: str | Path) -> Structure:
+    """Read the first frame of an XYZ file (Å). An extended-XYZ `Lattice="..."` becomes the box."""
+    path = Path(path)
+    lines = path.read_text().splitlines()
+    try:
+        n = int(lines[0].split()[0])
+        comment = lines[1]
+        rows = [lines[2 + k].split() for k in range(n)]
+        symbols = [r[0] for r in rows]
+        xyz = np.array([[float(v) for v in r[1:4]] for r in rows], dtype=np.float64)
+    except (IndexError, ValueError):
+        raise ValueError(f"{path}: not a valid XYZ file (atom count line, comment line, then "
+                         "'Element x y z' lines)") from None
+    numbers = [_elements.atomic_number(s) if not s.isdigit() else int(s) for s in symbols]
+    _check_finite(xyz, path)
+    box = None
+    match = re.search(r'Lattice="([^"]+)"', comment)
+    if match:
+        box = np.array([float(v) for v in match.group(1).split()]).reshape(3, 3) * NM_PER_ANGSTROM
+    return Structure(molecule_topology(numbers, xyz, box_nm=box), xyz * NM_PER_ANGSTROM, str(path))
+
+
+def molecule_topology(atomic_numbers: Sequence[int], positions_angstrom: np.ndarray | None = None,
+                      residue_name: str = "MOL", box_nm: np.ndarray | None = None) -> app.Topology:
+    """A one-residue Topology with atoms named by element and index (C1, C2, H1, ...); bonds are
+    inferred from covalent radii when positions are given."""
+    top = app.Topology()
+    residue = top.addResidue(residue_name, top.addChain())
+    counts: dict = {}
+    atoms = []
+    for z in atomic_numbers:
+        el = app.Element.getByAtomicNumber(int(z))
+        counts[el.symbol] = counts.get(el.symbol, 0) + 1
+        atoms.append(top.addAtom(f"{el.symbol}{counts[el.symbol]}", el, residue))
+    if positions_angstrom is not None:
+        for i, j in infer_bonds(atomic_numbers, positions_angstrom):
+            top.addBond(atoms[i], atoms[j])
+    if box_nm is not None:
+        top.setPeriodicBoxVectors([Vec3(*map(float, v)) for v in box_nm] * unit.nanometer)
+    return top
+
+
+def infer_bonds(atomic_numbers: Sequence[int], positions_angstrom: np.ndarray) -> List[Tuple[int, int]]:
+    """Pairs closer than BOND_TOLERANCE x the sum of their covalent radii."""
+    z = np.asarray(atomic_numbers)
+    radii = np.array([COVALENT_RADII.get(int(v), 1.5) for v in z])
+    d = np.linalg.norm(positions_angstrom[:, None] - positions_angstrom[None], axis=-1)
+    bonded = d < BOND_TOLERANCE * (radii[:, None] + radii[None])
+    i, j = np.nonzero(np.triu(bonded, k=1))
+    return list(zip(i.tolist(), j.tolist()))
+
+
+def select_atoms(structure: Structure, selection: str) -> np.ndarray:
+    """Indices of the atoms matched by an mdtraj selection ('resname MOL', 'index 0 to 8', 'all')."""
+    import mdtraj
+
+    try:
+        indices = mdtraj.Topology.from_openmm(structure.topology).select(selection)
+    except Exception as err:  # mdtraj raises its own parser errors
+        raise ValueError(f"cannot parse atom selection {selection!r}: {err}") from None
+    if len(indices) == 0:
+        raise ValueError(f"atom selection {selection!r} matches no atom of {structure.source}")
+    return np.asarray(indices, dtype=np.int64)
+
+
+def write_pdb(topology: app.Topology, positions_nm: np.ndarray, path: str | Path) -> None:
+    with open(path, "w") as fh:
+        app.PDBFile.writeFile(topology, [Vec3(*map(float, p)) for p in positions_nm] * unit.nanometer, fh,
+                              keepIds=True)
+
+
+def _check_finite(positions: np.ndarray, path) -> None:
+    if not np.isfinite(positions).all():
+        raise ValueError(f"{path}: coordinates contain NaN or infinite values")
