@@ -7,4 +7,6 @@ Public API (see README.md):
     read_rmd17                                   data                   (schnet_md.data)
 """
 
+import torch as _torch  # noqa: F401  (first: openmmtorch's plugins need torch's libraries loaded)
+
 __version__ = "0.1.0"

@@ -28,7 +28,7 @@ METADATA_FILE = "schnet_md.json"   # TorchScript extra file holding the metadata
 
 
 class OpenMMSchNet(nn.Module):
-    """forward(positions [n_particles, 3] nm, boxvectors [3, 3] nm optional) -> energy kJ/mol.
+    """forward(positions [n_particles, 3] nm, boxvectors [3, 3] nm optional) -> energy kJ/mol (float64).
 
     Geometry modes:
       molecule   no box: all pairs, raw vectors;
@@ -59,6 +59,10 @@ class OpenMMSchNet(nn.Module):
         self.cutoff = float(model.cutoff)
         self.angstrom_per_nm = ANGSTROM_PER_NM
         self.kj_per_model_energy = energy_factor(model.config.energy_unit, "kJ/mol")
+        # The element reference energies are a constant for this composition; adding them in float64
+        # after the sum keeps the absolute energy precise in a float32 model (forces are unaffected).
+        reference = model.readout.reference_energies.detach().double()[self.species].sum()
+        self.reference_energy_kj: float = float(reference) * self.kj_per_model_energy
 
     def forward(self, positions: Tensor, boxvectors: Optional[Tensor] = None) -> Tensor:
         if positions.dim() != 2 or positions.shape[0] != self.n_particles or positions.shape[1] != 3:
@@ -79,8 +83,8 @@ class OpenMMSchNet(nn.Module):
             vectors = minimum_image(vectors, box)
             if not self.has_cutoff:
                 check_molecule_fits_box(torch.linalg.norm(vectors, dim=-1).detach(), box)
-        energy = self.model.atomic_energies(self.species, vectors, self.pair_i, self.pair_j).sum()
-        return energy * self.kj_per_model_energy
+        energy = self.model.atomic_energies(self.species, vectors, self.pair_i, self.pair_j, False).sum()
+        return energy.to(torch.float64) * self.kj_per_model_energy + self.reference_energy_kj
 
 
 ModelLike = Union[SchNet, str, os.PathLike]
@@ -131,13 +135,33 @@ def _topology_atoms(topology, atoms: Sequence[int] | None):
     return z[indices], indices, len(z), topology.getPeriodicBoxVectors() is not None
 
 
+def openmm_torch():
+    """Import openmmtorch so its kernels work, whatever was imported first.
+
+    The openmmtorch plugins link torch's libraries (libtorch_cuda, libnvrtc), which only resolve once
+    torch is loaded. If `import openmm` ran before `import torch`, OpenMM has already tried and failed to
+    load them; load those plugin libraries again now that torch is in the process."""
+    import openmm
+    import openmmtorch
+
+    for failure in openmm.Platform.getPluginLoadFailures():
+        if "Error loading library " not in failure:
+            continue
+        library = failure.split("Error loading library ", 1)[1].split(": ", 1)[0]
+        if "OpenMMTorch" in library and Path(library).is_file() and "OpenCL" not in library:
+            try:
+                openmm.Platform.loadPluginLibrary(library)
+            except Exception:  # a platform this machine lacks (e.g. CUDA without a GPU) stays unavailable
+                pass
+    return openmmtorch
+
+
 def create_torch_force(model: ModelLike, topology_or_atomic_numbers, atoms: Sequence[int] | None = None,
                        periodic: bool | None = None, dtype: str = "float32"):
     """A ready `openmmtorch.TorchForce` for `model` acting on `atoms` of an OpenMM Topology (default:
     all of them), or on a list of atomic numbers (one per particle). Periodicity follows the
     topology's box unless given."""
-    import openmmtorch  # noqa: F401  (torch must be imported first, which it is)
-
+    openmmtorch = openmm_torch()
     if hasattr(topology_or_atomic_numbers, "atoms"):
         z, indices, n_particles, has_box = _topology_atoms(topology_or_atomic_numbers, atoms)
     else:

@@ -174,9 +174,12 @@ class AtomwiseReadout(nn.Module):
         self.register_buffer("shift", torch.tensor(0.0))
         self.register_buffer("reference_energies", torch.zeros(n_species))
 
-    def forward(self, x: Tensor, species: Tensor) -> Tensor:
+    def forward(self, x: Tensor, species: Tensor, include_reference: bool = True) -> Tensor:
         y = self.dense2(shifted_softplus(self.dense1(x))).squeeze(-1)
-        return self.scale * y + self.shift + self.reference_energies[species]
+        energies = self.scale * y + self.shift
+        if include_reference:
+            energies = energies + self.reference_energies[species]
+        return energies
 
 
 class SchNet(nn.Module):
@@ -190,6 +193,7 @@ class SchNet(nn.Module):
         species_of_z[torch.tensor(config.elements)] = torch.arange(n_species)
         self.register_buffer("species_of_z", species_of_z)
         self.element_symbols: List[str] = [_elements.symbol(z) for z in config.elements]
+        self.periodic_table: List[str] = [_elements.symbol(z) for z in range(MAX_ATOMIC_NUMBER + 1)]
         self.cutoff: float = float(config.cutoff) if config.cutoff is not None else float("inf")
 
         self.embedding = nn.Embedding(n_species, config.n_features)
@@ -207,19 +211,21 @@ class SchNet(nn.Module):
         s = self.species_of_z[z]
         if bool((s < 0).any()):
             bad = int(z[s < 0][0])
-            raise ValueError("atomic number " + str(bad) + " is not an element this model was trained on ("
-                             + ", ".join(self.element_symbols) + ")")
+            raise ValueError("element " + self.periodic_table[bad] + " (atomic number " + str(bad)
+                             + ") is not one this model was trained on (" + ", ".join(self.element_symbols) + ")")
         return s
 
-    def atomic_energies(self, species: Tensor, vectors: Tensor, i: Tensor, j: Tensor) -> Tensor:
-        """Per-atom energies from species and pair vectors r_ij = r_j - r_i (Å)."""
+    def atomic_energies(self, species: Tensor, vectors: Tensor, i: Tensor, j: Tensor,
+                        include_reference: bool = True) -> Tensor:
+        """Per-atom energies from species and pair vectors r_ij = r_j - r_i (Å). Without the element
+        reference energies (a constant for fixed composition) they are small, so sums stay precise."""
         distances = torch.linalg.norm(vectors, dim=-1)
         expansion = self.expansion(distances)
         envelope = self.envelope(distances)
         x = self.embedding(species)
         for interaction in self.interactions:
             x = x + interaction(x, expansion, envelope, i, j)
-        return self.readout(x, species)
+        return self.readout(x, species, include_reference)
 
     def forward(self, atomic_numbers: Tensor, positions: Tensor, box: Optional[Tensor] = None) -> Tensor:
         """Energy of one system: positions [n, 3] in Å, optional reduced box [3, 3] in Å."""

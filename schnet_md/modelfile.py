@@ -17,6 +17,7 @@ import torch
 
 from .model import SchNet, SchNetConfig
 
+MODELS_DIR = Path(__file__).resolve().parent / "models"
 FORMAT = "schnet-md/model"
 FORMAT_VERSION = 1
 
@@ -43,11 +44,27 @@ def save_model(model: SchNet, path: str | os.PathLike, metadata: dict | None = N
     return path
 
 
+def shipped_models() -> dict:
+    """Names and paths of the trained models shipped inside the package (see models/*/MODEL_CARD.md)."""
+    return {p.parent.name: p for p in sorted(MODELS_DIR.glob("*/model.pt"))}
+
+
+def resolve_model_path(spec: str | os.PathLike) -> Path:
+    """A model file path, or the name of a shipped model ('ethanol')."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    shipped = shipped_models()
+    if str(spec) in shipped:
+        return shipped[str(spec)]
+    raise ModelFileError(f"model {spec} is neither a file nor a shipped model "
+                         f"(shipped: {', '.join(shipped) or 'none'})")
+
+
 def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Tuple[SchNet, dict]:
-    """Read a model file; returns (model in eval mode, metadata). Raises ModelFileError on bad files."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelFileError(f"model file {path} does not exist")
+    """Read a model file (or a shipped model by name); returns (model in eval mode, metadata).
+    Raises ModelFileError on missing, damaged or foreign files."""
+    path = resolve_model_path(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:

@@ -29,7 +29,7 @@ import openmm.app as app
 from openmm import unit
 
 from . import __version__
-from .export import export_model, load_exported
+from .export import export_model, load_exported, openmm_torch
 from .modelfile import load_model
 from .structures import read_structure, write_pdb
 
@@ -94,9 +94,7 @@ def make_integrator(settings: SimulationSettings) -> openmm.Integrator:
 
 def build_system(topology: app.Topology, force_file: Path) -> openmm.System:
     """A System with one particle per atom (element masses) and the SchNet TorchForce."""
-    import torch  # noqa: F401  (openmmtorch needs torch's libraries loaded first)
-    import openmmtorch
-
+    openmmtorch = openmm_torch()
     _, metadata = load_exported(force_file)
     if metadata["n_particles"] != topology.getNumAtoms():
         raise ValueError(f"{force_file} was exported for {metadata['n_particles']} particles, the topology has "
