@@ -1,0 +1,84 @@
+"""Training on real rMD17 frames: the error drops, resume is exact, model files are data."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import shared_file
+from schnet_md.cli import main
+from schnet_md.data import DataError, read_rmd17
+from schnet_md.model import config_from_preset
+from schnet_md.modelfile import load_model
+from schnet_md.train import TrainSettings, train
+
+SMALL = dict(n_features=24, n_interactions=2)
+
+
+@pytest.fixture(scope="module")
+def ethanol_frames():
+    return read_rmd17(shared_file("rmd17/rmd17_ethanol_train_01.npz")).subset(range(60))
+
+
+def quiet(_):
+    pass
+
+
+def test_training_lowers_validation_error(tmp_path, ethanol_frames):
+    config = config_from_preset("schnet2017", ethanol_frames.elements, **SMALL)
+    summary = train(ethanol_frames, config, tmp_path, TrainSettings(epochs=25, batch_size=8, validation_fraction=0.2),
+                    log=quiet)
+    history = summary["history"]
+    assert history[-1]["validation_forces_mae"] < 0.6 * history[0]["validation_forces_mae"]
+    model, meta = load_model(tmp_path / "model.pt")
+    assert meta["units"] == {"length": "Angstrom", "energy": "kcal/mol"}
+    assert meta["training"]["data_sha256"] == ethanol_frames.sha256 and meta["training"]["n_train"] == 48
+    assert json.loads((tmp_path / "metrics.json").read_text())["n_validation"] == 12
+
+
+def test_resume_continues_exactly(tmp_path, ethanol_frames):
+    config = config_from_preset("schnet2017", ethanol_frames.elements, **SMALL)
+    straight = TrainSettings(epochs=4, batch_size=16, validation_fraction=0.2, seed=3)
+    train(ethanol_frames, config, tmp_path / "a", straight, log=quiet)
+    train(ethanol_frames, config, tmp_path / "b", TrainSettings(**{**straight.__dict__, "epochs": 2}), log=quiet)
+    summary = train(ethanol_frames, config, tmp_path / "b", straight, resume=True, log=quiet)
+    assert [h["epoch"] for h in summary["history"]] == [0, 1, 2, 3]
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    assert a["optimizer"]["state"][0]["step"] == b["optimizer"]["state"][0]["step"]
+
+
+def test_cli_train(tmp_path, capsys):
+    data = shared_file("rmd17/rmd17_ethanol_train_01.npz")
+    assert main(["train", "--data", str(data), "--labels", "old", "--max-frames", "30", "--epochs", "2",
+                 "--features", "16", "--interactions", "1", "--batch-size", "10", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "model.pt").is_file()
+    _, meta = load_model(tmp_path / "model.pt")
+    assert "old labels" in meta["training"]["data"]
+
+
+def test_reader_errors(tmp_path):
+    good = dict(nuclear_charges=np.array([8, 1, 1], dtype=np.uint8), coords=np.zeros((4, 3, 3)),
+                energies=np.zeros(4), forces=np.zeros((4, 3, 3)), old_energies=np.zeros(4),
+                old_forces=np.zeros((4, 3, 3)))
+    np.savez(tmp_path / "good.npz", **good)
+    assert len(read_rmd17(tmp_path / "good.npz")) == 4
+    np.savez(tmp_path / "missing.npz", **{k: v for k, v in good.items() if k != "forces"})
+    with pytest.raises(DataError, match="missing key.*forces"):
+        read_rmd17(tmp_path / "missing.npz")
+    np.savez(tmp_path / "shape.npz", **{**good, "forces": np.zeros((4, 2, 3))})
+    with pytest.raises(DataError, match="forces has shape"):
+        read_rmd17(tmp_path / "shape.npz")
+    nan_e = good["energies"].copy()
+    nan_e[2] = np.nan
+    np.savez(tmp_path / "nan.npz", **{**good, "energies": nan_e})
+    with pytest.raises(DataError, match="energies contain NaN"):
+        read_rmd17(tmp_path / "nan.npz")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip file at all")
+    with pytest.raises(DataError, match="not a readable npz"):
+        read_rmd17(tmp_path / "junk.npz")
