@@ -29,6 +29,22 @@ def _train(args) -> int:
     return 0
 
 
+def _evaluate(args) -> int:
+    import json
+
+    from .data import read_rmd17
+    from .evaluate import evaluate, format_table
+    from .modelfile import load_model
+
+    model, _ = load_model(args.model)
+    metrics = evaluate(model, read_rmd17(args.data, labels=args.labels))
+    print(f"{metrics['data']}: {metrics['n_frames']} frames")
+    print(format_table(metrics))
+    if args.json:
+        Path(args.json).write_text(json.dumps(metrics, indent=1))
+    return 0
+
+
 def _export(args) -> int:
     from .export import export_model
     from .structures import read_structure, select_atoms
@@ -86,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, help="torch CPU threads")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     t.set_defaults(func=_train)
+
+    v = sub.add_parser("evaluate", help="energy and force errors of a model on labelled frames",
+                       description="MAE and RMSE of energies and force components, in kcal/mol and meV.")
+    v.add_argument("model", help="model file or shipped model name")
+    v.add_argument("--data", required=True, help="rMD17 npz file")
+    v.add_argument("--labels", choices=["new", "old"], default="new")
+    v.add_argument("--json", help="also write the metrics to this JSON file")
+    v.set_defaults(func=_evaluate)
 
     e = sub.add_parser("export", help="write an openmmtorch.TorchForce module for a structure",
                        description="Export MODEL for the particles of STRUCTURE: the module takes positions "

@@ -82,3 +82,17 @@ def test_reader_errors(tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"not a zip file at all")
     with pytest.raises(DataError, match="not a readable npz"):
         read_rmd17(tmp_path / "junk.npz")
+
+
+def test_cli_evaluate_reports_both_units(tmp_path, capsys):
+    data = shared_file("rmd17/rmd17_ethanol_test_01.npz")
+    train(read_rmd17(data).subset(range(20)), config_from_preset("schnet2017", [1, 6, 8], n_features=16,
+                                                                  n_interactions=1),
+          tmp_path, TrainSettings(epochs=1, batch_size=10), log=quiet)
+    assert main(["evaluate", str(tmp_path / "model.pt"), "--data", str(data), "--json",
+                 str(tmp_path / "m.json")]) == 0
+    out = capsys.readouterr().out
+    assert "forces MAE/Å" in out and "1000 frames" in out
+    m = json.loads((tmp_path / "m.json").read_text())
+    # 1 kcal/mol = 43.364 meV: the two columns must agree through that factor
+    assert m["forces_mae_meV"] == pytest.approx(m["forces_mae_kcal_mol"] * 43.3641, rel=1e-4)
