@@ -69,7 +69,7 @@ def _simulate(args) -> int:
             steps=args.steps, timestep_fs=args.timestep, temperature_k=args.temperature,
             friction_per_ps=args.friction, report_interval=args.report_interval,
             checkpoint_interval=args.checkpoint_interval, minimize=args.minimize, seed=args.seed,
-            platform=args.platform, precision=args.precision)
+            platform=args.platform, precision=args.precision, guard=not args.no_guard)
         result = run_simulation(args.structure, args.model, args.out, settings)
     print(f"trajectory: {result.trajectory}  ({result.n_frames} frames)")
     print(f"state log:  {result.state_csv}")
@@ -138,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--precision", choices=["float32", "float64"], default="float32", help="model precision")
     s.add_argument("--minimize", action="store_true", help="minimise the energy first")
     s.add_argument("--seed", type=int, default=0, help="seed for velocities and the thermostat")
+    s.add_argument("--no-guard", action="store_true",
+                   help="do not stop when bonds break or form (for reactive chemistry)")
     s.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
     s.set_defaults(func=_simulate)
     return p

@@ -191,6 +191,15 @@ def export_model(model: ModelLike, structure, out: str | Path, atoms: Sequence[i
     return out
 
 
+def torchscript_message(text: str) -> str:
+    """The message of an error raised inside a TorchScript module, without the interpreter's traceback."""
+    marker = "builtins."
+    if marker in text:
+        last = text.rsplit(marker, 1)[1]
+        return last.split(": ", 1)[1].strip() if ": " in last else last.strip()
+    return text.strip()
+
+
 def load_exported(path: str | Path) -> Tuple[torch.jit.ScriptModule, dict]:
     """Load an exported force module and its metadata, with a clear error for bad files."""
     path = Path(path)

@@ -24,14 +24,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import openmm
 import openmm.app as app
 from openmm import unit
 
 from . import __version__
-from .export import export_model, load_exported, openmm_torch
+from .export import export_model, load_exported, openmm_torch, torchscript_message
 from .modelfile import load_model
-from .structures import read_structure, write_pdb
+from .structures import COVALENT_RADII, read_structure, write_pdb
 
 PLATFORM_PREFERENCE = ("CUDA", "OpenCL", "CPU", "Reference")
 BOLTZMANN_KJ_PER_MOL_K = unit.MOLAR_GAS_CONSTANT_R.value_in_unit(unit.kilojoule_per_mole / unit.kelvin)
@@ -54,6 +55,9 @@ class SimulationSettings:
     platform: Optional[str] = None
     precision: str = "float32"
     ensemble: str = "nvt"            # "nvt": LangevinMiddleIntegrator; "nve": VerletIntegrator
+    guard: bool = True               # stop on broken/formed bonds or non-finite values (BlowUpGuard)
+    bond_break_factor: float = 1.5   # a bond is broken beyond this x the sum of covalent radii
+    bond_form_factor: float = 1.1    # a non-bonded pair closer than this x the sum has formed a bond
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.report_interval < 1 or self.checkpoint_interval < 1:
@@ -125,14 +129,77 @@ def make_simulation(topology, system, settings: SimulationSettings):
     raise SimulationError("no OpenMM platform could run the SchNet force:\n  " + "\n  ".join(errors))
 
 
+class BlowUpGuard:
+    """Stops a run whose chemistry changed or whose numbers broke: a bond of the topology stretched
+    beyond `break_factor` x the sum of covalent radii, a non-bonded pair closer than `form_factor` x
+    that sum, or non-finite positions. A learned potential that lets atoms fly apart often keeps a
+    finite, flat energy (far pairs leave the Gaussian expansion), so energies alone do not show it."""
+
+    def __init__(self, topology: app.Topology, break_factor: float = 1.5, form_factor: float = 1.1):
+        atoms = list(topology.atoms())
+        self.names = [f"{a.residue.name}{a.residue.id}:{a.name}" for a in atoms]
+        radii = np.array([COVALENT_RADII.get(a.element.atomic_number, 1.5) if a.element else 1.5 for a in atoms])
+        bonds = np.array([(b[0].index, b[1].index) for b in topology.bonds()], dtype=np.int64).reshape(-1, 2)
+        self.bonds = bonds
+        self.bond_limit = break_factor * (radii[bonds[:, 0]] + radii[bonds[:, 1]]) if len(bonds) else np.zeros(0)
+        self.radii = radii
+        self.form_factor = form_factor
+        bonded = np.zeros((len(atoms), len(atoms)), dtype=bool) if len(atoms) <= 2000 else None
+        if bonded is not None:
+            bonded[bonds[:, 0], bonds[:, 1]] = bonded[bonds[:, 1], bonds[:, 0]] = True
+            np.fill_diagonal(bonded, True)
+        self.bonded = bonded   # formed-bond check only for systems small enough for all pairs
+
+    def check(self, step: int, positions_nm: np.ndarray, box_nm: Optional[np.ndarray]) -> None:
+        r = positions_nm * 10.0
+        if not np.isfinite(r).all():
+            raise SimulationError(f"blow-up at step {step}: positions are not finite")
+        if len(self.bonds):
+            d = np.linalg.norm(_min_image(r[self.bonds[:, 1]] - r[self.bonds[:, 0]], box_nm), axis=1)
+            broken = np.nonzero(d > self.bond_limit)[0]
+            if len(broken):
+                k = broken[np.argmax(d[broken] / self.bond_limit[broken])]
+                i, j = self.bonds[k]
+                raise SimulationError(
+                    f"blow-up at step {step}: {len(broken)} bond(s) broken, e.g. {self.names[i]}-{self.names[j]} "
+                    f"stretched to {d[k]:.2f} Å (limit {self.bond_limit[k]:.2f} Å)")
+        if self.bonded is not None:
+            v = _min_image((r[None, :, :] - r[:, None, :]).reshape(-1, 3), box_nm).reshape(len(r), len(r), 3)
+            d = np.linalg.norm(v, axis=-1)
+            close = (d < self.form_factor * (self.radii[:, None] + self.radii[None, :])) & ~self.bonded
+            if close.any():
+                i, j = np.argwhere(close)[0]
+                raise SimulationError(f"blow-up at step {step}: new bond {self.names[i]}-{self.names[j]} "
+                                      f"({d[i, j]:.2f} Å apart)")
+
+
+def _min_image(vectors: np.ndarray, box_nm: Optional[np.ndarray]) -> np.ndarray:
+    if box_nm is None:
+        return vectors
+    box = box_nm * 10.0
+    for axis in (2, 1, 0):   # reduced triclinic box, as in schnet_md.neighbors.minimum_image
+        vectors = vectors - np.round(vectors[:, axis:axis + 1] / box[axis, axis]) * box[axis]
+    return vectors
+
+
+def _guard_state(guard: Optional[BlowUpGuard], simulation, state) -> None:
+    if guard is None:
+        return
+    box = state.getPeriodicBoxVectors(asNumpy=True).value_in_unit(unit.nanometer) \
+        if simulation.topology.getPeriodicBoxVectors() is not None else None
+    guard.check(simulation.currentStep, state.getPositions(asNumpy=True).value_in_unit(unit.nanometer), box)
+
+
 class StateCSVReporter:
     """Writes step, time (ps), energies (kJ/mol), temperature (K) and speed (ns/day) every N steps."""
 
     COLUMNS = ["step", "time_ps", "potential_kj_mol", "kinetic_kj_mol", "total_kj_mol", "temperature_k",
                "speed_ns_day"]
 
-    def __init__(self, path: Path, interval: int, n_dof: int, timestep_fs: float, append: bool):
+    def __init__(self, path: Path, interval: int, n_dof: int, timestep_fs: float, append: bool,
+                 guard: Optional[BlowUpGuard] = None):
         self.interval = interval
+        self.guard = guard
         self.n_dof = n_dof
         self.timestep_fs = timestep_fs
         new = not append or not path.exists()
@@ -144,7 +211,7 @@ class StateCSVReporter:
 
     def describeNextReport(self, simulation):
         steps = self.interval - simulation.currentStep % self.interval
-        return {"steps": steps, "periodic": None, "include": ["energy"]}
+        return {"steps": steps, "periodic": None, "include": ["energy", "positions"]}
 
     def report(self, simulation, state):
         now = time.perf_counter()
@@ -162,6 +229,7 @@ class StateCSVReporter:
         self._writer.writerow([step, f"{state.getTime().value_in_unit(unit.picosecond):.6f}", f"{pot:.6f}",
                                f"{kin:.6f}", f"{pot + kin:.6f}", f"{temperature:.3f}", speed])
         self._fh.flush()
+        _guard_state(self.guard, simulation, state)
 
     def close(self):
         self._fh.close()
@@ -170,14 +238,17 @@ class StateCSVReporter:
 class AtomicCheckpointReporter:
     """Saves a checkpoint every N steps via a temporary file, so a kill never leaves half a checkpoint."""
 
-    def __init__(self, path: Path, interval: int):
+    def __init__(self, path: Path, interval: int, guard: Optional[BlowUpGuard] = None):
         self.path = path
         self.interval = interval
+        self.guard = guard
 
     def describeNextReport(self, simulation):
-        return {"steps": self.interval - simulation.currentStep % self.interval, "periodic": None, "include": []}
+        return {"steps": self.interval - simulation.currentStep % self.interval, "periodic": None,
+                "include": ["positions"]}
 
     def report(self, simulation, state):
+        _guard_state(self.guard, simulation, state)   # never checkpoint a broken state
         save_checkpoint(simulation, self.path)
 
 
@@ -283,9 +354,11 @@ def _run(simulation, platform: str, out: Path, settings: SimulationSettings, ste
     n_dof = 3 * simulation.system.getNumParticles()
     trajectory = out / "trajectory.dcd"
     dcd = app.DCDReporter(str(trajectory), settings.report_interval, append=append and trajectory.exists())
-    state = StateCSVReporter(out / "state.csv", settings.report_interval, n_dof, settings.timestep_fs, append)
+    guard = BlowUpGuard(simulation.topology, settings.bond_break_factor, settings.bond_form_factor) \
+        if settings.guard else None
+    state = StateCSVReporter(out / "state.csv", settings.report_interval, n_dof, settings.timestep_fs, append, guard)
     simulation.reporters.extend([dcd, state, AtomicCheckpointReporter(out / "checkpoint.chk",
-                                                                      settings.checkpoint_interval)])
+                                                                      settings.checkpoint_interval, guard)])
     bar = None
     if progress:
         from tqdm import tqdm
@@ -301,9 +374,11 @@ def _run(simulation, platform: str, out: Path, settings: SimulationSettings, ste
             remaining -= n
             if bar is not None:
                 bar.update(n)
+        if guard is not None:
+            _guard_state(guard, simulation, simulation.context.getState(getPositions=True))
     except Exception as err:
         raise SimulationError(
-            f"the run stopped near step {simulation.currentStep}: {str(err).strip()}\n"
+            f"the run stopped near step {simulation.currentStep}: {torchscript_message(str(err))}\n"
             f"Frames written so far are kept in {trajectory}; the last good checkpoint is "
             f"{out / 'checkpoint.chk'}.") from None
     finally:

@@ -100,3 +100,64 @@ def test_cli_export_writes_a_torchforce_file(tmp_path, model_file, capsys):
     assert main(["export", str(model_file), "--structure", str(ETHANOL), "--atoms", "resname XYZ",
                  "--out", str(tmp_path / "none.pt")]) == 1
     assert "matches no atom" in capsys.readouterr().err
+
+
+def test_blow_up_stops_the_run_and_keeps_frames_and_checkpoint(tmp_path):
+    from schnet_md.simulate import SimulationError
+
+    out = tmp_path / "blow"
+    with pytest.raises(SimulationError, match=r"blow-up at step \d+: \d+ bond\(s\) broken") as info:
+        run_simulation(ETHANOL, "ethanol", out, settings(steps=400, timestep_fs=20.0, temperature_k=300.0,
+                                                         report_interval=5, checkpoint_interval=10),
+                       progress=False)
+    assert "Frames written so far are kept" in str(info.value)
+    traj = mdtraj.load(str(out / "trajectory.dcd"), top=str(out / "topology.pdb"))
+    assert traj.n_frames >= 1
+    assert len(rows(out / "state.csv")) == traj.n_frames
+    # the checkpoint on disk predates the blow-up: it holds intact bonds
+    import openmm
+    from schnet_md.simulate import BlowUpGuard, build_system, make_simulation
+    from schnet_md.structures import read_structure
+
+    structure = read_structure(out / "topology.pdb")
+    simulation, _ = make_simulation(structure.topology, build_system(structure.topology, out / "force.pt"),
+                                    settings())
+    simulation.loadCheckpoint(str(out / "checkpoint.chk"))
+    positions = simulation.context.getState(getPositions=True).getPositions(asNumpy=True)
+    BlowUpGuard(structure.topology).check(simulation.currentStep, positions.value_in_unit(openmm.unit.nanometer), None)
+
+
+def test_guard_detects_broken_and_formed_bonds_and_respects_periodic_images():
+    from schnet_md.simulate import BlowUpGuard, SimulationError
+    from schnet_md.structures import read_structure
+
+    s = read_structure(ETHANOL)
+    guard = BlowUpGuard(s.topology)
+    guard.check(0, s.positions_nm, None)
+    stretched = s.positions_nm.copy()
+    stretched[8] += [0.3, 0, 0]            # the hydroxyl H leaves its O
+    with pytest.raises(SimulationError, match="bond"):
+        guard.check(1, stretched, None)
+    pushed = s.positions_nm.copy()
+    towards_c = (pushed[1] - pushed[7]) / np.linalg.norm(pushed[1] - pushed[7])
+    pushed[6] = pushed[7] + 0.04 * towards_c   # two hydrogens of C2 0.4 Å apart, both still bonded to C2
+    with pytest.raises(SimulationError, match="new bond"):
+        guard.check(2, pushed, None)
+    # a molecule split across a periodic boundary is intact through the minimum image
+    box = np.diag([1.0, 1.0, 1.0])
+    wrapped = s.positions_nm + 0.95
+    wrapped -= np.floor(wrapped)
+    guard.check(3, wrapped, box)
+    nan = s.positions_nm.copy()
+    nan[0, 0] = np.nan
+    with pytest.raises(SimulationError, match="not finite"):
+        guard.check(4, nan, None)
+
+
+def test_torchscript_errors_reach_the_user_without_the_interpreter_traceback():
+    from schnet_md.export import torchscript_message
+
+    text = ("The following operation failed in the TorchScript interpreter.\nTraceback ...\n"
+            "builtins.ValueError: SchNet force: positions contain NaN or infinite values\n")
+    assert torchscript_message(text) == "SchNet force: positions contain NaN or infinite values"
+    assert torchscript_message("plain message ") == "plain message"
