@@ -8,23 +8,34 @@ from pathlib import Path
 
 
 def _train(args) -> int:
+    import json
+
     import torch
 
-    from .data import read_rmd17
-    from .model import config_from_preset
-    from .train import TrainSettings, train
+    from .train import resolve_config, train_from_config
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    data = read_rmd17(args.data, labels=args.labels)
-    if args.max_frames:
-        data = data.subset(range(min(args.max_frames, len(data))))
-    config = config_from_preset(args.preset, data.elements, energy_unit=data.energy_unit,
-                                n_features=args.features, n_interactions=args.interactions)
-    settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
-                             rho=args.rho, validation_fraction=args.validation_fraction, seed=args.seed,
-                             lr_patience=args.lr_patience)
-    train(data, config, args.out, settings, resume=args.resume)
+    overrides = {
+        "data": {"path": args.data, "format": args.format, "labels": args.labels, "split": args.split,
+                 "max_frames": args.max_frames, "energy_unit": args.energy_unit,
+                 "validation_path": args.validation_data, "validation_split": args.validation_split},
+        "model": {"preset": args.preset, "n_features": args.features, "n_interactions": args.interactions,
+                  "cutoff": args.cutoff},
+        "training": {"epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": args.lr,
+                     "lr_patience": args.lr_patience, "rho": args.rho,
+                     "validation_fraction": args.validation_fraction, "seed": args.seed,
+                     "ema_decay": args.ema, "early_stopping_patience": args.early_stopping,
+                     "max_hours": args.max_hours, "device": args.device},
+    }
+    saved = Path(args.out) / "config.json"
+    if args.resume and saved.is_file():   # continue with the run's own config; flags still override
+        base = json.loads(saved.read_text())
+        for table, values in overrides.items():
+            base[table].update({k: v for k, v in values.items() if v is not None})
+        overrides = base
+    config = resolve_config(args.config, overrides)
+    train_from_config(config, args.out, resume=args.resume)
     print(f"model written to {Path(args.out) / 'model.pt'}")
     return 0
 
@@ -32,12 +43,12 @@ def _train(args) -> int:
 def _evaluate(args) -> int:
     import json
 
-    from .data import read_rmd17
+    from .data import read_data
     from .evaluate import evaluate, format_table
     from .modelfile import load_model
 
     model, _ = load_model(args.model)
-    metrics = evaluate(model, read_rmd17(args.data, labels=args.labels))
+    metrics = evaluate(model, read_data(args.data, args.format, labels=args.labels, split=args.split))
     print(f"{metrics['data']}: {metrics['n_frames']} frames")
     print(format_table(metrics))
     if args.json:
@@ -82,32 +93,46 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="schnet-md", description="SchNet potentials for molecular dynamics: train, export to OpenMM, simulate.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a SchNet on energies and forces",
-                       description="Train a SchNet on an rMD17-format npz file (Å, kcal/mol).")
-    t.add_argument("--data", required=True, help="rMD17 npz file")
-    t.add_argument("--labels", choices=["new", "old"], default="new",
-                   help="new: revised rMD17 labels; old: original MD17 labels of the same frames")
-    t.add_argument("--out", required=True, help="output folder (model.pt, checkpoint.pt, metrics.json)")
-    t.add_argument("--preset", default="schnet2017", choices=["schnet2017", "schnet2018"])
+    t = sub.add_parser("train", help="train a SchNet on energies (and forces)",
+                       description="Train a SchNet. Settings come from --config FILE (TOML with [data], [model] "
+                                   "and [training] tables) and are overridden by the flags below.")
+    t.add_argument("--config", help="TOML config file")
+    t.add_argument("--data", help="training data: rMD17 npz, iso17x folder, QM9 npz or any ASE-readable file")
+    t.add_argument("--format", choices=["auto", "rmd17", "iso17x", "qm9", "ase"])
+    t.add_argument("--labels", choices=["new", "old"],
+                   help="rMD17 files: new = revised rMD17 labels, old = original MD17 labels of the same frames")
+    t.add_argument("--split", help="iso17x split to train on (default: train)")
+    t.add_argument("--validation-data", help="a separate validation file (default: a random fraction)")
+    t.add_argument("--validation-split", help="iso17x split to validate on (default: validation)")
+    t.add_argument("--energy-unit", help="model energy unit (default: the data's): kcal/mol, eV, kJ/mol, ...")
+    t.add_argument("--out", required=True, help="output folder (model.pt, checkpoint.pt, metrics.json, config.json)")
+    t.add_argument("--preset", choices=["schnet2017", "schnet2018"])
     t.add_argument("--features", type=int, help="override F (feature width)")
     t.add_argument("--interactions", type=int, help="override the number of interaction blocks")
-    t.add_argument("--epochs", type=int, default=100)
-    t.add_argument("--batch-size", type=int, default=32)
-    t.add_argument("--lr", type=float, default=1e-3, help="initial Adam learning rate")
-    t.add_argument("--lr-patience", type=int, default=10, help="epochs without improvement before lr halves")
-    t.add_argument("--rho", type=float, default=0.01, help="energy weight in the loss (paper: 0.01)")
-    t.add_argument("--validation-fraction", type=float, default=0.05)
-    t.add_argument("--max-frames", type=int, help="use only the first N frames of the file")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--cutoff", type=float, help="override the cutoff (Å; cosine)")
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--lr", type=float, help="initial Adam learning rate")
+    t.add_argument("--lr-patience", type=int, help="epochs without improvement before the learning rate halves")
+    t.add_argument("--rho", type=float, help="energy weight in the loss (paper: 0.01)")
+    t.add_argument("--validation-fraction", type=float)
+    t.add_argument("--ema", type=float, help="decay of an exponential moving average of the weights (e.g. 0.99)")
+    t.add_argument("--early-stopping", type=int, help="stop after N epochs without validation improvement")
+    t.add_argument("--max-hours", type=float, help="stop after this much wall time; --resume continues")
+    t.add_argument("--max-frames", type=int, help="use only the first N frames of the data")
+    t.add_argument("--device", help="auto (CUDA when present), cpu or cuda")
+    t.add_argument("--seed", type=int)
     t.add_argument("--threads", type=int, help="torch CPU threads")
-    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt with OUT/config.json")
     t.set_defaults(func=_train)
 
     v = sub.add_parser("evaluate", help="energy and force errors of a model on labelled frames",
                        description="MAE and RMSE of energies and force components, in kcal/mol and meV.")
     v.add_argument("model", help="model file or shipped model name")
-    v.add_argument("--data", required=True, help="rMD17 npz file")
+    v.add_argument("--data", required=True, help="rMD17 npz, iso17x folder, QM9 npz or any ASE-readable file")
+    v.add_argument("--format", choices=["auto", "rmd17", "iso17x", "qm9", "ase"], default="auto")
     v.add_argument("--labels", choices=["new", "old"], default="new")
+    v.add_argument("--split", default="test_within", help="iso17x split (default: test_within)")
     v.add_argument("--json", help="also write the metrics to this JSON file")
     v.set_defaults(func=_evaluate)
 

@@ -100,16 +100,153 @@ def read_rmd17(path: str | Path, labels: str = "new") -> Dataset:
         if isinstance(err, DataError):
             raise
         raise DataError(f"{path} is not a readable npz file: {err}") from None
-    n_frames, n_atoms = r.shape[0], z.shape[0]
-    if r.ndim != 3 or r.shape[1:] != (n_atoms, 3):
-        raise DataError(f"{path}: coords has shape {r.shape}, expected (n_frames, {n_atoms}, 3)")
-    if e.shape != (n_frames,):
-        raise DataError(f"{path}: {e_key} has shape {e.shape}, expected ({n_frames},)")
+    if r.ndim != 3 or r.shape[1:] != (z.shape[0], 3):
+        raise DataError(f"{path}: coords has shape {r.shape}, expected (n_frames, {z.shape[0]}, 3)")
+    if e.shape != (r.shape[0],):
+        raise DataError(f"{path}: {e_key} has shape {e.shape}, expected ({r.shape[0]},)")
     if f.shape != r.shape:
         raise DataError(f"{path}: {f_key} has shape {f.shape}, expected {r.shape}")
-    data = Dataset(np.tile(z, n_frames), r.reshape(-1, 3), np.arange(n_frames + 1, dtype=np.int64) * n_atoms,
-                   e, f.reshape(-1, 3), "kcal/mol", f"{path.name} ({labels} labels)", file_sha256(path))
+    return _from_frames(z, r, e, f, "kcal/mol", f"{path.name} ({labels} labels)", file_sha256(path), str(path))
+
+
+ISO17X_SPLITS = ("train", "validation", "train_known", "test_within", "test_other", "eq_known", "eq_other", "all")
+
+
+def read_iso17x(path: str | Path, split: str = "train") -> Dataset:
+    """The ISO17-style C7O2H10 set (GFN2-xTB labels; Å, eV). `path` is the iso17x folder or its
+    iso17x.npz (splits.npz beside it); `split` names one of its index arrays, or 'all'."""
+    path = Path(path)
+    npz_path = path / "iso17x.npz" if path.is_dir() else path
+    if split not in ISO17X_SPLITS:
+        raise ValueError(f"unknown iso17x split {split!r}; choose one of {', '.join(ISO17X_SPLITS)}")
+    if not npz_path.is_file():
+        raise DataError(f"data file {npz_path} does not exist")
+    try:
+        with np.load(npz_path) as npz:
+            _require(npz, ["Z", "R", "E", "F"], npz_path)
+            z, r, e, f = (np.asarray(npz[k]) for k in ("Z", "R", "E", "F"))
+        if split != "all":
+            with np.load(npz_path.parent / "splits.npz") as splits:
+                _require(splits, [split], npz_path.parent / "splits.npz")
+                index = np.asarray(splits[split], dtype=np.int64)
+            z, r, e, f = z[index], r[index], e[index], f[index]
+    except (OSError, ValueError, EOFError) as err:
+        if isinstance(err, DataError):
+            raise
+        raise DataError(f"{npz_path}: cannot read: {err}") from None
+    return _from_frames(z, r, e, f, "eV", f"{npz_path.name} [{split}]", file_sha256(npz_path), str(npz_path))
+
+
+def read_qm9(path: str | Path, indices=None) -> Dataset:
+    """QM9 U0 energies (Hartree, no forces) of the molecules at `indices` (default: all)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist")
+    try:
+        with np.load(path) as npz:
+            _require(npz, ["Z", "R", "offsets", "U0_Ha"], path)
+            z, r, offsets, e = (np.asarray(npz[k]) for k in ("Z", "R", "offsets", "U0_Ha"))
+    except (OSError, ValueError, EOFError) as err:
+        if isinstance(err, DataError):
+            raise
+        raise DataError(f"{path}: cannot read: {err}") from None
+    full = Dataset(z.astype(np.int64), r.astype(np.float64), offsets.astype(np.int64), e.astype(np.float64), None,
+                   "Hartree", path.name, file_sha256(path))
+    validate(full, str(path))
+    return full if indices is None else full.subset(indices)
+
+
+def read_ase(path: str | Path, index: str = ":", energy_unit: str = "eV") -> Dataset:
+    """Any format ASE reads (extended XYZ, ASE db, ...) with energies (and forces, if every frame has
+    them) from its calculator results. ASE's units are Å and eV."""
+    try:
+        import ase.io
+    except ImportError:
+        raise ImportError("reading ASE formats needs ase: pip install 'schnet-md[ase]'") from None
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist")
+    try:
+        frames = ase.io.read(str(path), index=index)
+    except Exception as err:  # ASE raises many kinds of parse errors
+        raise DataError(f"{path}: ASE cannot read it: {err}") from None
+    frames = frames if isinstance(frames, list) else [frames]
+    if not frames:
+        raise DataError(f"{path}: no frames")
+    energies, forces = [], []
+    for k, atoms in enumerate(frames):
+        if atoms.calc is None or "energy" not in atoms.calc.results:
+            raise DataError(f"{path}: frame {k} has no energy")
+        energies.append(atoms.calc.results["energy"])
+        forces.append(atoms.calc.results.get("forces"))
+    has_forces = all(f is not None for f in forces)
+    counts = [len(a) for a in frames]
+    data = Dataset(np.concatenate([a.numbers for a in frames]).astype(np.int64),
+                   np.concatenate([a.positions for a in frames]).astype(np.float64),
+                   np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), np.asarray(energies, dtype=np.float64),
+                   np.concatenate(forces).astype(np.float64) if has_forces else None,
+                   "eV", path.name, file_sha256(path))
     validate(data, str(path))
+    return data.converted(energy_unit) if energy_unit != "eV" else data
+
+
+def read_data(path: str | Path, format: str = "auto", labels: str = "new", split: str = "train") -> Dataset:
+    """Read a data set, telling its format from the file when format='auto':
+    rMD17 npz ('nuclear_charges'), iso17x ('Z','R','E','F' or its folder), QM9 ('U0_Ha'), else ASE."""
+    path = Path(path)
+    if format == "auto":
+        format = _detect_format(path)
+    if format == "rmd17":
+        return read_rmd17(path, labels=labels)
+    if format == "iso17x":
+        return read_iso17x(path, split=split)
+    if format == "qm9":
+        return read_qm9(path)
+    if format == "ase":
+        return read_ase(path)
+    raise ValueError(f"unknown data format {format!r}; choose auto, rmd17, iso17x, qm9 or ase")
+
+
+def _detect_format(path: Path) -> str:
+    if path.is_dir():
+        if (path / "iso17x.npz").is_file():
+            return "iso17x"
+        raise DataError(f"{path} is a folder without iso17x.npz")
+    if path.suffix == ".npz":
+        if not path.is_file():
+            raise DataError(f"data file {path} does not exist")
+        try:
+            with np.load(path) as npz:
+                keys = set(npz.files)
+        except (OSError, ValueError, EOFError) as err:
+            raise DataError(f"{path} is not a readable npz file: {err}") from None
+        if "nuclear_charges" in keys:
+            return "rmd17"
+        if {"Z", "R", "E", "F"} <= keys:
+            return "iso17x"
+        if "U0_Ha" in keys:
+            return "qm9"
+        raise DataError(f"{path}: npz keys {sorted(keys)} match no known format (rMD17, iso17x, QM9)")
+    return "ase"
+
+
+def _from_frames(z, r, e, f, energy_unit, source, sha, name) -> Dataset:
+    """A Dataset from equal-size frames: z [n, atoms] (or [atoms]), r and f [n, atoms, 3], e [n]."""
+    n_frames = r.shape[0]
+    n_atoms = r.shape[1] if r.ndim == 3 else -1
+    if r.ndim != 3 or r.shape[2] != 3:
+        raise DataError(f"{name}: positions have shape {r.shape}, expected (n_frames, n_atoms, 3)")
+    z = np.broadcast_to(z, (n_frames, n_atoms)) if z.ndim == 1 else z
+    if z.shape != (n_frames, n_atoms):
+        raise DataError(f"{name}: atomic numbers have shape {z.shape}, expected ({n_frames}, {n_atoms})")
+    if e.shape != (n_frames,):
+        raise DataError(f"{name}: energies have shape {e.shape}, expected ({n_frames},)")
+    if f is not None and f.shape != r.shape:
+        raise DataError(f"{name}: forces have shape {f.shape}, expected {r.shape}")
+    data = Dataset(np.ascontiguousarray(z, dtype=np.int64).reshape(-1), r.reshape(-1, 3).astype(np.float64),
+                   np.arange(n_frames + 1, dtype=np.int64) * n_atoms, e.astype(np.float64),
+                   None if f is None else f.reshape(-1, 3).astype(np.float64), energy_unit, source, sha)
+    validate(data, name)
     return data
 
 

@@ -1,15 +1,17 @@
 """Training on energies and forces: loss = rho |E - Ê|^2 + mean_i |F_i - F̂_i|^2 (paper: rho = 0.01).
+Without forces in the data (QM9) the loss is |E - Ê|^2.
 
-Writes OUT/model.pt (the best model on the validation split), OUT/checkpoint.pt (the state after the
-last finished epoch, for --resume) and OUT/metrics.json.
+Writes OUT/model.pt (the best model on the validation set), OUT/checkpoint.pt (the whole state after
+the last finished epoch: `resume=True` continues exactly), OUT/metrics.json and OUT/config.json.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -28,11 +30,23 @@ class TrainSettings:
     batch_size: int = 32
     learning_rate: float = 1e-3
     rho: float = 0.01                 # energy weight relative to forces (paper: 0.01)
-    validation_fraction: float = 0.05
+    validation_fraction: float = 0.05  # used when no separate validation set is given
     seed: int = 0
     lr_patience: int = 10             # epochs without improvement before the learning rate drops
     lr_factor: float = 0.5
     min_learning_rate: float = 1e-5
+    ema_decay: float = 0.0            # > 0: validate and save an exponential moving average of the weights
+    early_stopping_patience: int = 0  # > 0: stop after this many epochs without improvement
+    max_hours: float = 0.0            # > 0: stop after this much wall time (resume continues)
+    device: str = "auto"              # "auto": CUDA when present, else CPU
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainSettings":
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown training setting(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+        return cls(**values)
 
 
 def fit_energy_statistics(data: Dataset, model: SchNet) -> None:
@@ -67,25 +81,29 @@ def split_indices(n_frames: int, validation_fraction: float, seed: int):
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
-def predict_batch(model: SchNet, batch: dict, create_graph: bool):
-    """Energies [n_mol] and forces [n_atoms, 3] of one batch (forces by autograd)."""
-    positions = batch["positions"].requires_grad_(True)
+def predict_batch(model: SchNet, batch: dict, create_graph: bool, need_forces: bool = True):
+    """Energies [n_mol] and forces [n_atoms, 3] (or None) of one batch (forces by autograd)."""
+    positions = batch["positions"].requires_grad_(need_forces)
     species = model.species(batch["atomic_numbers"])
     energies = model.batch_energy(species, positions, batch["pair_i"], batch["pair_j"],
                                   batch["molecule"], batch["n_molecules"])
+    if not need_forces:
+        return energies, None
     (grad,) = torch.autograd.grad(energies.sum(), positions, create_graph=create_graph)
     return energies, -grad
 
 
 def evaluate_split(model: SchNet, data: Dataset, indices: np.ndarray, batch_size: int = 100) -> dict:
     """MAE and RMSE of energies and force components, in the data's units."""
-    dtype = next(model.parameters()).dtype
+    parameter = next(model.parameters())
     err_e, err_f = [], []
-    for batch in batches(data, indices, batch_size, dtype):
-        energies, forces = predict_batch(model, batch, create_graph=False)
-        err_e.append((energies.detach() - batch["energies"]).double().numpy())
-        if batch["forces"] is not None:
-            err_f.append((forces.detach() - batch["forces"]).double().numpy().ravel())
+    has_forces = data.forces is not None
+    for batch in batches(data, indices, batch_size, parameter.dtype, parameter.device):
+        with torch.set_grad_enabled(has_forces):
+            energies, forces = predict_batch(model, batch, create_graph=False, need_forces=has_forces)
+        err_e.append((energies.detach() - batch["energies"]).double().cpu().numpy())
+        if has_forces:
+            err_f.append((forces.detach() - batch["forces"]).double().cpu().numpy().ravel())
     e = np.concatenate(err_e)
     out = {"energy_mae": float(np.abs(e).mean()), "energy_rmse": float(np.sqrt((e ** 2).mean()))}
     if err_f:
@@ -94,91 +112,201 @@ def evaluate_split(model: SchNet, data: Dataset, indices: np.ndarray, batch_size
     return out
 
 
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def train(data: Dataset, config: SchNetConfig, out_dir: str | Path, settings: TrainSettings,
-          resume: bool = False, log: Callable[[str], None] = print) -> dict:
-    """Train a SchNet on `data`; returns the final metrics (also written to OUT/metrics.json)."""
+          resume: bool = False, log: Callable[[str], None] = print, validation: Optional[Dataset] = None) -> dict:
+    """Train a SchNet on `data` (validated on `validation`, or on a random fraction of `data`);
+    returns the summary also written to OUT/metrics.json."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if config.energy_unit != data.energy_unit:
-        data = data.converted(config.energy_unit)
-    train_idx, val_idx = split_indices(len(data), settings.validation_fraction, settings.seed)
+        data = data.converted(config.energy_unit)          # the one conversion of labels into model units
+    if validation is None:
+        train_idx, val_idx = split_indices(len(data), settings.validation_fraction, settings.seed)
+        val_data = data
+    else:
+        train_idx, val_idx = np.arange(len(data)), np.arange(len(validation))
+        val_data = validation.converted(config.energy_unit) if validation.energy_unit != config.energy_unit \
+            else validation
+    device = _device(settings.device)
     torch.manual_seed(settings.seed)
     model = SchNet(config)
-    model.species(torch.as_tensor(data.elements))
+    model.species(torch.as_tensor(sorted(set(data.elements) | set(val_data.elements))))
     fit_energy_statistics(data.subset(train_idx), model)
+    model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, factor=settings.lr_factor, patience=settings.lr_patience, min_lr=settings.min_learning_rate)
+    ema = None
+    if settings.ema_decay > 0:
+        ema = torch.optim.swa_utils.AveragedModel(
+            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(settings.ema_decay))
     history: list = []
-    best = math.inf
+    best, best_epoch = math.inf, -1
     first_epoch = 0
     checkpoint_path = out / "checkpoint.pt"
     if resume:
         if not checkpoint_path.is_file():
             raise ModelFileError(f"cannot resume: {checkpoint_path} does not exist")
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         history = json.loads(state["history"])
-        best = float(state["best"])
+        best, best_epoch = float(state["best"]), int(state.get("best_epoch", -1))
         first_epoch = int(state["epoch"]) + 1
         log(f"resuming after epoch {first_epoch} (best validation loss {best:.5g})")
 
     has_forces = data.forces is not None
-    log(f"training {count_parameters(model):,} parameters on {len(train_idx)} frames, validating on "
-        f"{len(val_idx)} ({data.source}); energies in {config.energy_unit}")
+    log(f"training {count_parameters(model):,} parameters on {len(train_idx)} frames ({data.source}), validating "
+        f"on {len(val_idx)} ({val_data.source if validation is not None else 'random split'}); energies in "
+        f"{config.energy_unit}; {'energies and forces' if has_forces else 'energies only'}; device {device}")
     started = time.perf_counter()
+    bar = None
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+        bar = tqdm(total=settings.epochs, initial=first_epoch, unit="epoch", file=sys.stderr)
+        log = bar.write
+    stop_reason = "epochs done"
     for epoch in range(first_epoch, settings.epochs):
         t0 = time.perf_counter()
         model.train()
         generator = torch.Generator().manual_seed(settings.seed * 100_003 + epoch)
         order = train_idx[torch.randperm(len(train_idx), generator=generator).numpy()]
         total, n_batches = 0.0, 0
-        for batch in batches(data, order, settings.batch_size):
-            energies, forces = predict_batch(model, batch, create_graph=has_forces)
+        for batch in batches(data, order, settings.batch_size, device=device):
+            energies, forces = predict_batch(model, batch, create_graph=has_forces, need_forces=has_forces)
             loss = ((energies - batch["energies"]) ** 2).mean()
             if has_forces:
-                force_loss = ((forces - batch["forces"]) ** 2).sum(-1).mean()
-                loss = settings.rho * loss + force_loss
+                loss = settings.rho * loss + ((forces - batch["forces"]) ** 2).sum(-1).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if ema is not None:
+                ema.update_parameters(model)
             total += float(loss.detach())
             n_batches += 1
-        model.eval()
-        metrics = evaluate_split(model, data, val_idx)
-        val_loss = metrics["energy_rmse"] ** 2 * (settings.rho if has_forces else 1.0) + (
-            3 * metrics["forces_rmse"] ** 2 if has_forces else 0.0)
+        evaluated = ema.module if ema is not None else model
+        evaluated.eval()
+        metrics = evaluate_split(evaluated, val_data, val_idx)
+        val_loss = (settings.rho * metrics["energy_rmse"] ** 2 + 3 * metrics["forces_rmse"] ** 2) if has_forces \
+            else metrics["energy_rmse"] ** 2
         scheduler.step(val_loss)
         row = {"epoch": epoch, "train_loss": total / max(n_batches, 1), "validation_loss": val_loss,
                "learning_rate": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0,
                **{f"validation_{k}": v for k, v in metrics.items()}}
         history.append(row)
         if val_loss < best:
-            best = val_loss
-            save_model(model, out / "model.pt", _metadata(data, config, settings, len(train_idx),
-                                                           len(val_idx), epoch, metrics))
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best,
-                    "history": json.dumps(history)}, checkpoint_path)
+            best, best_epoch = val_loss, epoch
+            save_model(evaluated, out / "model.pt", _metadata(data, val_data, config, settings, len(train_idx),
+                                                              len(val_idx), epoch, metrics))
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best, "best_epoch": best_epoch,
+                 "history": json.dumps(history)}
+        if ema is not None:
+            state["ema"] = ema.state_dict()
+        tmp = checkpoint_path.with_name("checkpoint.pt.tmp")
+        torch.save(state, tmp)
+        tmp.replace(checkpoint_path)
         force_part = f"  F MAE {metrics['forces_mae']:.4f}" if has_forces else ""
         log(f"epoch {epoch + 1:5d}/{settings.epochs}  loss {row['train_loss']:.5g}  val E MAE "
             f"{metrics['energy_mae']:.4f}{force_part} {config.energy_unit}(/Å)  lr {row['learning_rate']:.2g}"
             f"  {row['seconds']:.1f}s")
-    summary = {"history": history, "best_validation_loss": best, "energy_unit": config.energy_unit,
-               "n_train": len(train_idx), "n_validation": len(val_idx),
-               "wall_seconds_this_run": time.perf_counter() - started, "settings": asdict(settings)}
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix({"val E MAE": f"{metrics['energy_mae']:.4g}",
+                             **({"F MAE": f"{metrics['forces_mae']:.4g}"} if has_forces else {})})
+        if settings.early_stopping_patience and epoch - best_epoch >= settings.early_stopping_patience:
+            stop_reason = f"early stop: no improvement for {settings.early_stopping_patience} epochs"
+            break
+        if settings.max_hours and time.perf_counter() - started > settings.max_hours * 3600:
+            stop_reason = f"time budget of {settings.max_hours} h reached (resume continues)"
+            break
+    if bar is not None:
+        bar.close()
+    log(stop_reason)
+    summary = {"history": history, "best_validation_loss": best, "best_epoch": best_epoch + 1,
+               "stop_reason": stop_reason, "energy_unit": config.energy_unit, "n_train": len(train_idx),
+               "n_validation": len(val_idx), "wall_seconds_this_run": time.perf_counter() - started,
+               "settings": asdict(settings), "model": config.to_dict()}
     (out / "metrics.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
-def _metadata(data, config, settings, n_train, n_val, epoch, metrics) -> dict:
+def _metadata(data, val_data, config, settings, n_train, n_val, epoch, metrics) -> dict:
     return {
         "schnet_md_version": __version__,
         "preset": config.preset,
         "units": {"length": "Angstrom", "energy": config.energy_unit},
-        "training": {"data": data.source, "data_sha256": data.sha256, "n_train": n_train,
-                     "n_validation": n_val, "epoch": epoch + 1, "settings": asdict(settings),
-                     "validation": metrics},
+        "training": {"data": data.source, "data_sha256": data.sha256, "validation_data": val_data.source,
+                     "n_train": n_train, "n_validation": n_val, "epoch": epoch + 1,
+                     "settings": asdict(settings), "validation": metrics},
     }
+
+
+# ---- configuration: a TOML file ([data], [model], [training]) plus command-line overrides ----------
+
+DATA_DEFAULTS = {"path": None, "format": "auto", "labels": "new", "split": "train", "max_frames": 0,
+                 "energy_unit": None, "validation_path": None, "validation_split": "validation"}
+MODEL_DEFAULTS = {"preset": "schnet2017"}
+
+
+def resolve_config(file: Optional[str | Path] = None, overrides: Optional[dict] = None) -> dict:
+    """Defaults < config file < overrides ({'data': {...}, 'model': {...}, 'training': {...}})."""
+    import tomllib
+
+    config = {"data": dict(DATA_DEFAULTS), "model": dict(MODEL_DEFAULTS), "training": asdict(TrainSettings())}
+    layers = []
+    if file is not None:
+        try:
+            layers.append(tomllib.loads(Path(file).read_text()))
+        except (OSError, tomllib.TOMLDecodeError) as err:
+            raise ValueError(f"cannot read config file {file}: {err}") from None
+    layers.append(overrides or {})
+    for layer in layers:
+        unknown = set(layer) - set(config)
+        if unknown:
+            raise ValueError(f"unknown config table(s) {', '.join(sorted(unknown))}; use [data], [model], [training]")
+        for table, values in layer.items():
+            config[table].update({k: v for k, v in values.items() if v is not None})
+    unknown = set(config["data"]) - set(DATA_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown [data] key(s) {', '.join(sorted(unknown))}; known: {', '.join(DATA_DEFAULTS)}")
+    TrainSettings.from_dict(config["training"])   # validates the keys
+    if not config["data"]["path"]:
+        raise ValueError("no training data: give --data FILE or [data] path in the config file")
+    return config
+
+
+def train_from_config(config: dict, out_dir: str | Path, resume: bool = False,
+                      log: Callable[[str], None] = print) -> dict:
+    """Read the data a resolved config names, build the model config, train."""
+    from .data import read_data
+    from .model import config_from_preset
+
+    d = config["data"]
+    data = read_data(d["path"], d["format"], labels=d["labels"], split=d["split"])
+    if d["max_frames"]:
+        data = data.subset(range(min(int(d["max_frames"]), len(data))))
+    validation = None
+    if d["validation_path"]:
+        validation = read_data(d["validation_path"], labels=d["labels"], split=d["validation_split"])
+    elif d["format"] in ("auto", "iso17x") and Path(d["path"]).is_dir() and d["split"] == "train":
+        validation = read_data(d["path"], "iso17x", split=d["validation_split"])   # iso17x's own split
+    model_values = dict(config["model"])
+    preset = model_values.pop("preset")
+    unit = d["energy_unit"] or data.energy_unit
+    elements = sorted(set(data.elements) | set(validation.elements if validation is not None else []))
+    model_config = config_from_preset(preset, elements, energy_unit=unit, **model_values)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    return train(data, model_config, out, TrainSettings.from_dict(config["training"]), resume=resume, log=log,
+                 validation=validation)
