@@ -1,0 +1,243 @@
+"""Accuracy benchmarks: train, evaluate and report every row of benchmarks/accuracy.md.
+
+    python benchmarks/accuracy.py train ROW [--hours H]   # trains (or resumes) ROW within H hours
+    python benchmarks/accuracy.py evaluate ROW            # test metrics of ROW's best model
+    python benchmarks/accuracy.py report                  # rewrites benchmarks/accuracy.md
+    python benchmarks/accuracy.py list
+
+Training runs live in $SCHNET_MD_RUNS (default ~/.cache/schnet-md/runs/accuracy/ROW) and resume where
+they stopped; each evaluation is stored in benchmarks/accuracy/ROW.json with the hardware, versions,
+training time and command, so the report is rebuilt from recorded runs only.
+
+Protocols
+- md17_*  (original MD17 labels, as in the SchNet paper's "N = 1,000" table) and rmd17_* (revised
+  labels): train on all 1,000 frames of rmd17_<mol>_train_01.npz; validate on 500 frames of
+  rmd17_<mol>_train_02.npz that appear in neither train_01 nor test_01 (checked by old_indices);
+  test on the 1,000 frames of rmd17_<mol>_test_01.npz.
+- iso17x: train on `train`, validate on `validation`, test on `test_within` (known molecules) and
+  `test_other` (unknown molecules). GFN2-xTB labels: not the paper's DFT ISO17 benchmark.
+- qm9_N: N training molecules drawn at random (seed 0) from QM9 U0, 1,000 for validation, a fixed
+  10,000 for test; energies only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import schnet_md
+from schnet_md.data import read_iso17x, read_qm9, read_rmd17
+from schnet_md.evaluate import evaluate
+from schnet_md.model import config_from_preset
+from schnet_md.modelfile import load_model
+from schnet_md.train import TrainSettings, train
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = Path(os.environ.get("SCHNET_MD_DATA", ROOT.parent / "shared" / "data"))
+RUNS = Path(os.environ.get("SCHNET_MD_RUNS", Path.home() / ".cache" / "schnet-md" / "runs" / "accuracy"))
+RESULTS = ROOT / "benchmarks" / "accuracy"
+
+# Published numbers for comparison: SchNet (Schütt et al. 2017, MD17 N=1,000, kcal/mol and kcal/mol/Å)
+# and MACE (Batatia et al. 2022, rMD17 N=1,000, meV and meV/Å).
+PAPER = {"ethanol": (0.08, 0.39), "malonaldehyde": (0.13, 0.66), "aspirin": (0.37, 1.35)}
+MACE = {"ethanol": (0.4, 2.1), "malonaldehyde": (0.8, 4.1), "aspirin": (2.2, 6.6)}
+ISO17_PAPER = {"test_within": (0.36, 1.00), "test_other": (2.40, 2.18)}
+QM9_SIZES = (1000, 10000, 50000, 110000)
+
+MD17_SETTINGS = dict(batch_size=16, learning_rate=1e-3, rho=0.01, lr_patience=25, lr_factor=0.5,
+                     min_learning_rate=1e-5, ema_decay=0.99, epochs=5000)
+
+
+def rows() -> dict:
+    out = {}
+    for mol in PAPER:
+        out[f"md17_{mol}"] = dict(kind="md17", molecule=mol, labels="old", settings=MD17_SETTINGS)
+        out[f"rmd17_{mol}"] = dict(kind="md17", molecule=mol, labels="new", settings=MD17_SETTINGS)
+    out["iso17x"] = dict(kind="iso17x", settings=dict(batch_size=32, learning_rate=1e-3, rho=0.01, lr_patience=3,
+                                                      ema_decay=0.999, epochs=200))
+    for n in QM9_SIZES:
+        out[f"qm9_{n // 1000}k"] = dict(kind="qm9", n_train=n, settings=dict(
+            batch_size=32, learning_rate=1e-3, lr_patience=10, ema_decay=0.999, epochs=2000))
+    return out
+
+
+def load_row(row: dict):
+    """(train, validation, {test name: data}, preset) for a row."""
+    if row["kind"] == "md17":
+        folder = DATA / "rmd17"
+        mol, labels = row["molecule"], row["labels"]
+        train_file = folder / f"rmd17_{mol}_train_01.npz"
+        test_file = folder / f"rmd17_{mol}_test_01.npz"
+        used = set(np.load(train_file)["old_indices"]) | set(np.load(test_file)["old_indices"])
+        pool_file = folder / f"rmd17_{mol}_train_02.npz"
+        free = [k for k, i in enumerate(np.load(pool_file)["old_indices"]) if i not in used][:500]
+        return (read_rmd17(train_file, labels), read_rmd17(pool_file, labels).subset(free),
+                {"test": read_rmd17(test_file, labels)}, "schnet2017")
+    if row["kind"] == "iso17x":
+        folder = DATA / "iso17x"
+        return (read_iso17x(folder, "train"), read_iso17x(folder, "validation"),
+                {"test_within": read_iso17x(folder, "test_within"), "test_other": read_iso17x(folder, "test_other")},
+                "schnet2017")
+    if row["kind"] == "qm9":
+        path = DATA / "qm9" / "qm9_u0.npz"
+        order = np.random.default_rng(0).permutation(130831)
+        test, val, pool = order[:10000], order[10000:11000], order[11000:]
+        q = read_qm9(path)
+        return (q.subset(pool[:row["n_train"]]).converted("eV"), q.subset(val).converted("eV"),
+                {"test": q.subset(test).converted("eV")}, "schnet2017")
+    raise ValueError(row["kind"])
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def hardware() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"{cpu_name()} CPU, {torch.get_num_threads()} thread(s)"
+
+
+def cmd_train(name: str, hours: float) -> None:
+    row = rows()[name]
+    data, validation, _, preset = load_row(row)
+    out = RUNS / name
+    config = config_from_preset(preset, sorted(set(data.elements) | set(validation.elements)),
+                                energy_unit=data.energy_unit)
+    settings = TrainSettings(**{**row["settings"], "max_hours": hours})
+    resume = (out / "checkpoint.pt").is_file()
+    train(data, config, out, settings, resume=resume, validation=validation)
+    log = out / "sessions.json"
+    sessions = json.loads(log.read_text()) if log.exists() else []
+    sessions.append({"date": str(datetime.date.today()), "hours_budget": hours, "hardware": hardware(),
+                     "command": "python benchmarks/accuracy.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])})
+    log.write_text(json.dumps(sessions, indent=1))
+
+
+def cmd_evaluate(name: str) -> None:
+    row = rows()[name]
+    _, _, tests, _ = load_row(row)
+    out = RUNS / name
+    model, meta = load_model(out / "model.pt")
+    metrics = json.loads((out / "metrics.json").read_text())
+    history = metrics["history"]
+    t0 = time.perf_counter()
+    result = {
+        "row": name, "n_train": meta["training"]["n_train"], "n_validation": meta["training"]["n_validation"],
+        "train_data": meta["training"]["data"], "validation_data": meta["training"].get("validation_data"),
+        "epochs_run": len(history), "best_epoch": meta["training"]["epoch"],
+        "training_hours": sum(h["seconds"] for h in history) / 3600,
+        "stop_reason": metrics.get("stop_reason"), "settings": metrics["settings"],
+        "sessions": json.loads((out / "sessions.json").read_text()) if (out / "sessions.json").exists() else [],
+        "tests": {k: evaluate(model, d) for k, d in tests.items()},
+        "evaluated": str(datetime.date.today()), "versions": {"schnet_md": schnet_md.__version__,
+                                                              "torch": torch.__version__},
+    }
+    result["evaluation_seconds"] = time.perf_counter() - t0
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: v for k, v in result["tests"].items()}, indent=1))
+
+
+def _fmt(x, digits=2):
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def cmd_report() -> None:
+    results = {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))}
+    lines = ["# Accuracy", "",
+             "Regenerated by `python benchmarks/accuracy.py report` from the recorded runs in "
+             "`benchmarks/accuracy/*.json`; each run: `python benchmarks/accuracy.py train ROW --hours H` "
+             "(resumable) then `... evaluate ROW`. Protocols are in the script's docstring. Forces are "
+             "component-wise. \"Epochs / hours\" is how far training got: rows trained on this project's "
+             "2-core CPU are far from converged, and say so.", ""]
+
+    def md17_table(prefix, unit, reference, ref_name):
+        out = [f"| molecule | N train | epochs / hours | hardware | energy MAE | forces MAE | {ref_name} energy | "
+               f"{ref_name} forces |", "|---|---|---|---|---|---|---|---|"]
+        for mol, (e_ref, f_ref) in reference.items():
+            r = results.get(f"{prefix}_{mol}")
+            if r is None:
+                out.append(f"| {mol} | – | not run yet | – | – | – | {e_ref} | {f_ref} |")
+                continue
+            t = r["tests"]["test"]
+            hw = r["sessions"][-1]["hardware"] if r["sessions"] else "?"
+            out.append(f"| {mol} | {r['n_train']} | {r['epochs_run']} / {r['training_hours']:.2f} | {hw} | "
+                       f"{_fmt(t[f'energy_mae_{unit}'])} | {_fmt(t[f'forces_mae_{unit}'])} | {e_ref} | {f_ref} |")
+        return out
+
+    lines += ["## MD17, original labels, N = 1,000 (kcal/mol, kcal/mol/Å)", ""]
+    lines += md17_table("md17", "kcal_mol", PAPER, "SchNet paper")
+    lines += ["", "## rMD17, revised labels, N = 1,000 (meV, meV/Å)", ""]
+    lines += md17_table("rmd17", "meV", MACE, "MACE")
+    lines += ["", "## ISO17-style (iso17x, GFN2-xTB labels; kcal/mol, kcal/mol/Å)", "",
+              "Not the paper's benchmark: the paper's ISO17 used DFT (PBE+vdW-TS) labels and other frames; its "
+              "numbers are given for scale only.", "",
+              "| test set | N train | epochs / hours | energy MAE | forces MAE | paper (DFT ISO17) energy | forces |",
+              "|---|---|---|---|---|---|---|"]
+    r = results.get("iso17x")
+    for split, (e_ref, f_ref) in ISO17_PAPER.items():
+        if r is None:
+            lines.append(f"| {split} | – | not run yet | – | – | {e_ref} | {f_ref} |")
+        else:
+            t = r["tests"][split]
+            lines.append(f"| {split} | {r['n_train']} | {r['epochs_run']} / {r['training_hours']:.2f} | "
+                         f"{_fmt(t['energy_mae_kcal_mol'])} | {_fmt(t['forces_mae_kcal_mol'])} | {e_ref} | {f_ref} |")
+    lines += ["", "## QM9 U0, energies only (kcal/mol); paper: 0.31 at N = 110k", "",
+              "| N train | epochs / hours | energy MAE |", "|---|---|---|"]
+    for n in QM9_SIZES:
+        r = results.get(f"qm9_{n // 1000}k")
+        lines.append(f"| {n} | – not run yet | – |" if r is None else
+                     f"| {r['n_train']} | {r['epochs_run']} / {r['training_hours']:.2f} | "
+                     f"{_fmt(r['tests']['test']['energy_mae_kcal_mol'])} |")
+    lines += ["", "## Runs", ""]
+    for name, r in results.items():
+        for s in r["sessions"]:
+            lines.append(f"- `{name}`: {s['date']}, {s['hardware']}, budget {s['hours_budget']} h: `{s['command']}`")
+    (ROOT / "benchmarks" / "accuracy.md").write_text("\n".join(lines) + "\n")
+    print((ROOT / "benchmarks" / "accuracy.md").read_text())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train")
+    t.add_argument("row", choices=list(rows()))
+    t.add_argument("--hours", type=float, default=1.0)
+    t.add_argument("--threads", type=int, default=1)
+    e = sub.add_parser("evaluate")
+    e.add_argument("row", choices=list(rows()))
+    sub.add_parser("report")
+    sub.add_parser("list")
+    args = p.parse_args()
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    if args.command == "train":
+        cmd_train(args.row, args.hours)
+    elif args.command == "evaluate":
+        cmd_evaluate(args.row)
+    elif args.command == "report":
+        cmd_report()
+    else:
+        for name, row in rows().items():
+            print(name, row)
+
+
+if __name__ == "__main__":
+    main()
