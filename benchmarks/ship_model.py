@@ -37,6 +37,7 @@ def main() -> None:
     p.add_argument("--name", required=True)
     p.add_argument("--test", nargs="+", required=True, help="rMD17 test files")
     p.add_argument("--labels", default="new")
+    p.add_argument("--train", help="the rMD17 training file: test frames it shares (by old_indices) are refused")
     p.add_argument("--command", required=True, help="the training command, quoted")
     args = p.parse_args()
 
@@ -49,6 +50,13 @@ def main() -> None:
     dest = MODELS_DIR / args.name
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copy(run / "model.pt", dest / "model.pt")
+    if args.train:
+        import numpy as np
+        seen = set(np.load(args.train)["old_indices"].tolist())
+        for t in args.test:
+            shared = sum(int(i) in seen for i in np.load(t)["old_indices"])
+            if shared:
+                raise SystemExit(f"{t} shares {shared} frames with {args.train}: not a held-out test set")
     test_sets = [read_rmd17(t, labels=args.labels) for t in args.test]
     results = [evaluate(model, data) for data in test_sets]
     (dest / "metrics.json").write_text(json.dumps({"test": results, "training": meta.get("training")}, indent=1))
