@@ -89,6 +89,21 @@ def _simulate(args) -> int:
     return 0
 
 
+def _analyze(args) -> int:
+    from .analysis.analyze import analyze_to
+
+    print(f"report: {analyze_to(args.trajectory, args.out, top=args.top)}")
+    return 0
+
+
+def _compare(args) -> int:
+    from .analysis.compare import compare_to
+
+    labels = args.labels.split(",") if args.labels else None
+    print(f"report: {compare_to(args.trajectories, args.out, top=args.top, labels=labels)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="schnet-md", description="SchNet potentials for molecular dynamics: train, export to OpenMM, simulate.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -167,6 +182,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not stop when bonds break or form (for reactive chemistry)")
     s.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
     s.set_defaults(func=_simulate)
+
+    a = sub.add_parser("analyze", help="analyse a trajectory with mdtraj (report, plots, JSON)",
+                       description="RMSD, radius of gyration, rotatable dihedrals and their transitions, conformer "
+                                   "populations, bond sanity, energies and temperature.")
+    a.add_argument("trajectory", help="a run folder of `schnet-md simulate`, a trajectory file (with --top), "
+                                      "or iso17x:MOL for an iso17x reference trajectory")
+    a.add_argument("--top", help="topology (PDB) for a bare trajectory file")
+    a.add_argument("--out", required=True, help="output folder (report.md, summary.json, *.png)")
+    a.set_defaults(func=_analyze)
+
+    c = sub.add_parser("compare", help="compare trajectories of one molecule (dihedral and distance distributions)")
+    c.add_argument("trajectories", nargs="+", help="run folders, trajectory files (with --top) or iso17x:MOL; "
+                                                   "the first is the reference")
+    c.add_argument("--top", help="topology (PDB) for bare trajectory files")
+    c.add_argument("--labels", help="comma-separated names for the trajectories")
+    c.add_argument("--out", required=True, help="output folder (compare.md, compare.json, *.png)")
+    c.set_defaults(func=_compare)
     return p
 
 

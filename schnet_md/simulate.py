@@ -32,7 +32,7 @@ from openmm import unit
 from . import __version__
 from .export import export_model, load_exported, openmm_torch, torchscript_message
 from .modelfile import load_model
-from .structures import COVALENT_RADII, read_structure, write_pdb
+from .structures import BondMap, read_structure, write_pdb
 
 PLATFORM_PREFERENCE = ("CUDA", "OpenCL", "CPU", "Reference")
 BOLTZMANN_KJ_PER_MOL_K = unit.MOLAR_GAS_CONSTANT_R.value_in_unit(unit.kilojoule_per_mole / unit.kelvin)
@@ -130,56 +130,26 @@ def make_simulation(topology, system, settings: SimulationSettings):
 
 
 class BlowUpGuard:
-    """Stops a run whose chemistry changed or whose numbers broke: a bond of the topology stretched
-    beyond `break_factor` x the sum of covalent radii, a non-bonded pair closer than `form_factor` x
-    that sum, or non-finite positions. A learned potential that lets atoms fly apart often keeps a
+    """Stops a run whose chemistry changed or whose numbers broke: a broken or newly formed bond (see
+    `BondMap`) or non-finite positions. A learned potential that lets atoms fly apart often keeps a
     finite, flat energy (far pairs leave the Gaussian expansion), so energies alone do not show it."""
 
     def __init__(self, topology: app.Topology, break_factor: float = 1.5, form_factor: float = 1.1):
-        atoms = list(topology.atoms())
-        self.names = [f"{a.residue.name}{a.residue.id}:{a.name}" for a in atoms]
-        radii = np.array([COVALENT_RADII.get(a.element.atomic_number, 1.5) if a.element else 1.5 for a in atoms])
-        bonds = np.array([(b[0].index, b[1].index) for b in topology.bonds()], dtype=np.int64).reshape(-1, 2)
-        self.bonds = bonds
-        self.bond_limit = break_factor * (radii[bonds[:, 0]] + radii[bonds[:, 1]]) if len(bonds) else np.zeros(0)
-        self.radii = radii
-        self.form_factor = form_factor
-        bonded = np.zeros((len(atoms), len(atoms)), dtype=bool) if len(atoms) <= 2000 else None
-        if bonded is not None:
-            bonded[bonds[:, 0], bonds[:, 1]] = bonded[bonds[:, 1], bonds[:, 0]] = True
-            np.fill_diagonal(bonded, True)
-        self.bonded = bonded   # formed-bond check only for systems small enough for all pairs
+        self.bond_map = BondMap(topology, break_factor, form_factor)
 
     def check(self, step: int, positions_nm: np.ndarray, box_nm: Optional[np.ndarray]) -> None:
         r = positions_nm * 10.0
         if not np.isfinite(r).all():
             raise SimulationError(f"blow-up at step {step}: positions are not finite")
-        if len(self.bonds):
-            d = np.linalg.norm(_min_image(r[self.bonds[:, 1]] - r[self.bonds[:, 0]], box_nm), axis=1)
-            broken = np.nonzero(d > self.bond_limit)[0]
-            if len(broken):
-                k = broken[np.argmax(d[broken] / self.bond_limit[broken])]
-                i, j = self.bonds[k]
-                raise SimulationError(
-                    f"blow-up at step {step}: {len(broken)} bond(s) broken, e.g. {self.names[i]}-{self.names[j]} "
-                    f"stretched to {d[k]:.2f} Å (limit {self.bond_limit[k]:.2f} Å)")
-        if self.bonded is not None:
-            v = _min_image((r[None, :, :] - r[:, None, :]).reshape(-1, 3), box_nm).reshape(len(r), len(r), 3)
-            d = np.linalg.norm(v, axis=-1)
-            close = (d < self.form_factor * (self.radii[:, None] + self.radii[None, :])) & ~self.bonded
-            if close.any():
-                i, j = np.argwhere(close)[0]
-                raise SimulationError(f"blow-up at step {step}: new bond {self.names[i]}-{self.names[j]} "
-                                      f"({d[i, j]:.2f} Å apart)")
-
-
-def _min_image(vectors: np.ndarray, box_nm: Optional[np.ndarray]) -> np.ndarray:
-    if box_nm is None:
-        return vectors
-    box = box_nm * 10.0
-    for axis in (2, 1, 0):   # reduced triclinic box, as in schnet_md.neighbors.minimum_image
-        vectors = vectors - np.round(vectors[:, axis:axis + 1] / box[axis, axis]) * box[axis]
-    return vectors
+        broken, formed = self.bond_map.changes(r, None if box_nm is None else box_nm * 10.0)
+        names = self.bond_map.names
+        if broken:
+            i, j, d, limit = max(broken, key=lambda b: b[2] / b[3])
+            raise SimulationError(f"blow-up at step {step}: {len(broken)} bond(s) broken, e.g. {names[i]}-{names[j]} "
+                                  f"stretched to {d:.2f} Å (limit {limit:.2f} Å)")
+        if formed:
+            i, j, d = formed[0]
+            raise SimulationError(f"blow-up at step {step}: new bond {names[i]}-{names[j]} ({d:.2f} Å apart)")
 
 
 def _guard_state(guard: Optional[BlowUpGuard], simulation, state) -> None:

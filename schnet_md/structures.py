@@ -123,6 +123,51 @@ def infer_bonds(atomic_numbers: Sequence[int], positions_angstrom: np.ndarray) -
     return list(zip(i.tolist(), j.tolist()))
 
 
+class BondMap:
+    """The bonds of a topology and the covalent-radius limits that say when chemistry changed: a bond
+    is broken beyond `break_factor` x the sum of covalent radii, a non-bonded pair closer than
+    `form_factor` x that sum has formed a bond (the criteria the iso17x data set was checked with)."""
+
+    def __init__(self, topology: app.Topology, break_factor: float = 1.5, form_factor: float = 1.1):
+        atoms = list(topology.atoms())
+        self.names = [f"{a.residue.name}{a.residue.id}:{a.name}" for a in atoms]
+        self.radii = np.array([COVALENT_RADII.get(a.element.atomic_number, 1.5) if a.element else 1.5
+                               for a in atoms])
+        self.bonds = np.array([(b[0].index, b[1].index) for b in topology.bonds()], dtype=np.int64).reshape(-1, 2)
+        self.break_limit = break_factor * (self.radii[self.bonds[:, 0]] + self.radii[self.bonds[:, 1]])
+        self.form_factor = form_factor
+        n = len(atoms)
+        self.bonded = None
+        if n <= 2000:   # the formed-bond test looks at all pairs: only for systems small enough
+            self.bonded = np.eye(n, dtype=bool)
+            self.bonded[self.bonds[:, 0], self.bonds[:, 1]] = self.bonded[self.bonds[:, 1], self.bonds[:, 0]] = True
+
+    def changes(self, positions_angstrom: np.ndarray, box_angstrom: Optional[np.ndarray] = None):
+        """(broken: [(i, j, distance, limit)], formed: [(i, j, distance)]) for one frame (Å)."""
+        r = positions_angstrom
+        broken, formed = [], []
+        if len(self.bonds):
+            d = np.linalg.norm(minimum_image_np(r[self.bonds[:, 1]] - r[self.bonds[:, 0]], box_angstrom), axis=1)
+            for k in np.nonzero(d > self.break_limit)[0]:
+                broken.append((int(self.bonds[k, 0]), int(self.bonds[k, 1]), float(d[k]), float(self.break_limit[k])))
+        if self.bonded is not None:
+            v = minimum_image_np((r[None, :, :] - r[:, None, :]).reshape(-1, 3), box_angstrom).reshape(len(r), len(r), 3)
+            d = np.linalg.norm(v, axis=-1)
+            close = (d < self.form_factor * (self.radii[:, None] + self.radii[None, :])) & ~self.bonded
+            for i, j in np.argwhere(np.triu(close)):
+                formed.append((int(i), int(j), float(d[i, j])))
+        return broken, formed
+
+
+def minimum_image_np(vectors: np.ndarray, box: Optional[np.ndarray]) -> np.ndarray:
+    """numpy twin of schnet_md.neighbors.minimum_image for a reduced box (rows a, b, c), or no box."""
+    if box is None:
+        return vectors
+    for axis in (2, 1, 0):
+        vectors = vectors - np.round(vectors[:, axis:axis + 1] / box[axis, axis]) * box[axis]
+    return vectors
+
+
 def select_atoms(structure: Structure, selection: str) -> np.ndarray:
     """Indices of the atoms matched by an mdtraj selection ('resname MOL', 'index 0 to 8', 'all')."""
     import mdtraj

@@ -1,0 +1,88 @@
+"""Rotatable heavy-atom dihedrals, their conformational states and transitions.
+
+A dihedral's state is assigned with hysteresis (transition-based assignment): a frame belongs to the
+state whose core (centre +- half-width) it last entered, so thermal noise around a barrier top is not
+counted as a transition; only core-to-core moves are."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import List, Sequence, Tuple
+
+import mdtraj
+import networkx as nx
+import numpy as np
+
+STAGGERED = (60.0, 180.0, 300.0)   # gauche+, trans, gauche-
+STATE_NAMES = {60.0: "g+", 180.0: "t", 300.0: "g-"}
+CORE_HALF_WIDTH = 35.0
+
+
+def rotatable_dihedrals(topology: mdtraj.Topology) -> Tuple[np.ndarray, List[str]]:
+    """One heavy-atom dihedral a-b-c-d per rotatable bond b-c: b and c heavy, the bond not in a ring,
+    and each of b, c with another heavy neighbour (a, d: the heaviest, then lowest index)."""
+    graph = topology.to_bondgraph()
+    heavy = {a for a in topology.atoms if a.element.symbol != "H"}
+    quads, names = [], []
+    for b, c in graph.edges():
+        if b not in heavy or c not in heavy:
+            continue
+        g = graph.copy()
+        g.remove_edge(b, c)
+        if nx.has_path(g, b, c):
+            continue   # ring bond
+        a_side = sorted((n for n in graph.neighbors(b) if n in heavy and n is not c),
+                        key=lambda n: (-n.element.mass, n.index))
+        d_side = sorted((n for n in graph.neighbors(c) if n in heavy and n is not b),
+                        key=lambda n: (-n.element.mass, n.index))
+        if not a_side or not d_side:
+            continue
+        if b.index > c.index:
+            b, c, a_side, d_side = c, b, d_side, a_side
+        quad = (a_side[0].index, b.index, c.index, d_side[0].index)
+        quads.append(quad)
+        names.append("-".join(topology.atom(k).name for k in quad))
+    order = sorted(range(len(quads)), key=lambda k: quads[k][1:3])
+    return np.array([quads[k] for k in order], dtype=np.int64).reshape(-1, 4), [names[k] for k in order]
+
+
+def dihedral_angles(traj: mdtraj.Trajectory, quads: np.ndarray) -> np.ndarray:
+    """[frames, dihedrals] angles in degrees, in [0, 360)."""
+    if len(quads) == 0:
+        return np.zeros((traj.n_frames, 0))
+    return np.degrees(mdtraj.compute_dihedrals(traj, quads)) % 360.0
+
+
+def assign_states(angles_deg: np.ndarray, centers: Sequence[float] = STAGGERED,
+                  half_width: float = CORE_HALF_WIDTH) -> np.ndarray:
+    """State index (into `centers`) of every frame, with hysteresis; -1 before the first core is reached."""
+    centers = np.asarray(centers)
+    diff = np.abs((angles_deg[:, None] - centers[None, :] + 180.0) % 360.0 - 180.0)
+    in_core = np.where(diff.min(axis=1) < half_width, diff.argmin(axis=1), -1)
+    states = np.empty(len(angles_deg), dtype=np.int64)
+    current = -1
+    for t, s in enumerate(in_core):
+        if s >= 0:
+            current = s
+        states[t] = current
+    return states
+
+
+def transitions(states: np.ndarray) -> List[Tuple[int, int, int]]:
+    """(frame, from state, to state) for every core-to-core change."""
+    out = []
+    for t in range(1, len(states)):
+        if states[t] != states[t - 1] and states[t - 1] >= 0:
+            out.append((t, int(states[t - 1]), int(states[t])))
+    return out
+
+
+def conformer_populations(state_matrix: np.ndarray, centers: Sequence[float] = STAGGERED) -> List[Tuple[str, float]]:
+    """Conformers as combinations of dihedral states, with the fraction of frames in each (descending)."""
+    if state_matrix.shape[1] == 0:
+        return [("(no rotatable dihedral)", 1.0)]
+    labels = [STATE_NAMES.get(float(c), f"{c:g}") for c in centers]
+    names = [",".join("?" if s < 0 else labels[s] for s in row) for row in state_matrix]
+    counts = Counter(names)
+    total = len(names)
+    return [(name, count / total) for name, count in counts.most_common()]

@@ -1,0 +1,96 @@
+"""Trajectories for analysis: a schnet-md run folder, any trajectory mdtraj reads plus a topology, or an
+iso17x reference trajectory ('iso17x:MOL' or 'iso17x:MOL:PATH')."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import mdtraj
+import numpy as np
+
+DEFAULT_ISO17X = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "iso17x"
+
+
+@dataclass
+class LoadedTrajectory:
+    traj: mdtraj.Trajectory
+    label: str
+    state: Optional[dict] = None          # columns of state.csv as arrays, one row per frame
+    run_info: dict = field(default_factory=dict)
+    reference_energies_ev: Optional[np.ndarray] = None
+
+
+def load_trajectory(spec: str | Path, top: Optional[str | Path] = None, label: Optional[str] = None) -> LoadedTrajectory:
+    spec_s = str(spec)
+    if spec_s.startswith("iso17x:"):
+        parts = spec_s.split(":")
+        return load_iso17x(int(parts[1]), Path(parts[2]) if len(parts) > 2 else DEFAULT_ISO17X, label)
+    path = Path(spec)
+    if path.is_dir():
+        return _load_run(path, label)
+    if not path.is_file():
+        raise FileNotFoundError(f"trajectory {path} does not exist")
+    if top is None:
+        raise ValueError(f"{path} needs a topology (--top FILE.pdb)")
+    traj = _load(path, top)
+    return LoadedTrajectory(traj, label or path.stem)
+
+
+def _load(path: Path, top) -> mdtraj.Trajectory:
+    top_path = Path(top)
+    if not top_path.is_file():
+        raise FileNotFoundError(f"topology {top_path} does not exist")
+    n_top = mdtraj.load_topology(str(top_path)).n_atoms
+    try:
+        traj = mdtraj.load(str(path), top=str(top_path))
+    except (ValueError, OSError, IOError) as err:
+        raise ValueError(f"cannot read {path} with topology {top_path} ({n_top} atoms): {err}") from None
+    if traj.n_atoms != n_top:
+        raise ValueError(f"{path} has {traj.n_atoms} atoms per frame but {top_path} has {n_top}")
+    if traj.n_frames == 0:
+        raise ValueError(f"{path} holds no frames")
+    return traj
+
+
+def _load_run(folder: Path, label: Optional[str]) -> LoadedTrajectory:
+    traj_path, top_path = folder / "trajectory.dcd", folder / "topology.pdb"
+    for p in (traj_path, top_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"{folder} is not a schnet-md run folder: {p.name} is missing")
+    traj = _load(traj_path, top_path)
+    info = json.loads((folder / "run.json").read_text()) if (folder / "run.json").is_file() else {}
+    state = None
+    if (folder / "state.csv").is_file():
+        with open(folder / "state.csv", newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        state = {k: np.array([float(r[k]) if r[k] != "" else np.nan for r in rows]) for k in (rows[0] if rows else {})}
+        if state and len(state["step"]) == traj.n_frames:
+            traj.time = state["time_ps"].copy()
+        elif state:
+            raise ValueError(f"{folder}: state.csv has {len(state['step'])} rows for {traj.n_frames} frames")
+    return LoadedTrajectory(traj, label or folder.name, state, info)
+
+
+def load_iso17x(mol: int, folder: Path = DEFAULT_ISO17X, label: Optional[str] = None) -> LoadedTrajectory:
+    """The GFN2-xTB reference MD of iso17x isomer `mol` (1,000 frames, 2.5 ps at 500 K)."""
+    from ..structures import molecule_topology
+
+    npz_path = Path(folder) / "iso17x.npz"
+    if not npz_path.is_file():
+        raise FileNotFoundError(f"iso17x data not found at {npz_path}")
+    with np.load(npz_path) as npz:
+        frames = np.nonzero(npz["mol"] == mol)[0]
+        if len(frames) == 0:
+            raise ValueError(f"iso17x has no isomer {mol}")
+        steps, eq = npz["step"][frames], npz["eq"][frames]
+        z, r, e = npz["Z"][frames[0]], npz["R"][frames], npz["E"][frames]
+    eq_positions = r[np.nonzero(eq)[0][0]].astype(np.float64)
+    md = np.nonzero(~eq)[0]
+    md = md[np.argsort(steps[md])]
+    topology = mdtraj.Topology.from_openmm(molecule_topology(z.tolist(), eq_positions))
+    traj = mdtraj.Trajectory(r[md] / 10.0, topology, time=steps[md] * 0.5e-3)   # Å -> nm; 0.5 fs steps -> ps
+    return LoadedTrajectory(traj, label or f"iso17x mol {mol} (GFN2-xTB)", reference_energies_ev=e[md])
