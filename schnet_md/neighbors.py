@@ -109,3 +109,27 @@ def check_molecule_fits_box(distances: Tensor, box: Tensor) -> None:
         raise ValueError(
             "the molecule spans " + str(float(distances.max())) + " Angstrom, at least half the smallest box "
             "height (" + str(half) + " Angstrom), so its minimum-image geometry is ambiguous; use a larger box")
+
+
+def reduced_cell(cell):
+    """Bring any right- or left-handed cell (rows a, b, c; numpy) into OpenMM's reduced form.
+
+    Returns (rotation, lattice_map, reduced): `positions @ rotation` and `lattice_map @ cell @ rotation`
+    (= `reduced`, lower triangular with |bx| <= ax/2, |cx| <= ax/2, |cy| <= by/2) describe the same
+    periodic system in a frame the minimum image understands. `rotation` is orthogonal (a reflection
+    for a left-handed cell; distances, hence SchNet energies, do not change), `lattice_map` is an integer
+    matrix with determinant +-1 (the same lattice). Forces map back with `forces @ rotation.T`."""
+    import numpy as np
+
+    cell = np.asarray(cell, dtype=np.float64)
+    q, r = np.linalg.qr(cell.T)                  # cell.T = q r, so cell @ q = r.T is lower triangular
+    signs = np.sign(np.diag(r))
+    signs[signs == 0] = 1.0
+    q, r = q * signs, (r.T * signs).T
+    lower = r.T
+    lattice = np.eye(3)
+    for i, j in ((2, 1), (2, 0), (1, 0)):       # reduce c against b, then c and b against a
+        k = np.round(lower[i, j] / lower[j, j])
+        lower[i] -= k * lower[j]
+        lattice[i] -= k * lattice[j]
+    return q, lattice, lower

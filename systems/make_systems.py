@@ -15,6 +15,7 @@ from schnet_md.structures import molecule_topology, write_pdb
 from schnet_md.units import NM_PER_ANGSTROM
 
 HERE = Path(__file__).resolve().parent
+STUDY_ISOMERS = (63, 128, 7)   # known, known, unknown: the most rotatable bonds (see benchmarks/iso17_md.py)
 
 
 def write_system(name: str, numbers, positions_angstrom, source: str) -> None:
@@ -39,8 +40,11 @@ def main() -> None:
                          f"`rmd17_{molecule}_train_01.npz`, frame 0 (original MD17 index {int(f['old_indices'][0])}); "
                          f"PBE/def2-SVP MD snapshot, coordinates in Å.")
     with np.load(data / "iso17x" / "iso17x.npz") as f, np.load(data / "iso17x" / "splits.npz") as s:
-        for split, key in (("known", "known_mols"), ("unknown", "unknown_mols")):
-            mol = int(np.sort(s[key])[0])
+        known = set(s["known_mols"].tolist())
+        # the first isomer of each split, and the isomers of the ISO17-style MD study (benchmarks/iso17_md.py),
+        # chosen for their rotatable bonds
+        for mol in sorted({int(np.sort(s["known_mols"])[0]), int(np.sort(s["unknown_mols"])[0]), *STUDY_ISOMERS}):
+            split, key = ("known", "known_mols") if mol in known else ("unknown", "unknown_mols")
             frame = int(np.nonzero((f["mol"] == mol) & f["eq"])[0][0])
             write_system(f"c7o2h10_{mol}", f["Z"][frame], f["R"][frame].astype(np.float64),
                          f"Source: iso17x (ISO17-style C7O2H10 set in ../shared/data/iso17x), isomer `mol` = {mol} "

@@ -36,7 +36,7 @@ def analyze(loaded: LoadedTrajectory) -> dict:
     out["lowest_energy_frame"] = lowest if potential is not None else None
     out["radius_of_gyration_angstrom"] = (10 * mdtraj.compute_rg(traj)).tolist()
 
-    quads, names = rotatable_dihedrals(traj.topology)
+    quads, names = rotatable_dihedrals(traj.topology, traj.xyz[0])
     angles = dihedral_angles(traj, quads)
     states = np.stack([assign_states(angles[:, k]) for k in range(len(quads))], axis=1) if len(quads) else \
         np.zeros((n, 0), dtype=np.int64)

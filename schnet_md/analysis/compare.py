@@ -39,7 +39,7 @@ def compare(loaded: Sequence[LoadedTrajectory]) -> dict:
         if other != elements:
             raise ValueError(f"{item.label} is not the same molecule as {loaded[0].label} in the same atom order "
                              f"({len(other)} vs {len(elements)} atoms, elements {''.join(other)} vs {''.join(elements)})")
-    quads, names = rotatable_dihedrals(ref.topology)
+    quads, names = rotatable_dihedrals(ref.topology, ref.xyz[0])
     heavy = ref.topology.select("not element H")
     pairs = np.array(list(combinations(heavy, 2)), dtype=np.int64).reshape(-1, 2)
     angles = [dihedral_angles(item.traj, quads) for item in loaded]

@@ -18,9 +18,14 @@ STATE_NAMES = {60.0: "g+", 180.0: "t", 300.0: "g-"}
 CORE_HALF_WIDTH = 35.0
 
 
-def rotatable_dihedrals(topology: mdtraj.Topology) -> Tuple[np.ndarray, List[str]]:
+LINEAR_ANGLE_DEG = 165.0   # a dihedral through a near-linear unit (e.g. C-C#C) is undefined
+
+
+def rotatable_dihedrals(topology: mdtraj.Topology, xyz: np.ndarray | None = None) -> Tuple[np.ndarray, List[str]]:
     """One heavy-atom dihedral a-b-c-d per rotatable bond b-c: b and c heavy, the bond not in a ring,
-    and each of b, c with another heavy neighbour (a, d: the heaviest, then lowest index)."""
+    each of b, c with another heavy neighbour (a, d: the heaviest, then lowest index). Given positions
+    `xyz` [atoms, 3] (e.g. the first frame), choices of a, d that make a bond angle above 165° are skipped,
+    and a bond with no other choice (across or beside a triple bond) is not rotatable."""
     graph = topology.to_bondgraph()
     heavy = {a for a in topology.atoms if a.element.symbol != "H"}
     quads, names = [], []
@@ -31,19 +36,26 @@ def rotatable_dihedrals(topology: mdtraj.Topology) -> Tuple[np.ndarray, List[str
         g.remove_edge(b, c)
         if nx.has_path(g, b, c):
             continue   # ring bond
+        if b.index > c.index:
+            b, c = c, b
         a_side = sorted((n for n in graph.neighbors(b) if n in heavy and n is not c),
                         key=lambda n: (-n.element.mass, n.index))
         d_side = sorted((n for n in graph.neighbors(c) if n in heavy and n is not b),
                         key=lambda n: (-n.element.mass, n.index))
-        if not a_side or not d_side:
+        a = next((n for n in a_side if xyz is None or _angle(xyz, n.index, b.index, c.index) < LINEAR_ANGLE_DEG), None)
+        d = next((n for n in d_side if xyz is None or _angle(xyz, b.index, c.index, n.index) < LINEAR_ANGLE_DEG), None)
+        if a is None or d is None:
             continue
-        if b.index > c.index:
-            b, c, a_side, d_side = c, b, d_side, a_side
-        quad = (a_side[0].index, b.index, c.index, d_side[0].index)
+        quad = (a.index, b.index, c.index, d.index)
         quads.append(quad)
         names.append("-".join(topology.atom(k).name for k in quad))
     order = sorted(range(len(quads)), key=lambda k: quads[k][1:3])
     return np.array([quads[k] for k in order], dtype=np.int64).reshape(-1, 4), [names[k] for k in order]
+
+
+def _angle(xyz: np.ndarray, i: int, j: int, k: int) -> float:
+    u, v = xyz[i] - xyz[j], xyz[k] - xyz[j]
+    return float(np.degrees(np.arccos(np.clip(u @ v / (np.linalg.norm(u) * np.linalg.norm(v)), -1.0, 1.0))))
 
 
 def dihedral_angles(traj: mdtraj.Trajectory, quads: np.ndarray) -> np.ndarray:
