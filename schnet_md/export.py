@@ -176,6 +176,68 @@ def create_torch_force(model: ModelLike, topology_or_atomic_numbers, atoms: Sequ
     return force
 
 
+class SchNetComputation:
+    """The computation of an `openmm.PythonForce`: State (nm) -> (energy kJ/mol, forces kJ/mol/nm).
+
+    It pickles (PythonForce serialises and clones through pickle) by keeping the plain OpenMMSchNet
+    module and rebuilding the TorchScript (or torch.compile) version after loading."""
+
+    def __init__(self, module: OpenMMSchNet, periodic: bool, compile: bool = False):
+        self.module = module
+        self.periodic = periodic
+        self.compile = compile
+        self._build()
+
+    def _build(self) -> None:
+        self._run = torch.compile(self.module) if self.compile else torch.jit.script(self.module)
+
+    def __getstate__(self):
+        return {"module": self.module, "periodic": self.periodic, "compile": self.compile}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._build()
+
+    def __call__(self, state):
+        from openmm import unit
+
+        positions = torch.from_numpy(
+            np.ascontiguousarray(state.getPositions(asNumpy=True).value_in_unit(unit.nanometer))).requires_grad_(True)
+        box = None
+        if self.periodic:
+            box = torch.from_numpy(np.ascontiguousarray(
+                state.getPeriodicBoxVectors(asNumpy=True).value_in_unit(unit.nanometer)))
+        energy = self._run(positions, box)
+        (grad,) = torch.autograd.grad(energy, positions)
+        return float(energy.detach()), -grad.numpy()
+
+
+def create_python_force(model: ModelLike, topology_or_atomic_numbers, atoms: Sequence[int] | None = None,
+                        periodic: bool | None = None, dtype: str = "float32", compile: bool = False):
+    """The same model as `create_torch_force`, through OpenMM's own `PythonForce` (OpenMM >= 8.5): no
+    openmm-torch needed, serialisable and clonable; optionally `torch.compile`d. Slower per step than
+    TorchForce on a GPU (positions and forces cross to Python every step)."""
+    import openmm
+
+    if not hasattr(openmm, "PythonForce"):
+        raise RuntimeError(f"OpenMM {openmm.__version__} has no PythonForce (needs OpenMM >= 8.5)")
+    if hasattr(topology_or_atomic_numbers, "atoms"):
+        z, indices, n_particles, has_box = _topology_atoms(topology_or_atomic_numbers, atoms)
+    else:
+        all_z = np.asarray(topology_or_atomic_numbers, dtype=np.int64)
+        indices = np.arange(len(all_z)) if atoms is None else np.asarray(atoms, dtype=np.int64)
+        z, n_particles, has_box = all_z[indices], len(all_z), False
+    periodic = has_box if periodic is None else periodic
+    schnet, _ = _load(model, dtype)
+    # PythonForce hands the computation only the selected particles, in the order given
+    module = OpenMMSchNet(schnet, z, list(range(len(indices))), len(indices), periodic)
+    force = openmm.PythonForce(SchNetComputation(module, periodic, compile))
+    if atoms is not None or len(indices) != n_particles:
+        force.setParticles([int(k) for k in indices])
+    force.setUsesPeriodicBoundaryConditions(periodic)
+    return force
+
+
 def export_model(model: ModelLike, structure, out: str | Path, atoms: Sequence[int] | None = None,
                  dtype: str = "float32", periodic: bool | None = None) -> Path:
     """Write the TorchScript force for `structure` (a schnet_md Structure or OpenMM Topology)."""

@@ -153,3 +153,58 @@ def test_float32_export_keeps_absolute_energy_precise(ethanol):
     e, _ = openmm_energy_forces(system_with(force, [12.0] * len(z)), r.numpy() / ANGSTROM_PER_NM, "Reference")
     assert abs(e) > 4e5
     assert abs(e - e64) < 2e-3   # kJ/mol; plain float32 summation would be off by ~1e-2
+
+
+def _state(force, n, positions, box_nm=None, platform="Reference"):
+    system = openmm.System()
+    for _ in range(n):
+        system.addParticle(12.0)
+    if box_nm is not None:
+        system.setDefaultPeriodicBoxVectors(*[openmm.Vec3(*map(float, v)) for v in box_nm])
+    system.addForce(force)
+    return openmm_energy_forces(system, positions, platform)
+
+
+@pytest.mark.parametrize("case", ["molecule", "subset", "periodic"])
+def test_pythonforce_and_torchforce_backends_agree(ethanol, case):
+    import copy
+
+    from schnet_md.export import create_python_force
+
+    z, r = ethanol
+    if case == "periodic":
+        rng = np.random.default_rng(5)
+        box = reduced_box("triclinic", rng, size=10.0)
+        model = random_model("schnet2018", elements=(1, 8), n_features=16, n_interactions=2, cutoff=4.5,
+                             dtype=torch.float32)
+        zs = rng.choice([1, 8], size=16).tolist()
+        target = molecule_topology(zs, box_nm=box.numpy() / 10)
+        positions, n, atoms, box_nm = (torch.as_tensor(rng.random((16, 3))) @ box).numpy() / 10, 16, None, box.numpy() / 10
+    else:
+        model = random_model(dtype=torch.float32)
+        box_nm = None
+        if case == "molecule":
+            target, positions, n, atoms = z.tolist(), r.numpy() / 10, 9, None
+        else:
+            target, n, atoms = [18, 18] + z.tolist(), 11, list(range(2, 11))
+            positions = np.vstack([[[0.5, 0, 0], [-0.5, 0, 0]], r.numpy() / 10])
+    e_t, f_t = _state(create_torch_force(model, target, atoms=atoms), n, positions, box_nm)
+    python_force = create_python_force(model, target, atoms=atoms)
+    clone = copy.deepcopy(python_force)   # clones through pickle (before a System takes ownership)
+    e_p, f_p = _state(python_force, n, positions, box_nm)
+    assert e_p == pytest.approx(e_t, rel=1e-9)
+    np.testing.assert_allclose(f_p, f_t, rtol=1e-6, atol=1e-6)
+    e_c, _ = _state(clone, n, positions, box_nm)
+    assert e_c == pytest.approx(e_t, rel=1e-9)
+
+
+@pytest.mark.slow
+def test_pythonforce_torch_compile_agrees(ethanol):
+    from schnet_md.export import create_python_force
+
+    z, r = ethanol
+    model = random_model(dtype=torch.float32)
+    e_t, f_t = _state(create_torch_force(model, z.tolist()), 9, r.numpy() / 10)
+    e_c, f_c = _state(create_python_force(model, z.tolist(), compile=True), 9, r.numpy() / 10)
+    assert e_c == pytest.approx(e_t, rel=1e-6)
+    np.testing.assert_allclose(f_c, f_t, rtol=1e-4, atol=1e-4)

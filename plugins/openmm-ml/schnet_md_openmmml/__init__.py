@@ -1,0 +1,58 @@
+"""openmm-ml plugin for schnet-md.
+
+    from openmmml import MLPotential
+    potential = MLPotential("schnet", modelPath="model.pt")        # or a shipped name, e.g. "ethanol"
+    system = potential.createSystem(topology)
+    mixed = potential.createMixedSystem(topology, mm_system, ml_atoms, interpolate=True)
+
+createMixedSystem uses openmm-ml's own embeddings (default: mechanical), which remove the MM bonded
+terms and nonbonded interactions inside the ML region and add `lambda_interpolate` when asked.
+Extra arguments: precision ("float32" | "float64"), backend ("auto" | "torch" | "python").
+
+backend "auto" adds an openmmtorch.TorchForce, except where openmm-ml will clone the force: its
+interpolation helper (interpolate=True) builds the ML terms in an empty System and deep-copies them,
+and cloning a TorchForce crashes in openmm-torch 1.5 (XmlSerializer.clone segfaults, even for a trivial
+module). There the same model goes in as an openmm.PythonForce, which clones through pickle.
+"""
+
+from __future__ import annotations
+
+import openmm
+from openmmml.mlpotential import MLPotentialImpl, MLPotentialImplFactory
+
+
+class SchNetPotentialImplFactory(MLPotentialImplFactory):
+    def createImpl(self, name: str, modelPath=None, precision: str = "float32", backend: str = "auto",
+                   **args) -> MLPotentialImpl:
+        if modelPath is None:
+            raise ValueError("MLPotential('schnet') needs modelPath= (a schnet-md model file or shipped model name)")
+        return SchNetPotentialImpl(modelPath, precision, backend)
+
+
+class SchNetPotentialImpl(MLPotentialImpl):
+    def __init__(self, modelPath, precision: str = "float32", backend: str = "auto"):
+        from schnet_md.modelfile import load_model
+
+        if backend not in ("auto", "torch", "python"):
+            raise ValueError(f"backend must be 'auto', 'torch' or 'python', got {backend!r}")
+        self.modelPath = modelPath
+        self.precision = precision
+        self.backend = backend
+        self.model, self.metadata = load_model(modelPath)   # fail early, with schnet-md's clear errors
+
+    def addForces(self, topology, system: openmm.System, atoms, forceGroup: int, **args):
+        from schnet_md.export import create_python_force, create_torch_force
+
+        periodic = topology.getPeriodicBoxVectors() is not None or system.usesPeriodicBoundaryConditions()
+        precision = args.get("precision", self.precision)
+        backend = args.get("backend", self.backend)
+        if backend == "auto":
+            backend = "python" if system.getNumParticles() == 0 else "torch"
+        make = create_python_force if backend == "python" else create_torch_force
+        force = make(self.model, topology, atoms=None if atoms is None else list(atoms), periodic=periodic,
+                     dtype=precision)
+        force.setForceGroup(forceGroup)
+        system.addForce(force)
+
+    def getMLLongRange(self) -> bool:
+        return False   # SchNet interactions are short-ranged (cutoff, or a molecule's own atoms)
