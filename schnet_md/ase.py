@@ -9,9 +9,8 @@ import numpy as np
 import torch
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 
+from .model import SchNet, energy_forces_strain
 from .modelfile import load_model
-from .model import SchNet
-from .neighbors import reduced_cell
 from .units import energy_factor
 
 
@@ -26,7 +25,6 @@ class SchNetCalculator(Calculator):
         else:
             self.model, _ = load_model(model, dtype=torch_dtype)
         self.model.to(device)
-        self.dtype, self.device = torch_dtype, torch.device(device)
         self.ev_per_model_energy = energy_factor(self.model.config.energy_unit, "eV")
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
@@ -37,26 +35,12 @@ class SchNetCalculator(Calculator):
                              f"(got pbc={pbc.tolist()})")
         if "stress" in properties and not pbc.all():
             raise PropertyNotImplementedError("stress needs a periodic cell")
-        z = torch.as_tensor(self.atoms.numbers, device=self.device)
-        positions = np.asarray(self.atoms.positions, dtype=np.float64)
-        rotation = np.eye(3)
-        cell = lattice = None
-        if pbc.all():
-            rotation, lattice, _ = reduced_cell(self.atoms.cell.array)
-            cell = torch.as_tensor(self.atoms.cell.array @ rotation, dtype=self.dtype, device=self.device)
-            lattice = torch.as_tensor(lattice, dtype=self.dtype, device=self.device)
-        r = torch.as_tensor(positions @ rotation, dtype=self.dtype, device=self.device).requires_grad_(True)
-        strain = torch.zeros(3, 3, dtype=self.dtype, device=self.device, requires_grad=True)
-        deform = torch.eye(3, dtype=self.dtype, device=self.device) + 0.5 * (strain + strain.T)
-        box = None if cell is None else lattice @ (cell @ deform)
-        energy = self.model(z, r @ deform, box)
-        wanted = [r] + ([strain] if cell is not None else [])
-        grads = torch.autograd.grad(energy, wanted)
+        cell = self.atoms.cell.array if pbc.all() else None
+        energy, forces, d_strain = energy_forces_strain(self.model, self.atoms.numbers, self.atoms.positions, cell)
         f = self.ev_per_model_energy
-        self.results["energy"] = self.results["free_energy"] = float(energy.detach()) * f
-        self.results["forces"] = -grads[0].detach().cpu().numpy() @ rotation.T * f
+        self.results["energy"] = self.results["free_energy"] = energy * f
+        self.results["forces"] = forces * f
         if cell is not None:
-            volume = abs(np.linalg.det(self.atoms.cell.array))
-            sigma = rotation @ (grads[1].detach().cpu().numpy() * f / volume) @ rotation.T
+            sigma = d_strain * f / abs(np.linalg.det(cell))     # stress = (1/V) dE/d(strain)
             self.results["stress"] = np.array([sigma[0, 0], sigma[1, 1], sigma[2, 2],
                                                sigma[1, 2], sigma[0, 2], sigma[0, 1]])

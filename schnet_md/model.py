@@ -266,3 +266,34 @@ def count_parameters(model: nn.Module) -> int:
 __all__ = ["SchNet", "SchNetConfig", "PRESETS", "config_from_preset", "energy_and_forces",
            "GaussianExpansion", "CosineCutoff", "FilterNetwork", "CFConv", "Interaction",
            "AtomwiseReadout", "shifted_softplus"]
+
+
+def energy_forces_strain(model: SchNet, atomic_numbers, positions, cell=None):
+    """Energy, forces and strain derivative dE/d(epsilon) [3, 3] of one system in the model's units (Å),
+    for any cell (rows a, b, c; numpy or None). The cell is rotated and lattice-reduced into the form the
+    in-graph minimum image needs (`neighbors.reduced_cell`), and everything is rotated back, so callers
+    (ASE, LAMMPS) can pass cells as their engines store them. Returns numpy arrays (float64)."""
+    import numpy as np
+
+    from .neighbors import reduced_cell
+
+    parameter = next(model.parameters())
+    dtype, device = parameter.dtype, parameter.device
+    z = torch.as_tensor(np.asarray(atomic_numbers), device=device)
+    positions = np.asarray(positions, dtype=np.float64)
+    rotation = np.eye(3)
+    lattice = rotated_cell = None
+    if cell is not None:
+        rotation, lattice_map, _ = reduced_cell(cell)
+        rotated_cell = torch.as_tensor(np.asarray(cell) @ rotation, dtype=dtype, device=device)
+        lattice = torch.as_tensor(lattice_map, dtype=dtype, device=device)
+    r = torch.as_tensor(positions @ rotation, dtype=dtype, device=device).requires_grad_(True)
+    strain = torch.zeros(3, 3, dtype=dtype, device=device, requires_grad=True)
+    deform = torch.eye(3, dtype=dtype, device=device) + 0.5 * (strain + strain.T)
+    box = None if rotated_cell is None else lattice @ (rotated_cell @ deform)
+    energy = model(z, r @ deform, box)
+    grad_r, grad_strain = torch.autograd.grad(energy, [r, strain], allow_unused=True)
+    forces = -grad_r.detach().cpu().double().numpy() @ rotation.T
+    d_strain = np.zeros((3, 3)) if grad_strain is None else \
+        rotation @ grad_strain.detach().cpu().double().numpy() @ rotation.T
+    return float(energy.detach()), forces, d_strain

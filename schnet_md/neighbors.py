@@ -68,6 +68,7 @@ def box_heights(box: Tensor) -> Tensor:
 
 def check_reduced_box(box: Tensor) -> None:
     """Raise a clear error unless `box` is a finite [3, 3] box in OpenMM's reduced triclinic form."""
+    box = box.detach()
     if box.shape != (3, 3):
         raise ValueError("box vectors must have shape [3, 3], got " + str(list(box.shape)))
     if not bool(torch.isfinite(box).all()):
@@ -89,6 +90,7 @@ def check_reduced_box(box: Tensor) -> None:
 def check_box(box: Tensor, cutoff: float) -> None:
     """Raise a clear error unless `box` is reduced and every height is at least twice the cutoff."""
     check_reduced_box(box)
+    box = box.detach()
     if cutoff <= 0.0 or cutoff == float("inf"):
         raise ValueError("a periodic box needs a model with a finite cutoff; this model sums over all pairs "
                          "(no cutoff), which has no periodic meaning")
@@ -104,7 +106,7 @@ def check_molecule_fits_box(distances: Tensor, box: Tensor) -> None:
     """For a molecule in a periodic box (model without cutoff): minimum-image distances are the
     molecule's own only while all of them stay below half the smallest box height."""
     check_reduced_box(box)
-    half = 0.5 * float(box_heights(box).min())
+    half = 0.5 * float(box_heights(box.detach()).min())
     if distances.numel() > 0 and float(distances.max()) >= half:
         raise ValueError(
             "the molecule spans " + str(float(distances.max())) + " Angstrom, at least half the smallest box "
