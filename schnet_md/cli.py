@@ -104,6 +104,24 @@ def _compare(args) -> int:
     return 0
 
 
+def _label(args) -> int:
+    from .reference import frames_from, label_frames
+
+    z, coords = frames_from(args.input, args.top)
+    out = label_frames(z, coords, args.out, method=args.method, charge=args.charge, workers=args.workers)
+    print(f"{len(coords)} frames labelled with {args.method}: {out} (rMD17 format: Å, kcal/mol)")
+    return 0
+
+
+def _sample(args) -> int:
+    from .reference import sample
+
+    out = sample(args.structure, args.out, args.ps, args.temperature, args.timestep, args.every, args.friction,
+                 args.trajectories, args.seed, args.method, args.charge)
+    print(f"reference MD frames written to {out} (rMD17 format: Å, kcal/mol); settings in {out}.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="schnet-md", description="SchNet potentials for molecular dynamics: train, export to OpenMM, simulate.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -199,6 +217,33 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--labels", help="comma-separated names for the trajectories")
     c.add_argument("--out", required=True, help="output folder (compare.md, compare.json, *.png)")
     c.set_defaults(func=_compare)
+
+    lb = sub.add_parser("label", help="GFN2-xTB energies and forces for structures or trajectories (tblite)",
+                        description="Label frames with GFN2-xTB (tblite); writes an rMD17-format npz the trainer "
+                                    "reads. Parallel over cores; rerunning resumes.")
+    lb.add_argument("input", help="structure file, run folder, or trajectory file (with --top)")
+    lb.add_argument("--top", help="topology for a bare trajectory file")
+    lb.add_argument("--out", required=True, help="output .npz")
+    lb.add_argument("--method", default="GFN2-xTB", help="tblite method (GFN2-xTB, GFN1-xTB)")
+    lb.add_argument("--charge", type=int, default=0)
+    lb.add_argument("--workers", type=int, default=0, help="processes (default: one per core)")
+    lb.set_defaults(func=_label)
+
+    sp = sub.add_parser("sample", help="reference MD with GFN2-xTB to make a training set",
+                        description="Langevin MD with GFN2-xTB (ASE + tblite), independent trajectories in parallel; "
+                                    "every --every-th step becomes a labelled frame. Rerunning resumes.")
+    sp.add_argument("structure")
+    sp.add_argument("--out", required=True, help="output .npz (rMD17 format)")
+    sp.add_argument("--ps", type=float, required=True, help="simulated time per trajectory (ps)")
+    sp.add_argument("--temperature", type=float, default=500.0, help="K")
+    sp.add_argument("--timestep", type=float, default=0.5, help="fs")
+    sp.add_argument("--every", type=int, default=10, help="steps between saved frames")
+    sp.add_argument("--friction", type=float, default=0.01, help="1/fs")
+    sp.add_argument("--trajectories", type=int, default=0, help="independent runs (default: one per core)")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--method", default="GFN2-xTB")
+    sp.add_argument("--charge", type=int, default=0)
+    sp.set_defaults(func=_sample)
     return p
 
 

@@ -1,0 +1,191 @@
+"""Reference labels for new molecules: GFN2-xTB energies and forces (tblite), and reference MD sampling.
+
+Both write the rMD17 npz format the trainer reads (`nuclear_charges`, `coords` Å, `energies` kcal/mol,
+`forces` kcal/mol/Å, `old_indices` = frame numbers): tblite speaks eV, and the writer converts once.
+Work is split over worker processes (one OpenMP thread each) and kept in OUT.parts/ as it finishes, so
+an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+from .units import energy_factor
+
+KCAL_PER_EV = energy_factor("eV", "kcal/mol")
+CHUNK = 50   # frames per resumable unit of labelling work
+
+
+def _xtb_calculator(method: str = "GFN2-xTB", charge: int = 0, multiplicity: int = 1):
+    try:
+        from tblite.ase import TBLite
+    except ImportError:
+        raise ImportError("reference labels need tblite: pip install 'schnet-md[xtb]'") from None
+    return TBLite(method=method, charge=charge, multiplicity=multiplicity, verbosity=0)
+
+
+def xtb_energy_forces(numbers, positions_angstrom, method: str = "GFN2-xTB", charge: int = 0, calc=None):
+    """(energy eV, forces eV/Å) of one structure."""
+    from ase import Atoms
+
+    atoms = Atoms(numbers=numbers, positions=positions_angstrom)
+    atoms.calc = calc or _xtb_calculator(method, charge)
+    return float(atoms.get_potential_energy()), np.array(atoms.get_forces())
+
+
+def _worker_init() -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+
+def _label_chunk(task):
+    numbers, coords, method, charge, out = task
+    calc = _xtb_calculator(method, charge)
+    energies, forces = [], []
+    for r in coords:
+        e, f = xtb_energy_forces(numbers, r, method, charge, calc)
+        energies.append(e)
+        forces.append(f)
+    tmp = Path(str(out) + ".tmp.npz")
+    np.savez(tmp, energies_ev=np.array(energies), forces_ev=np.array(forces))
+    os.replace(tmp, out)
+    return out
+
+
+def label_frames(numbers: Sequence[int], coords_angstrom: np.ndarray, out: str | Path, method: str = "GFN2-xTB",
+                 charge: int = 0, workers: int = 0, indices: Optional[np.ndarray] = None) -> Path:
+    """Label frames [n, atoms, 3] (Å) of one molecule; writes `out` (rMD17 npz). Resumable."""
+    out = Path(out)
+    coords = np.asarray(coords_angstrom, dtype=np.float64)
+    if coords.ndim != 3 or coords.shape[1:] != (len(numbers), 3):
+        raise ValueError(f"coordinates have shape {coords.shape}, expected (frames, {len(numbers)}, 3)")
+    if not np.isfinite(coords).all():
+        raise ValueError("coordinates contain NaN or infinite values")
+    parts = Path(str(out) + ".parts")
+    parts.mkdir(parents=True, exist_ok=True)
+    (parts / "job.json").write_text(json.dumps({"method": method, "charge": charge, "n_frames": len(coords)}))
+    tasks = []
+    for k, start in enumerate(range(0, len(coords), CHUNK)):
+        part = parts / f"chunk{k:05d}.npz"
+        if not part.exists():
+            tasks.append((list(map(int, numbers)), coords[start:start + CHUNK], method, charge, part))
+    workers = workers or max(1, (os.cpu_count() or 1))
+    if tasks:
+        if workers == 1:
+            _worker_init()
+            for t in tasks:
+                _label_chunk(t)
+        else:
+            with mp.get_context("spawn").Pool(min(workers, len(tasks)), initializer=_worker_init) as pool:
+                for _ in pool.imap_unordered(_label_chunk, tasks):
+                    pass
+    chunks = [np.load(parts / f"chunk{k:05d}.npz") for k in range((len(coords) + CHUNK - 1) // CHUNK)]
+    energies = np.concatenate([c["energies_ev"] for c in chunks])
+    forces = np.concatenate([c["forces_ev"] for c in chunks])
+    write_rmd17(out, numbers, coords, energies * KCAL_PER_EV, forces * KCAL_PER_EV,
+                np.arange(len(coords)) if indices is None else indices)
+    return out
+
+
+def write_rmd17(path, numbers, coords, energies_kcal, forces_kcal, indices) -> None:
+    tmp = Path(str(path) + ".tmp.npz")
+    np.savez(tmp, nuclear_charges=np.asarray(numbers, dtype=np.uint8), coords=np.asarray(coords),
+             energies=np.asarray(energies_kcal), forces=np.asarray(forces_kcal),
+             old_indices=np.asarray(indices, dtype=np.int64), old_energies=np.asarray(energies_kcal),
+             old_forces=np.asarray(forces_kcal))
+    os.replace(tmp, path)
+
+
+def frames_from(spec: str, top: Optional[str] = None):
+    """(atomic numbers, coords Å [n, atoms, 3]) from a structure file, a run folder or a trajectory + topology."""
+    path = Path(spec)
+    if path.suffix.lower() in (".pdb", ".xyz", ".cif", ".pdbx") and top is None:
+        from .structures import read_structure
+
+        s = read_structure(path)
+        return s.atomic_numbers, s.positions_nm[None] * 10.0
+    from .analysis.load import load_trajectory
+
+    loaded = load_trajectory(spec, top)
+    z = np.array([a.element.atomic_number for a in loaded.traj.topology.atoms])
+    return z, loaded.traj.xyz.astype(np.float64) * 10.0
+
+
+# ---- reference MD: GFN2-xTB Langevin dynamics in ASE, every saved frame labelled on the way ----------
+
+def _sample_one(task):
+    (numbers, start, temperature_k, timestep_fs, steps, every, friction_per_fs, seed, method, charge, out) = task
+    from ase import Atoms, units
+    from ase.md.langevin import Langevin
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
+
+    out = Path(out)
+    atoms = Atoms(numbers=numbers, positions=start)
+    atoms.calc = _xtb_calculator(method, charge)
+    rng = np.random.default_rng(seed)
+    coords: List[np.ndarray] = []
+    energies: List[float] = []
+    forces: List[np.ndarray] = []
+    done = 0
+    if out.exists():   # resume: positions, velocities and frames so far
+        saved = np.load(out)
+        coords, energies, forces = list(saved["coords"]), list(saved["energies_ev"]), list(saved["forces_ev"])
+        atoms.positions, done = saved["last_positions"], int(saved["steps_done"])
+        atoms.set_velocities(saved["last_velocities"])
+        rng = np.random.default_rng([seed, done])
+    else:
+        MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_k, rng=rng)
+        Stationary(atoms)
+    dyn = Langevin(atoms, timestep=timestep_fs * units.fs, temperature_K=temperature_k,
+                   friction=friction_per_fs / units.fs, fixcm=False, rng=rng)
+    while done < steps:
+        block = min(every * 20, steps - done)
+        for _ in range(block // every):
+            dyn.run(every)
+            done += every
+            coords.append(atoms.positions.copy())
+            energies.append(atoms.get_potential_energy())
+            forces.append(atoms.get_forces().copy())
+        tmp = Path(str(out) + ".tmp.npz")
+        np.savez(tmp, coords=np.array(coords), energies_ev=np.array(energies), forces_ev=np.array(forces),
+                 last_positions=atoms.positions, last_velocities=atoms.get_velocities(), steps_done=done)
+        os.replace(tmp, out)
+    return out
+
+
+def sample(structure: str | Path, out: str | Path, ps: float, temperature_k: float = 500.0, timestep_fs: float = 0.5,
+           every: int = 10, friction_per_fs: float = 0.01, trajectories: int = 0, seed: int = 0,
+           method: str = "GFN2-xTB", charge: int = 0) -> Path:
+    """Reference MD of `structure` with GFN2-xTB (Langevin, ASE), `trajectories` independent runs in
+    parallel (default: one per core); every `every`-th step becomes a labelled frame of `out`."""
+    from .structures import read_structure
+
+    s = read_structure(structure)
+    numbers = s.atomic_numbers.tolist()
+    start = s.positions_nm * 10.0
+    steps = int(round(ps * 1000.0 / timestep_fs))
+    steps -= steps % every
+    trajectories = trajectories or max(1, os.cpu_count() or 1)
+    parts = Path(str(out) + ".parts")
+    parts.mkdir(parents=True, exist_ok=True)
+    tasks = [(numbers, start, temperature_k, timestep_fs, steps, every, friction_per_fs, seed + k, method, charge,
+              str(parts / f"trajectory{k:03d}.npz")) for k in range(trajectories)]
+    with mp.get_context("spawn").Pool(trajectories, initializer=_worker_init) as pool:
+        results = list(pool.imap(_sample_one, tasks))
+    runs = [np.load(r) for r in results]
+    coords = np.concatenate([r["coords"] for r in runs])
+    energies = np.concatenate([r["energies_ev"] for r in runs])
+    forces = np.concatenate([r["forces_ev"] for r in runs])
+    indices = np.concatenate([k * 1_000_000 + np.arange(1, len(r["coords"]) + 1) * every for k, r in enumerate(runs)])
+    write_rmd17(out, numbers, coords, energies * KCAL_PER_EV, forces * KCAL_PER_EV, indices)
+    (Path(str(out) + ".json")).write_text(json.dumps({
+        "structure": str(structure), "method": method, "charge": charge, "temperature_k": temperature_k,
+        "timestep_fs": timestep_fs, "steps_per_trajectory": steps, "every": every, "friction_per_fs": friction_per_fs,
+        "trajectories": trajectories, "seed": seed, "frames": int(len(coords)),
+        "old_indices": "trajectory * 1e6 + MD step"}, indent=1))
+    return Path(out)
