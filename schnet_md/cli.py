@@ -122,6 +122,19 @@ def _sample(args) -> int:
     return 0
 
 
+def _import_schnetpack(args) -> int:
+    from .elements import atomic_number
+    from .modelfile import save_model
+    from .schnetpack_import import import_model_file
+
+    elements = [atomic_number(e) for e in args.elements]
+    model = import_model_file(args.model, elements, args.energy_unit, args.length_unit)
+    save_model(model, args.out, {"source": f"schnetpack model {args.model}", "preset": "schnetpack",
+                                 "units": {"length": "Angstrom", "energy": args.energy_unit}})
+    print(f"schnet-md model written to {args.out} (elements {' '.join(args.elements)}, energies in {args.energy_unit})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="schnet-md", description="SchNet potentials for molecular dynamics: train, export to OpenMM, simulate.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -244,6 +257,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--method", default="GFN2-xTB")
     sp.add_argument("--charge", type=int, default=0)
     sp.set_defaults(func=_sample)
+
+    im = sub.add_parser("import-schnetpack", help="convert a schnetpack 2.x SchNet into a schnet-md model file",
+                        description="Read a schnetpack model file (a pickled NeuralNetworkPotential such as "
+                                    "best_model; needs schnetpack installed, and unpickling runs code from the file: "
+                                    "use trusted files only) and write a schnet-md model file (data only).")
+    im.add_argument("model", help="schnetpack model file")
+    im.add_argument("--elements", nargs="+", required=True, help="elements the model was trained on, e.g. H C N O")
+    im.add_argument("--energy-unit", default="eV", help="the energy unit the model was trained in (default eV)")
+    im.add_argument("--length-unit", default="Angstrom", help="its length unit (default Angstrom)")
+    im.add_argument("--out", required=True)
+    im.set_defaults(func=_import_schnetpack)
     return p
 
 

@@ -51,6 +51,10 @@ class SchNetConfig:
     cutoff_function: str = "none"   # "none" or "cosine"
     energy_unit: str = "kcal/mol"
     preset: str = "custom"
+    # Variants found in other SchNet codes (schnetpack 2.x): the paper's values are the defaults.
+    n_filters: Optional[int] = None       # filter width; None = n_features (paper)
+    filter_activation: str = "ssp"        # "ssp" (paper) or "none" (schnetpack: filter network ends linear)
+    readout_activation: str = "ssp"       # "ssp" (paper) or "silu" (schnetpack's Atomwise default)
 
     def __post_init__(self) -> None:
         self.elements = sorted(int(z) for z in self.elements)
@@ -64,6 +68,8 @@ class SchNetConfig:
             raise ValueError("a cosine cutoff needs a positive cutoff distance")
         if self.cutoff_function == "none" and self.cutoff is not None:
             raise ValueError("cutoff is set but cutoff_function is 'none'; use cutoff_function='cosine'")
+        if self.filter_activation not in ("ssp", "none") or self.readout_activation not in ("ssp", "silu"):
+            raise ValueError("filter_activation must be 'ssp' or 'none', readout_activation 'ssp' or 'silu'")
         if self.n_features < 2 or self.n_interactions < 1 or self.n_gaussians < 1:
             raise ValueError("n_features >= 2, n_interactions >= 1 and n_gaussians >= 1 are required")
 
@@ -121,38 +127,40 @@ class NoCutoff(nn.Module):
 
 
 class FilterNetwork(nn.Module):
-    """Filter-generating network: Dense(K->F) + ssp -> Dense(F->F) + ssp."""
+    """Filter-generating network: Dense(K->F) + ssp -> Dense(F->F) + ssp (schnetpack: last layer linear)."""
 
-    def __init__(self, n_gaussians: int, n_features: int):
+    def __init__(self, n_gaussians: int, n_filters: int, last_activation: bool = True):
         super().__init__()
-        self.dense1 = nn.Linear(n_gaussians, n_features)
-        self.dense2 = nn.Linear(n_features, n_features)
+        self.dense1 = nn.Linear(n_gaussians, n_filters)
+        self.dense2 = nn.Linear(n_filters, n_filters)
+        self.last_activation = last_activation
 
     def forward(self, expansion: Tensor) -> Tensor:
-        return shifted_softplus(self.dense2(shifted_softplus(self.dense1(expansion))))
+        w = self.dense2(shifted_softplus(self.dense1(expansion)))
+        return shifted_softplus(w) if self.last_activation else w
 
 
 class CFConv(nn.Module):
     """Continuous-filter convolution: x_i <- sum_{j != i} Dense_nobias(x)_j * W(r_ij)."""
 
-    def __init__(self, n_features: int, n_gaussians: int):
+    def __init__(self, n_features: int, n_gaussians: int, n_filters: int, filter_last_activation: bool = True):
         super().__init__()
-        self.in2f = nn.Linear(n_features, n_features, bias=False)
-        self.filter_network = FilterNetwork(n_gaussians, n_features)
+        self.in2f = nn.Linear(n_features, n_filters, bias=False)
+        self.filter_network = FilterNetwork(n_gaussians, n_filters, filter_last_activation)
 
     def forward(self, x: Tensor, expansion: Tensor, envelope: Tensor, i: Tensor, j: Tensor) -> Tensor:
         filters = self.filter_network(expansion) * envelope[:, None]
         messages = self.in2f(x)[j] * filters
-        return torch.zeros_like(x).index_add(0, i, messages)
+        return torch.zeros(x.shape[0], messages.shape[1], dtype=x.dtype, device=x.device).index_add(0, i, messages)
 
 
 class Interaction(nn.Module):
     """Interaction block: cfconv -> Dense + ssp -> Dense; the caller adds the result back (residual)."""
 
-    def __init__(self, n_features: int, n_gaussians: int):
+    def __init__(self, n_features: int, n_gaussians: int, n_filters: int, filter_last_activation: bool = True):
         super().__init__()
-        self.cfconv = CFConv(n_features, n_gaussians)
-        self.dense1 = nn.Linear(n_features, n_features)
+        self.cfconv = CFConv(n_features, n_gaussians, n_filters, filter_last_activation)
+        self.dense1 = nn.Linear(n_filters, n_features)
         self.dense2 = nn.Linear(n_features, n_features)
 
     def forward(self, x: Tensor, expansion: Tensor, envelope: Tensor, i: Tensor, j: Tensor) -> Tensor:
@@ -166,16 +174,19 @@ class AtomwiseReadout(nn.Module):
     scale, shift and the per-element reference energies are fitted on the training data (see
     `schnet_md.train.fit_energy_statistics`) so the network only learns an O(1) correction."""
 
-    def __init__(self, n_features: int, n_species: int):
+    def __init__(self, n_features: int, n_species: int, silu: bool = False):
         super().__init__()
         self.dense1 = nn.Linear(n_features, n_features // 2)
         self.dense2 = nn.Linear(n_features // 2, 1)
+        self.silu = silu
         self.register_buffer("scale", torch.tensor(1.0))
         self.register_buffer("shift", torch.tensor(0.0))
         self.register_buffer("reference_energies", torch.zeros(n_species))
 
     def forward(self, x: Tensor, species: Tensor, include_reference: bool = True) -> Tensor:
-        y = self.dense2(shifted_softplus(self.dense1(x))).squeeze(-1)
+        h = self.dense1(x)
+        h = nn.functional.silu(h) if self.silu else shifted_softplus(h)
+        y = self.dense2(h).squeeze(-1)
         energies = self.scale * y + self.shift
         if include_reference:
             energies = energies + self.reference_energies[species]
@@ -199,9 +210,11 @@ class SchNet(nn.Module):
         self.embedding = nn.Embedding(n_species, config.n_features)
         self.expansion = GaussianExpansion(config.mu_min, config.mu_max, config.n_gaussians, config.gamma)
         self.envelope = CosineCutoff(config.cutoff) if config.cutoff_function == "cosine" else NoCutoff()
+        n_filters = config.n_filters or config.n_features
         self.interactions = nn.ModuleList(
-            [Interaction(config.n_features, config.n_gaussians) for _ in range(config.n_interactions)])
-        self.readout = AtomwiseReadout(config.n_features, n_species)
+            [Interaction(config.n_features, config.n_gaussians, n_filters, config.filter_activation == "ssp")
+             for _ in range(config.n_interactions)])
+        self.readout = AtomwiseReadout(config.n_features, n_species, config.readout_activation == "silu")
 
     def species(self, atomic_numbers: Tensor) -> Tensor:
         """Map atomic numbers to embedding rows; an element the model was not built for is an error."""
