@@ -1,0 +1,197 @@
+"""ML/MM demonstration: alanine dipeptide in TIP3P water with the solute's potential swapped to SchNet.
+
+    python benchmarks/mlmm.py sample --ps 10        # GFN2-xTB reference MD of the solute (vacuum, 500 K) -> training set
+    python benchmarks/mlmm.py train --hours 1       # SchNet (schnet2017) on it; resumable
+    python benchmarks/mlmm.py mm --ps 100           # amber14 + TIP3P, PME: the ordinary OpenMM setup
+    python benchmarks/mlmm.py mlmm --ps 50          # the same setup, solute swapped to SchNet (createMixedSystem)
+    python benchmarks/mlmm.py xtb --ps 5            # short GFN2-xTB reference run of the solute (vacuum, 300 K)
+    python benchmarks/mlmm.py report                # Ramachandran comparison -> benchmarks/mlmm.md
+
+Every stage resumes where it stopped (rerun it with a larger --ps or --hours). Runs live in
+$SCHNET_MD_RUNS/mlmm (default ~/.cache/schnet-md/runs/mlmm). MD: LangevinMiddleIntegrator, 300 K,
+friction 1/ps, 1 fs steps (the ML region has no constraints), CPU platform unless --platform.
+Caveat stated in the report: the GFN2-xTB reference is the solute in vacuum, the MM and ML/MM runs
+are in water, so the reference says where the learned surface's basins are, not the solvated populations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch  # noqa: F401  (first)
+import mdtraj
+import numpy as np
+import openmm
+import openmm.app as app
+from openmm import unit
+
+from schnet_md.simulate import (AtomicCheckpointReporter, BlowUpGuard, SimulationSettings, StateCSVReporter, save_checkpoint,
+                                truncate_dcd, truncate_state_csv)
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNS = Path(os.environ.get("SCHNET_MD_RUNS", Path.home() / ".cache" / "schnet-md" / "runs")) / "mlmm"
+STRUCTURE = ROOT / "systems" / "alanine-dipeptide" / "alanine-dipeptide.pdb"
+OUT = ROOT / "benchmarks" / "mlmm"
+TIMESTEP_FS = 1.0
+REPORT = 100        # steps between frames (0.1 ps)
+
+
+def solvated():
+    pdb = app.PDBFile(str(STRUCTURE))
+    forcefield = app.ForceField("amber14-all.xml", "amber14/tip3p.xml")
+    modeller = app.Modeller(pdb.topology, pdb.positions)
+    # 1.2 nm of water: the SchNet solute (no cutoff) needs the box to stay over twice its span
+    modeller.addSolvent(forcefield, model="tip3p", padding=1.2 * unit.nanometer)
+    return modeller.topology, modeller.positions, forcefield
+
+
+def build_system(kind: str, topology, forcefield, model_path: Path):
+    mm = forcefield.createSystem(topology, nonbondedMethod=app.PME, nonbondedCutoff=0.9 * unit.nanometer,
+                                 constraints=app.HBonds, rigidWater=True)
+    if kind == "mm":
+        return mm
+    from openmmml import MLPotential
+
+    solute = [a.index for a in topology.atoms() if a.residue.name in ("ACE", "ALA", "NME")]
+    return MLPotential("schnet", modelPath=str(model_path)).createMixedSystem(topology, mm, solute)
+
+
+def run_md(kind: str, ps: float, platform: str) -> None:
+    out = RUNS / kind
+    out.mkdir(parents=True, exist_ok=True)
+    topology, positions, forcefield = solvated()
+    system = build_system(kind, topology, forcefield, RUNS / "model" / "model.pt")
+    solute = [a.index for a in topology.atoms() if a.residue.name in ("ACE", "ALA", "NME")]
+    settings = SimulationSettings(timestep_fs=TIMESTEP_FS, temperature_k=300.0, friction_per_ps=1.0, seed=1,
+                                  report_interval=REPORT, checkpoint_interval=10 * REPORT)
+    integrator = openmm.LangevinMiddleIntegrator(300 * unit.kelvin, 1 / unit.picosecond, TIMESTEP_FS * unit.femtosecond)
+    integrator.setRandomNumberSeed(1)
+    simulation = app.Simulation(topology, system, integrator, openmm.Platform.getPlatformByName(platform))
+    total = int(round(ps * 1000 / TIMESTEP_FS))
+    checkpoint = out / "checkpoint.chk"
+    append = checkpoint.exists()
+    if append:
+        simulation.loadCheckpoint(str(checkpoint))
+        truncate_dcd(out / "solute.dcd", simulation.currentStep // REPORT)
+        truncate_state_csv(out / "state.csv", simulation.currentStep)
+    else:
+        # relax the solvent with the plain force field, so both runs start from the same structure
+        relax = app.Simulation(topology, build_system("mm", topology, forcefield, None),
+                               openmm.LangevinMiddleIntegrator(300, 1, 0.001), openmm.Platform.getPlatformByName(platform))
+        relax.context.setPositions(positions)
+        relax.minimizeEnergy(maxIterations=500)
+        simulation.context.setPositions(relax.context.getState(getPositions=True).getPositions())
+        simulation.context.setVelocitiesToTemperature(300 * unit.kelvin, 1)
+        with open(out / "solute.pdb", "w") as fh:
+            sub = mdtraj.Topology.from_openmm(topology).subset(solute)
+            state = simulation.context.getState(getPositions=True)
+            xyz = state.getPositions(asNumpy=True).value_in_unit(unit.nanometer)[solute]
+            app.PDBFile.writeFile(sub.to_openmm(), xyz * unit.nanometer, fh)
+        save_checkpoint(simulation, checkpoint)
+    remaining = total - simulation.currentStep
+    if remaining <= 0:
+        return
+    n_dof = 3 * system.getNumParticles() - system.getNumConstraints() - 3
+    dcd = app.DCDReporter(str(out / "solute.dcd"), REPORT, append=append, atomSubset=solute)
+    guard = BlowUpGuard(topology)
+    simulation.reporters += [dcd, StateCSVReporter(out / "state.csv", REPORT, n_dof, TIMESTEP_FS, append, guard),
+                             AtomicCheckpointReporter(checkpoint, settings.checkpoint_interval, guard)]
+    import time
+    t0 = time.perf_counter()
+    simulation.step(remaining)
+    wall = time.perf_counter() - t0
+    save_checkpoint(simulation, checkpoint)
+    info = {"kind": kind, "ps": simulation.currentStep * TIMESTEP_FS / 1000, "atoms": system.getNumParticles(),
+            "platform": platform, "ns_per_day_last_segment": remaining * TIMESTEP_FS * 1e-6 / wall * 86400}
+    (out / "run.json").write_text(json.dumps(info, indent=1))
+    print(info)
+
+
+def phi_psi(traj: mdtraj.Trajectory) -> np.ndarray:
+    return np.degrees(np.stack([mdtraj.compute_phi(traj)[1][:, 0], mdtraj.compute_psi(traj)[1][:, 0]], axis=1))
+
+
+def report() -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from scipy.spatial.distance import jensenshannon
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    runs = {}
+    for kind, label in (("mm", "amber14 (TIP3P, PME)"), ("mlmm", "SchNet/amber14 ML/MM (TIP3P, PME)")):
+        if (RUNS / kind / "solute.dcd").exists():
+            runs[label] = mdtraj.load(str(RUNS / kind / "solute.dcd"), top=str(RUNS / kind / "solute.pdb"))
+    if (RUNS / "xtb.npz").exists():
+        with np.load(RUNS / "xtb.npz") as f:
+            top = mdtraj.load(str(STRUCTURE)).topology
+            runs["GFN2-xTB (vacuum)"] = mdtraj.Trajectory(f["coords"] / 10.0, top)
+    bins = np.linspace(-180, 180, 25)
+    hists = {k: np.histogram2d(*phi_psi(t).T, bins=[bins, bins])[0].ravel() for k, t in runs.items()}
+    fig, axes = plt.subplots(1, max(len(runs), 1), figsize=(4.2 * max(len(runs), 1), 4), squeeze=False)
+    for ax, (label, t) in zip(axes[0], runs.items()):
+        a = phi_psi(t)
+        ax.hist2d(a[:, 0], a[:, 1], bins=[bins, bins], cmap="viridis")
+        ax.set_title(f"{label}\n{t.n_frames} frames", fontsize=8)
+        ax.set_xlabel("phi (°)")
+        ax.set_ylabel("psi (°)")
+    fig.tight_layout()
+    fig.savefig(OUT / "ramachandran.png", dpi=100)
+    plt.close(fig)
+    lines = ["# ML/MM: alanine dipeptide in water with a SchNet solute", "",
+             "Regenerated by `python benchmarks/mlmm.py report`; the stages and settings are in the script's docstring.",
+             "The GFN2-xTB reference is the solute in vacuum; the MM and ML/MM runs are in water.", ""]
+    for kind in ("mm", "mlmm"):
+        if (RUNS / kind / "run.json").exists():
+            info = json.loads((RUNS / kind / "run.json").read_text())
+            lines.append(f"- `{kind}`: {info['ps']:.1f} ps, {info['atoms']} atoms, {info['platform']} platform, "
+                         f"{info['ns_per_day_last_segment']:.3f} ns/day")
+    labels = list(hists)
+    if len(labels) > 1:
+        lines += ["", "Jensen-Shannon divergence of the (phi, psi) histograms (15° bins; 0 identical, 1 disjoint):", "",
+                  "| | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+        for a in labels:
+            lines.append(f"| {a} | " + " | ".join(f"{jensenshannon(hists[a], hists[b], base=2) ** 2:.3f}" for b in labels) + " |")
+    lines += ["", "![Ramachandran](mlmm/ramachandran.png)", ""]
+    (ROOT / "benchmarks" / "mlmm.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    for name in ("sample", "mm", "mlmm", "xtb"):
+        s = sub.add_parser(name)
+        s.add_argument("--ps", type=float, required=True)
+        s.add_argument("--platform", default="CPU")
+    t = sub.add_parser("train")
+    t.add_argument("--hours", type=float, default=1.0)
+    sub.add_parser("report")
+    args = p.parse_args()
+    RUNS.mkdir(parents=True, exist_ok=True)
+    if args.command == "sample":
+        from schnet_md.reference import sample
+        sample(STRUCTURE, RUNS / "train.npz", ps=args.ps, temperature_k=500.0, every=20)
+    elif args.command == "xtb":
+        from schnet_md.reference import sample
+        out = sample(STRUCTURE, RUNS / "xtb_run.npz", ps=args.ps, temperature_k=300.0, every=20, trajectories=1, seed=7)
+        with np.load(out) as f:
+            np.savez(RUNS / "xtb.npz", coords=f["coords"])
+    elif args.command == "train":
+        from schnet_md.train import resolve_config, train_from_config
+        config = resolve_config(None, {"data": {"path": str(RUNS / "train.npz")},
+                                       "training": {"epochs": 3000, "batch_size": 16, "lr_patience": 25,
+                                                    "ema_decay": 0.99, "max_hours": args.hours,
+                                                    "validation_fraction": 0.1}})
+        train_from_config(config, RUNS / "model", resume=(RUNS / "model" / "checkpoint.pt").exists())
+    elif args.command in ("mm", "mlmm"):
+        run_md(args.command, args.ps, args.platform)
+    else:
+        report()
+
+
+if __name__ == "__main__":
+    main()
