@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -20,7 +20,8 @@ from torch import Tensor, nn
 from . import __version__
 from .model import SchNet
 from .modelfile import ModelFileError, load_model
-from .neighbors import all_pairs, check_box, check_molecule_fits_box, minimum_image
+from .neighbors import (all_pairs, box_heights, box_too_small, cell_grid, cell_list_pairs, check_box,
+                        check_molecule_fits_box, minimum_image)
 from .units import ANGSTROM_PER_NM, energy_factor
 
 EXPORT_FORMAT_VERSION = 1
@@ -32,13 +33,21 @@ class OpenMMSchNet(nn.Module):
 
     Geometry modes:
       molecule   no box: all pairs, raw vectors;
-      periodic   box and a model cutoff: all pairs at their minimum image (cutoff <= half box height);
+      periodic   box and a model cutoff: all pairs at their minimum image (cutoff <= half box height), or,
+                 with neighbor_list="cells", an O(N) cell list with fixed capacities;
       in_box     box, model without cutoff: a molecule inside a periodic system (e.g. solvated); pair
                  vectors are minimum images, valid while the molecule spans less than half the box.
-    """
+
+    check_errors=True raises a clear error on bad input (NaN positions, a box too small, a full pair
+    list); that needs the host to look at device values. check_errors=False keeps every check on the
+    device and returns a NaN energy instead, so the whole step can be captured in a CUDA graph."""
+
+    # compile-time constants: TorchScript drops the branches they switch off (no host sync left behind)
+    __constants__ = ["check_errors", "use_cells", "periodic", "has_cutoff"]
 
     def __init__(self, model: SchNet, atomic_numbers: Sequence[int], particle_indices: Sequence[int],
-                 n_particles: int, periodic: bool):
+                 n_particles: int, periodic: bool, neighbor_list: str = "all_pairs", cells: Sequence[int] = (),
+                 max_per_cell: int = 0, capacity: int = 0, check_errors: bool = True):
         super().__init__()
         if len(atomic_numbers) != len(particle_indices):
             raise ValueError(f"{len(atomic_numbers)} atomic numbers for {len(particle_indices)} particles")
@@ -47,16 +56,28 @@ class OpenMMSchNet(nn.Module):
             raise ValueError(f"particle indices must lie in 0..{n_particles - 1}")
         if len(torch.unique(indices)) != len(indices):
             raise ValueError("particle indices contain duplicates")
+        if neighbor_list not in ("all_pairs", "cells"):
+            raise ValueError(f"neighbor_list must be 'all_pairs' or 'cells', got {neighbor_list!r}")
         self.model = model
         self.register_buffer("species", model.species(torch.as_tensor(np.asarray(atomic_numbers))))
         self.register_buffer("particle_indices", indices)
-        i, j = all_pairs(len(indices), torch.device("cpu"))
+        i, j = all_pairs(len(indices) if neighbor_list == "all_pairs" else 0, torch.device("cpu"))
         self.register_buffer("pair_i", i)
         self.register_buffer("pair_j", j)
         self.n_particles = int(n_particles)
         self.periodic = bool(periodic)
         self.has_cutoff = model.cutoff != float("inf")
         self.cutoff = float(model.cutoff)
+        self.use_cells = neighbor_list == "cells"
+        if self.use_cells and not (self.periodic and self.has_cutoff):
+            raise ValueError("the cell list is for periodic systems and models with a cutoff")
+        if self.use_cells and (len(cells) != 3 or min(cells) < 3 or max_per_cell < 1 or capacity < 1):
+            raise ValueError("the cell list needs at least 3 cells per direction (every box height >= 3 cutoffs), "
+                             "max_per_cell >= 1 and capacity >= 1; use neighbor_list='all_pairs' for small boxes")
+        self.cells: List[int] = [int(c) for c in cells] if self.use_cells else [1, 1, 1]
+        self.max_per_cell = int(max_per_cell)
+        self.capacity = int(capacity)
+        self.check_errors = bool(check_errors)
         self.angstrom_per_nm = ANGSTROM_PER_NM
         self.kj_per_model_energy = energy_factor(model.config.energy_unit, "kJ/mol")
         # The element reference energies are a constant for this composition; adding them in float64
@@ -70,21 +91,45 @@ class OpenMMSchNet(nn.Module):
                              + " particles, but got positions of shape " + str(list(positions.shape)))
         dtype = self.model.readout.scale.dtype
         r = positions.index_select(0, self.particle_indices).to(dtype) * self.angstrom_per_nm
-        if not bool(torch.isfinite(r).all()):
-            raise ValueError("SchNet force: positions contain NaN or infinite values (has the simulation "
-                             "blown up?)")
-        vectors = r.index_select(0, self.pair_j) - r.index_select(0, self.pair_i)
+        bad = ~torch.isfinite(r).all()
+        if self.check_errors:
+            if bool(bad):
+                raise ValueError("SchNet force: positions contain NaN or infinite values (has the simulation "
+                                 "blown up?)")
+        pair_i, pair_j = self.pair_i, self.pair_j
         if self.periodic:
             if boxvectors is None:
                 raise ValueError("this SchNet force was exported for a periodic system but got no box vectors")
             box = boxvectors.to(dtype) * self.angstrom_per_nm
-            if self.has_cutoff:
-                check_box(box, self.cutoff)
-            vectors = minimum_image(vectors, box)
-            if not self.has_cutoff:
-                check_molecule_fits_box(torch.linalg.norm(vectors, dim=-1).detach(), box)
-        energy = self.model.atomic_energies(self.species, vectors, self.pair_i, self.pair_j, False).sum()
-        return energy.to(torch.float64) * self.kj_per_model_energy + self.reference_energy_kj
+            if self.use_cells:
+                pair_i, pair_j, vectors, mask, found, overflow = cell_list_pairs(
+                    r, box, self.cutoff, self.cells, self.max_per_cell, self.capacity)
+                if self.check_errors:
+                    check_box(box, self.cutoff)
+                    if bool(overflow):
+                        raise ValueError("SchNet force: the neighbour list overflowed (" + str(int(found))
+                                         + " pairs for a capacity of " + str(self.capacity) + ", at most "
+                                         + str(self.max_per_cell) + " atoms per cell, cells at least one cutoff "
+                                         "wide): export again with a larger capacity / max_per_cell")
+                bad = bad | overflow
+            else:
+                vectors = minimum_image(r.index_select(0, pair_j) - r.index_select(0, pair_i), box)
+                if self.has_cutoff:
+                    if self.check_errors:
+                        check_box(box, self.cutoff)
+                    bad = bad | box_too_small(box, self.cutoff)
+                else:
+                    distances = torch.linalg.norm(vectors, dim=-1).detach()
+                    if self.check_errors:
+                        check_molecule_fits_box(distances, box)
+                    bad = bad | (distances.max() >= 0.5 * box_heights(box.detach()).min())
+        else:
+            vectors = r.index_select(0, pair_j) - r.index_select(0, pair_i)
+        energy = self.model.atomic_energies(self.species, vectors, pair_i, pair_j, False).sum()
+        energy = energy.to(torch.float64) * self.kj_per_model_energy + self.reference_energy_kj
+        if not self.check_errors:
+            energy = torch.where(bad, torch.full_like(energy, float("nan")), energy)
+        return energy
 
 
 ModelLike = Union[SchNet, str, os.PathLike]
@@ -97,16 +142,60 @@ def _load(model: ModelLike, dtype: str) -> Tuple[SchNet, dict]:
     return load_model(model, dtype=torch_dtype)
 
 
+CELL_LIST_MIN_ATOMS = 1000   # below this, all pairs are cheaper than binning (and need no capacities)
+
+
+def size_cell_list(box_angstrom, cutoff: float, n_atoms: int, positions_angstrom=None, headroom: float = 1.5):
+    """(cells per direction, max atoms per cell, pair capacity) for a periodic system, with headroom.
+    The pair capacity follows the mean density (n^2 4/3 pi rc^3 / V); atoms per cell follow the fullest cell
+    of the given positions (or the mean, doubled, without positions)."""
+    box = np.asarray(box_angstrom, dtype=np.float64)
+    cells = cell_grid(box, cutoff)
+    n_cells = max(1, int(np.prod(cells)))
+    volume = abs(np.linalg.det(box))
+    capacity = int(headroom * n_atoms * n_atoms * (4.0 / 3.0) * np.pi * cutoff ** 3 / volume) + 256
+    if positions_angstrom is not None and min(cells) >= 1:
+        frac = np.asarray(positions_angstrom) @ np.linalg.inv(box)
+        frac -= np.floor(frac)
+        idx = np.minimum((frac * cells).astype(int), np.array(cells) - 1)
+        fullest = np.bincount((idx[:, 0] * cells[1] + idx[:, 1]) * cells[2] + idx[:, 2], minlength=n_cells).max()
+    else:
+        fullest = 2 * n_atoms / n_cells
+    return cells, int(np.ceil(headroom * fullest)) + 4, capacity
+
+
 def build_module(model: ModelLike, atomic_numbers: Sequence[int], particle_indices: Sequence[int] | None = None,
-                 n_particles: int | None = None, periodic: bool = False, dtype: str = "float32"
-                 ) -> Tuple[torch.jit.ScriptModule, dict]:
+                 n_particles: int | None = None, periodic: bool = False, dtype: str = "float32",
+                 neighbor_list: str = "auto", box_nm=None, positions_nm=None, capacity: int | None = None,
+                 max_per_cell: int | None = None, check_errors: bool = True) -> Tuple[torch.jit.ScriptModule, dict]:
     """Script an OpenMMSchNet; returns (module, metadata). Atomic numbers are those of the particles
-    the model acts on, in the order of `particle_indices` (default: all particles 0..n-1)."""
+    the model acts on, in the order of `particle_indices` (default: all particles 0..n-1).
+
+    neighbor_list: "all_pairs", "cells", or "auto" (cells for periodic systems of at least 1,000 atoms whose
+    box is at least three cutoffs across). The cell list needs the box (box_nm) to size itself; positions_nm
+    (of all particles) refine the per-cell capacity; capacity / max_per_cell override the sizing."""
     schnet, model_metadata = _load(model, dtype)
     if particle_indices is None:
         particle_indices = list(range(len(atomic_numbers)))
     n_particles = len(atomic_numbers) if n_particles is None else int(n_particles)
-    module = torch.jit.script(OpenMMSchNet(schnet, atomic_numbers, particle_indices, n_particles, periodic))
+    cutoff = schnet.cutoff
+    cells, cell_capacity, pair_capacity = [], 0, 0
+    if neighbor_list == "auto":
+        big_enough = box_nm is not None and cutoff != float("inf") and \
+            min(cell_grid(np.asarray(box_nm) * ANGSTROM_PER_NM, cutoff)) >= 3
+        neighbor_list = "cells" if periodic and big_enough and len(particle_indices) >= CELL_LIST_MIN_ATOMS \
+            else "all_pairs"
+    if neighbor_list == "cells":
+        if box_nm is None:
+            raise ValueError("the cell list needs the periodic box to size itself (box_nm)")
+        ml_positions = None if positions_nm is None else \
+            np.asarray(positions_nm)[np.asarray(particle_indices)] * ANGSTROM_PER_NM
+        cells, cell_capacity, pair_capacity = size_cell_list(np.asarray(box_nm) * ANGSTROM_PER_NM, cutoff,
+                                                             len(particle_indices), ml_positions)
+        cell_capacity = max_per_cell or cell_capacity
+        pair_capacity = capacity or pair_capacity
+    module = torch.jit.script(OpenMMSchNet(schnet, atomic_numbers, particle_indices, n_particles, periodic,
+                                           neighbor_list, cells, cell_capacity, pair_capacity, check_errors))
     metadata = {
         "format": "schnet-md/openmm-force",
         "format_version": EXPORT_FORMAT_VERSION,
@@ -119,6 +208,9 @@ def build_module(model: ModelLike, atomic_numbers: Sequence[int], particle_indic
         "n_particles": n_particles,
         "periodic": bool(periodic),
         "precision": dtype,
+        "neighbor_list": neighbor_list,
+        "cells": cells, "max_per_cell": cell_capacity, "pair_capacity": pair_capacity,
+        "check_errors": bool(check_errors),
         "units": {"positions": "nm", "box": "nm", "energy": "kJ/mol"},
         "model_energy_unit": schnet.config.energy_unit,
         "training_data_sha256": model_metadata.get("training", {}).get("data_sha256"),
@@ -128,11 +220,15 @@ def build_module(model: ModelLike, atomic_numbers: Sequence[int], particle_indic
 
 
 def _topology_atoms(topology, atoms: Sequence[int] | None):
+    from openmm import unit
+
     z = np.array([a.element.atomic_number if a.element is not None else 0 for a in topology.atoms()])
     indices = np.arange(len(z)) if atoms is None else np.asarray(atoms, dtype=np.int64)
     if (z[indices] == 0).any():
         raise ValueError("some selected atoms have no element in the topology")
-    return z[indices], indices, len(z), topology.getPeriodicBoxVectors() is not None
+    box = topology.getPeriodicBoxVectors()
+    box_nm = None if box is None else np.array(box.value_in_unit(unit.nanometer))
+    return z[indices], indices, len(z), box_nm
 
 
 def openmm_torch():
@@ -156,24 +252,43 @@ def openmm_torch():
     return openmmtorch
 
 
+def _targets(topology_or_atomic_numbers, atoms):
+    if hasattr(topology_or_atomic_numbers, "atoms"):
+        return _topology_atoms(topology_or_atomic_numbers, atoms)
+    all_z = np.asarray(topology_or_atomic_numbers, dtype=np.int64)
+    indices = np.arange(len(all_z)) if atoms is None else np.asarray(atoms, dtype=np.int64)
+    return all_z[indices], indices, len(all_z), None
+
+
 def create_torch_force(model: ModelLike, topology_or_atomic_numbers, atoms: Sequence[int] | None = None,
-                       periodic: bool | None = None, dtype: str = "float32"):
+                       periodic: bool | None = None, dtype: str = "float32", neighbor_list: str = "auto",
+                       positions=None, box=None, capacity: int | None = None, max_per_cell: int | None = None,
+                       cuda_graphs: bool = False):
     """A ready `openmmtorch.TorchForce` for `model` acting on `atoms` of an OpenMM Topology (default:
     all of them), or on a list of atomic numbers (one per particle). Periodicity follows the
-    topology's box unless given."""
+    topology's box unless given. cuda_graphs=True turns on openmm-torch's CUDA graphs and exports the
+    graph-safe module (bad input gives a NaN energy instead of an exception; see OpenMMSchNet)."""
     openmmtorch = openmm_torch()
-    if hasattr(topology_or_atomic_numbers, "atoms"):
-        z, indices, n_particles, has_box = _topology_atoms(topology_or_atomic_numbers, atoms)
-    else:
-        all_z = np.asarray(topology_or_atomic_numbers, dtype=np.int64)
-        indices = np.arange(len(all_z)) if atoms is None else np.asarray(atoms, dtype=np.int64)
-        z, n_particles, has_box = all_z[indices], len(all_z), False
-    periodic = has_box if periodic is None else periodic
-    module, _ = build_module(model, z, indices, n_particles, periodic, dtype)
+    z, indices, n_particles, box_nm = _targets(topology_or_atomic_numbers, atoms)
+    periodic = box_nm is not None if periodic is None else periodic
+    box_nm = box_nm if box is None else _nm(box)
+    module, _ = build_module(model, z, indices, n_particles, periodic, dtype, neighbor_list, box_nm,
+                             None if positions is None else _nm(positions), capacity, max_per_cell,
+                             check_errors=not cuda_graphs)
     force = openmmtorch.TorchForce(module)
     force.setUsesPeriodicBoundaryConditions(periodic)
     force.setOutputsForces(False)
+    if cuda_graphs:
+        force.setProperty("useCUDAGraphs", "true")
     return force
+
+
+def _nm(value) -> np.ndarray:
+    from openmm import unit
+
+    if unit.is_quantity(value):
+        value = value.value_in_unit(unit.nanometer)
+    return np.asarray(value, dtype=np.float64)
 
 
 class SchNetComputation:
@@ -221,13 +336,8 @@ def create_python_force(model: ModelLike, topology_or_atomic_numbers, atoms: Seq
 
     if not hasattr(openmm, "PythonForce"):
         raise RuntimeError(f"OpenMM {openmm.__version__} has no PythonForce (needs OpenMM >= 8.5)")
-    if hasattr(topology_or_atomic_numbers, "atoms"):
-        z, indices, n_particles, has_box = _topology_atoms(topology_or_atomic_numbers, atoms)
-    else:
-        all_z = np.asarray(topology_or_atomic_numbers, dtype=np.int64)
-        indices = np.arange(len(all_z)) if atoms is None else np.asarray(atoms, dtype=np.int64)
-        z, n_particles, has_box = all_z[indices], len(all_z), False
-    periodic = has_box if periodic is None else periodic
+    z, indices, n_particles, box_nm = _targets(topology_or_atomic_numbers, atoms)
+    periodic = box_nm is not None if periodic is None else periodic
     schnet, _ = _load(model, dtype)
     # PythonForce hands the computation only the selected particles, in the order given
     module = OpenMMSchNet(schnet, z, list(range(len(indices))), len(indices), periodic)
@@ -239,12 +349,15 @@ def create_python_force(model: ModelLike, topology_or_atomic_numbers, atoms: Seq
 
 
 def export_model(model: ModelLike, structure, out: str | Path, atoms: Sequence[int] | None = None,
-                 dtype: str = "float32", periodic: bool | None = None) -> Path:
+                 dtype: str = "float32", periodic: bool | None = None, neighbor_list: str = "auto",
+                 capacity: int | None = None, max_per_cell: int | None = None, cuda_graphs: bool = False) -> Path:
     """Write the TorchScript force for `structure` (a schnet_md Structure or OpenMM Topology)."""
     topology = getattr(structure, "topology", structure)
-    z, indices, n_particles, has_box = _topology_atoms(topology, atoms)
-    periodic = has_box if periodic is None else periodic
-    module, metadata = build_module(model, z, indices, n_particles, periodic, dtype)
+    z, indices, n_particles, box_nm = _topology_atoms(topology, atoms)
+    periodic = box_nm is not None if periodic is None else periodic
+    positions_nm = getattr(structure, "positions_nm", None)
+    module, metadata = build_module(model, z, indices, n_particles, periodic, dtype, neighbor_list, box_nm,
+                                    positions_nm, capacity, max_per_cell, check_errors=not cuda_graphs)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")

@@ -24,7 +24,7 @@ def all_pairs(n_atoms: int, device: torch.device) -> Tuple[Tensor, Tensor]:
 
     Built from arithmetic only (no masking), so the shapes are static."""
     i = torch.arange(n_atoms, device=device).repeat_interleave(max(n_atoms - 1, 0))
-    k = torch.arange(1, n_atoms, device=device).repeat(n_atoms)
+    k = torch.arange(1, max(n_atoms, 1), device=device).repeat(n_atoms)
     j = (i + k) % n_atoms
     return i, j
 
@@ -56,8 +56,8 @@ def minimum_image(vectors: Tensor, box: Tensor) -> Tensor:
 
 def box_heights(box: Tensor) -> Tensor:
     """Distances between opposite faces of the cell spanned by the rows of `box`."""
-    volume = torch.abs(torch.linalg.det(box))
     a, b, c = box[0], box[1], box[2]
+    volume = torch.abs(torch.dot(a, torch.linalg.cross(b, c)))   # triple product: no LU, no host sync
     areas = torch.stack([
         torch.linalg.norm(torch.linalg.cross(b, c)),
         torch.linalg.norm(torch.linalg.cross(c, a)),
@@ -135,3 +135,75 @@ def reduced_cell(cell):
         lower[i] -= k * lower[j]
         lattice[i] -= k * lattice[j]
     return q, lattice, lower
+
+
+# ---- O(N) periodic neighbour search: a cell list with fixed capacities (static shapes, no host sync) -------
+
+def box_too_small(box: Tensor, cutoff: float) -> Tensor:
+    """Device flag: some box height is under twice the cutoff (the dense path's minimum image is then wrong)."""
+    return box_heights(box.detach()).min() < 2.0 * cutoff
+
+
+def cell_grid(box, cutoff: float) -> List[int]:
+    """Cells per box direction for a box (numpy or tensor, Å): as many as fit with planes >= cutoff apart."""
+    heights = box_heights(torch.as_tensor(box, dtype=torch.float64))
+    return [int(h // cutoff) for h in heights.tolist()]
+
+
+def cell_list_pairs(positions: Tensor, box: Tensor, cutoff: float, n_cells: List[int], max_per_cell: int,
+                    capacity: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Ordered pairs (i, j) closer than `cutoff` in a periodic reduced box, found through a cell list.
+
+    Every shape is fixed by (n_atoms, n_cells, max_per_cell, capacity), and nothing is copied to the host,
+    so the search can be captured in a CUDA graph. Returns (i, j, vectors r_j - r_i at the minimum image,
+    mask of real pairs, number of pairs found, overflow flag). Entries past the found pairs are padding:
+    i = j = 0 and a vector longer than the cutoff, so a cutoff envelope gives them exactly zero weight.
+    The overflow flag is set when a cell holds more than `max_per_cell` atoms, more than `capacity` pairs
+    are found, or the box has shrunk so that cells are narrower than the cutoff: then pairs may be
+    missing and the caller must not trust the result."""
+    n = positions.shape[0]
+    device = positions.device
+    grid = torch.tensor(n_cells, device=device)
+    total_cells = n_cells[0] * n_cells[1] * n_cells[2]
+    frac = positions @ torch.linalg.inv_ex(box)[0]   # inv_ex: no singularity check on the host
+    # non-finite input (flagged by the caller) must still give valid indices, not an out-of-range crash
+    frac = torch.nan_to_num(frac - torch.floor(frac), nan=0.0, posinf=0.0, neginf=0.0)
+    cell3 = torch.clamp((frac * grid).to(torch.long), min=0)
+    cell3 = torch.minimum(cell3, grid - 1)
+    cell = (cell3[:, 0] * n_cells[1] + cell3[:, 1]) * n_cells[2] + cell3[:, 2]
+    order = torch.argsort(cell)
+    sorted_cell = cell[order]
+    cell_ids = torch.arange(total_cells, device=device)
+    start = torch.searchsorted(sorted_cell, cell_ids)
+    count = torch.searchsorted(sorted_cell, cell_ids, right=True) - start
+    slot = torch.arange(max_per_cell, device=device)
+    table = torch.where(slot[None, :] < count[:, None],
+                        order[torch.clamp(start[:, None] + slot[None, :], max=n - 1)],
+                        torch.full((1, 1), -1, dtype=torch.long, device=device))
+    # the 27 cells around each cell, with periodic wrap
+    shifts = torch.stack(torch.meshgrid(torch.arange(-1, 2, device=device), torch.arange(-1, 2, device=device),
+                                        torch.arange(-1, 2, device=device), indexing="ij"), dim=-1).reshape(27, 3)
+    c3 = torch.stack([cell_ids // (n_cells[1] * n_cells[2]), (cell_ids // n_cells[2]) % n_cells[1],
+                      cell_ids % n_cells[2]], dim=1)
+    nb3 = (c3[:, None, :] + shifts[None, :, :]) % grid
+    neighbour_cells = (nb3[:, :, 0] * n_cells[1] + nb3[:, :, 1]) * n_cells[2] + nb3[:, :, 2]   # [cells, 27]
+    candidates = table[neighbour_cells[cell]].reshape(n, 27 * max_per_cell)                    # [n, 27 M]
+    i_all = torch.arange(n, device=device)[:, None].expand(n, 27 * max_per_cell)
+    j_safe = torch.clamp(candidates, min=0)
+    v_all = minimum_image((positions[j_safe] - positions[i_all]).reshape(-1, 3).detach(), box.detach())
+    within = ((candidates >= 0) & (candidates != i_all)).reshape(-1) & (torch.linalg.norm(v_all, dim=1) < cutoff)
+    # compaction into `capacity` slots: write position = running count (one trash slot at the end)
+    within_long = within.to(torch.long)
+    found = within_long.sum()
+    where_to = torch.where(within & (torch.cumsum(within_long, 0) <= capacity), torch.cumsum(within_long, 0) - 1,
+                           torch.full_like(within_long, capacity))
+    pair_i = torch.zeros(capacity + 1, dtype=torch.long, device=device).scatter(0, where_to, i_all.reshape(-1))[:capacity]
+    pair_j = torch.zeros(capacity + 1, dtype=torch.long, device=device).scatter(0, where_to, j_safe.reshape(-1))[:capacity]
+    mask = torch.arange(capacity, device=device) < found
+    vectors = minimum_image(positions[pair_j] - positions[pair_i], box)
+    padding = torch.zeros_like(vectors)
+    padding[:, 0] = 2.0 * cutoff
+    vectors = torch.where(mask[:, None], vectors, padding)
+    plane_gap = box_heights(box.detach()) / grid
+    overflow = (count.max() > max_per_cell) | (found > capacity) | (plane_gap.min() < cutoff)
+    return pair_i, pair_j, vectors, mask, found, overflow

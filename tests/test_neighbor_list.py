@@ -1,0 +1,116 @@
+"""O(N) cell list with fixed capacities, graph-safe export (no host synchronisation), overflow handling."""
+
+from __future__ import annotations
+
+import numpy as np
+import openmm
+import pytest
+import torch
+
+from conftest import random_model, reduced_box
+from schnet_md.export import build_module, create_torch_force
+from schnet_md.neighbors import all_pairs, cell_grid, cell_list_pairs, minimum_image
+from schnet_md.structures import molecule_topology
+
+HOST_SYNC_OPS = ("aten::Bool", "aten::Float", "aten::Int", "aten::item", "aten::nonzero", "aten::is_nonzero",
+                 "aten::tolist", "aten::ScalarImplicit", "aten::linalg_inv(", "aten::linalg_det")
+
+
+def periodic_system(kind, seed, n=300, size=16.0):
+    rng = np.random.default_rng(seed)
+    box = reduced_box(kind, rng, size=size)
+    positions = torch.as_tensor(rng.random((n, 3))) @ box + torch.as_tensor(rng.normal(scale=8.0, size=(n, 3)))
+    return box, positions, rng.choice([1, 8], size=n)
+
+
+@pytest.mark.parametrize("kind", ["orthorhombic", "triclinic"])
+@pytest.mark.parametrize("seed", range(3))
+def test_cell_list_finds_exactly_the_dense_pairs(kind, seed):
+    box, r, _ = periodic_system(kind, seed)
+    cutoff = 4.5
+    cells = cell_grid(box, cutoff)
+    assert min(cells) >= 3
+    i, j, v, mask, found, overflow = cell_list_pairs(r, box, cutoff, cells, 64, 40000)
+    assert not bool(overflow)
+    ours = {(a, b): v[k] for k, (a, b, m) in enumerate(zip(i.tolist(), j.tolist(), mask.tolist())) if m}
+    assert len(ours) == int(found)
+    ii, jj = all_pairs(len(r), r.device)
+    vv = minimum_image(r[jj] - r[ii], box)
+    d = torch.linalg.norm(vv, dim=1)
+    reference = {(a, b): vv[k] for k, (a, b) in enumerate(zip(ii.tolist(), jj.tolist())) if d[k] < cutoff}
+    assert set(ours) == set(reference)
+    for key, vec in reference.items():
+        assert torch.allclose(ours[key], vec, atol=1e-10)
+    # padding entries can never contribute: beyond the cutoff
+    assert (torch.linalg.norm(v[~mask], dim=1) > cutoff).all()
+
+
+@pytest.mark.parametrize("kind", ["orthorhombic", "triclinic"])
+@pytest.mark.parametrize("platform", ["Reference", "CPU"])
+def test_cell_list_and_dense_exports_agree_in_openmm(kind, platform):
+    box, r, z = periodic_system(kind, 7, n=200, size=14.0)
+    model = random_model("schnet2018", elements=(1, 8), n_features=16, n_interactions=2, cutoff=4.5,
+                         dtype=torch.float64)
+    top = molecule_topology(z.tolist(), box_nm=box.numpy() / 10)
+    results = []
+    for neighbor_list in ("all_pairs", "cells"):
+        system = openmm.System()
+        for _ in range(len(z)):
+            system.addParticle(16.0)
+        system.setDefaultPeriodicBoxVectors(*[openmm.Vec3(*map(float, v)) for v in box.numpy() / 10])
+        system.addForce(create_torch_force(model, top, dtype="float64", neighbor_list=neighbor_list,
+                                           positions=r.numpy() / 10))
+        context = openmm.Context(system, openmm.VerletIntegrator(1e-3), openmm.Platform.getPlatformByName(platform))
+        context.setPositions(r.numpy() / 10)
+        state = context.getState(getEnergy=True, getForces=True)
+        results.append((state.getPotentialEnergy()._value, state.getForces(asNumpy=True)._value))
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-10)
+    np.testing.assert_allclose(results[1][1], results[0][1], rtol=1e-8, atol=1e-8)
+
+
+def test_auto_picks_the_cell_list_for_large_boxes_only():
+    model = random_model("schnet2018", elements=(1, 8), n_features=8, n_interactions=1, cutoff=4.0)
+    _, small = build_module(model, [8] * 50, periodic=True, box_nm=np.eye(3) * 1.5)
+    assert small["neighbor_list"] == "all_pairs"
+    _, big = build_module(model, [8] * 1200, periodic=True, box_nm=np.eye(3) * 2.5)
+    assert big["neighbor_list"] == "cells" and big["cells"] == [6, 6, 6] and big["pair_capacity"] > 0
+
+
+@pytest.mark.parametrize("neighbor_list", ["all_pairs", "cells"])
+def test_graph_safe_export_has_no_host_synchronisation(neighbor_list):
+    model = random_model("schnet2018", elements=(1, 8), n_features=8, n_interactions=1, cutoff=4.0,
+                         dtype=torch.float32)
+    rng = np.random.default_rng(1)
+    box_nm = np.eye(3) * 1.4
+    args = dict(periodic=True, neighbor_list=neighbor_list, box_nm=box_nm, positions_nm=rng.random((60, 3)) * 1.4)
+    safe, _ = build_module(model, [1, 8] * 30, check_errors=False, **args)
+    graph = str(safe.inlined_graph)
+    assert not [op for op in HOST_SYNC_OPS if op in graph], [op for op in HOST_SYNC_OPS if op in graph]
+    checked, _ = build_module(model, [1, 8] * 30, check_errors=True, **args)
+    assert "aten::Bool" in str(checked.inlined_graph)   # the inspection does see syncs when they are there
+    # and both give the same energy on good input
+    x = torch.as_tensor(args["positions_nm"])
+    assert float(safe(x, torch.as_tensor(box_nm))) == pytest.approx(float(checked(x, torch.as_tensor(box_nm))), rel=1e-6)
+
+
+def test_overflow_is_an_error_or_a_nan_never_a_wrong_energy():
+    box, r, z = periodic_system("orthorhombic", 3, n=200, size=14.0)
+    model = random_model("schnet2018", elements=(1, 8), n_features=8, n_interactions=1, cutoff=4.5,
+                         dtype=torch.float64)
+    x, b = r / 10, box / 10
+    for capacity, cell_capacity in ((50, None), (None, 2)):
+        checked, _ = build_module(model, z.tolist(), periodic=True, dtype="float64", neighbor_list="cells",
+                                  box_nm=b.numpy(), capacity=capacity, max_per_cell=cell_capacity)
+        with pytest.raises(Exception, match="neighbour list overflowed"):
+            checked(x, b)
+        safe, _ = build_module(model, z.tolist(), periodic=True, dtype="float64", neighbor_list="cells",
+                               box_nm=b.numpy(), capacity=capacity, max_per_cell=cell_capacity, check_errors=False)
+        assert torch.isnan(safe(x, b))
+    # NaN positions and a box that shrank below the cell grid: NaN in graph-safe mode too
+    safe, _ = build_module(model, z.tolist(), periodic=True, dtype="float64", neighbor_list="cells",
+                           box_nm=b.numpy(), check_errors=False)
+    assert torch.isfinite(safe(x, b))
+    assert torch.isnan(safe(x, b * 0.8))
+    bad = x.clone()
+    bad[3, 0] = float("nan")
+    assert torch.isnan(safe(bad, b))
