@@ -135,6 +135,43 @@ def _import_schnetpack(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    import json
+
+    import torch
+
+    from .bench import bench, preset_model, water_box
+    from .modelfile import load_model
+    from .structures import read_structure
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = []
+    for target in args.targets:
+        if target.startswith("water:"):
+            topology, positions = water_box(int(target.split(":", 1)[1]))
+            name = f"water box ({topology.getNumAtoms()} atoms)"
+        else:
+            path = Path(target) if Path(target).exists() else Path("systems") / target / f"{target}.pdb"
+            structure = read_structure(path)
+            topology, positions, name = structure.topology, structure.positions_nm, target
+        z = [a.element.atomic_number for a in topology.atoms()]
+        if args.model:
+            model, label = load_model(args.model)[0], args.model
+        else:
+            cutoff = args.cutoff if (args.preset == "schnet2017" and topology.getPeriodicBoxVectors() is not None) else None
+            model = preset_model(args.preset, z, cutoff)
+            label = args.preset + (f" + {cutoff:g} Å cosine cutoff" if cutoff else "")
+        r = bench(name, topology, positions, model, label, args.platform, args.steps, args.repeats,
+                  args.cuda_graphs, args.neighbor_list)
+        results.append(r.as_dict())
+        print(f"{r.system:28s} {r.n_atoms:6d} atoms  {r.model:34s} {r.neighbor_list:9s} model {r.model_ms:9.2f} ms  "
+              f"MD {r.steps_per_second:9.1f} steps/s  {r.ns_per_day:8.2f} ns/day  peak {r.peak_memory_mb:8.0f} MB")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="schnet-md", description="SchNet potentials for molecular dynamics: train, export to OpenMM, simulate.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -268,6 +305,22 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--length-unit", default="Angstrom", help="its length unit (default Angstrom)")
     im.add_argument("--out", required=True)
     im.set_defaults(func=_import_schnetpack)
+
+    b = sub.add_parser("bench", help="MD steps/s, ns/day, model-only time and peak memory",
+                       description="Time the model (forward+backward) and OpenMM MD with it. Targets: names in "
+                                   "systems/, structure files, or water:N for a water box of about N atoms.")
+    b.add_argument("targets", nargs="+")
+    b.add_argument("--model", help="model file or shipped name (default: random weights of --preset)")
+    b.add_argument("--preset", default="schnet2017", choices=["schnet2017", "schnet2018"])
+    b.add_argument("--cutoff", type=float, default=5.0, help="cosine cutoff given to schnet2017 in periodic boxes (Å)")
+    b.add_argument("--platform", default="CPU", choices=["CUDA", "OpenCL", "CPU", "Reference"])
+    b.add_argument("--steps", type=int, default=200)
+    b.add_argument("--repeats", type=int, default=50)
+    b.add_argument("--cuda-graphs", action="store_true", help="openmm-torch CUDA graphs (graph-safe export)")
+    b.add_argument("--neighbor-list", default="auto", choices=["auto", "all_pairs", "cells"])
+    b.add_argument("--threads", type=int, help="torch CPU threads")
+    b.add_argument("--json", help="also write the results here")
+    b.set_defaults(func=_bench)
     return p
 
 

@@ -1,0 +1,132 @@
+"""Speed measurements behind `schnet-md bench` and benchmarks/speed.py.
+
+Model-only: median time of one forward+backward of the exported TorchScript module (the work openmm-torch
+does each step), after warm-up. MD: steps/s of an OpenMM Context with only the SchNet force, after warm-up.
+Peak memory: CUDA's allocator peak on a GPU, the process's resident-set peak (ru_maxrss) on a CPU.
+Weights do not change speed, so a random-weight model of a preset stands in where no trained one fits.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .export import build_module, create_torch_force
+from .model import SchNet, config_from_preset
+
+
+@dataclass
+class BenchResult:
+    system: str
+    n_atoms: int
+    model: str
+    platform: str
+    neighbor_list: str
+    cuda_graphs: bool
+    torch_threads: int
+    model_ms: float
+    steps_per_second: float
+    ns_per_day: float
+    peak_memory_mb: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def preset_model(preset: str, elements, cutoff: Optional[float] = None) -> SchNet:
+    """A random-weight model of a preset (optionally with a cosine cutoff added, for periodic boxes)."""
+    torch.manual_seed(0)
+    overrides = {} if cutoff is None else {"cutoff": cutoff, "cutoff_function": "cosine"}
+    return SchNet(config_from_preset(preset, sorted(set(int(z) for z in elements)), **overrides)).eval()
+
+
+def water_box(n_atoms: int):
+    """(Topology, positions nm) of a cubic TIP3P-geometry water box with about `n_atoms` atoms."""
+    import openmm
+    import openmm.app as app
+    from openmm import unit
+
+    edge_nm = (n_atoms / 100.0) ** (1.0 / 3.0)          # liquid water: ~100 atoms per nm^3
+    forcefield = app.ForceField("amber14/tip3p.xml")
+    modeller = app.Modeller(app.Topology(), [])
+    modeller.addSolvent(forcefield, model="tip3p", boxSize=openmm.Vec3(edge_nm, edge_nm, edge_nm) * unit.nanometer)
+    positions = np.array(modeller.positions.value_in_unit(unit.nanometer))
+    return modeller.topology, positions
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def time_model(model: SchNet, atomic_numbers, positions_nm: np.ndarray, box_nm: Optional[np.ndarray] = None,
+               repeats: int = 50, device: str = "cpu", neighbor_list: str = "auto"):
+    """(median ms of forward+backward, neighbour list used, peak memory MB)."""
+    dev = torch.device(device)
+    module, meta = build_module(model, list(atomic_numbers), periodic=box_nm is not None, box_nm=box_nm,
+                                positions_nm=positions_nm, neighbor_list=neighbor_list)
+    module = module.to(dev)
+    x = torch.as_tensor(positions_nm, dtype=torch.float32, device=dev)
+    box = None if box_nm is None else torch.as_tensor(box_nm, dtype=torch.float32, device=dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    times = []
+    for k in range(repeats + 5):
+        p = x.clone().requires_grad_(True)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        module(p, box).backward()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        if k >= 5:
+            times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times), meta["neighbor_list"], _peak_memory_mb(dev)
+
+
+def time_md(model: SchNet, topology, positions_nm: np.ndarray, platform: str = "CPU", steps: int = 200,
+            timestep_fs: float = 0.5, cuda_graphs: bool = False, neighbor_list: str = "auto") -> float:
+    """Steps per second of Langevin MD with only the SchNet force."""
+    import openmm
+    from openmm import unit
+
+    system = openmm.System()
+    for atom in topology.atoms():
+        system.addParticle(atom.element.mass)
+    box = topology.getPeriodicBoxVectors()
+    if box is not None:
+        system.setDefaultPeriodicBoxVectors(*box)
+    system.addForce(create_torch_force(model, topology, positions=positions_nm, neighbor_list=neighbor_list,
+                                       cuda_graphs=cuda_graphs))
+    integrator = openmm.LangevinMiddleIntegrator(300 * unit.kelvin, 1 / unit.picosecond, timestep_fs * unit.femtosecond)
+    context = openmm.Context(system, integrator, openmm.Platform.getPlatformByName(platform))
+    context.setPositions(positions_nm)
+    context.setVelocitiesToTemperature(300 * unit.kelvin, 1)
+    integrator.step(max(10, steps // 10))          # warm-up: TorchScript profiling runs, graph capture
+    context.getState(getEnergy=True)
+    t0 = time.perf_counter()
+    integrator.step(steps)
+    context.getState(getEnergy=True)                # waits for the device
+    return steps / (time.perf_counter() - t0)
+
+
+def bench(name: str, topology, positions_nm: np.ndarray, model: SchNet, model_label: str, platform: str = "CPU",
+          steps: int = 200, repeats: int = 50, cuda_graphs: bool = False, neighbor_list: str = "auto",
+          timestep_fs: float = 0.5) -> BenchResult:
+    from openmm import unit
+
+    z = [a.element.atomic_number for a in topology.atoms()]
+    box = topology.getPeriodicBoxVectors()
+    box_nm = None if box is None else np.array(box.value_in_unit(unit.nanometer))
+    device = "cuda" if platform == "CUDA" else "cpu"
+    ms, used, memory = time_model(model, z, positions_nm, box_nm, repeats, device, neighbor_list)
+    sps = time_md(model, topology, positions_nm, platform, steps, timestep_fs, cuda_graphs, neighbor_list)
+    return BenchResult(name, len(z), model_label, platform, used, cuda_graphs, torch.get_num_threads(), ms, sps,
+                       sps * timestep_fs * 1e-6 * 86400, memory)
