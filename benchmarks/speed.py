@@ -1,10 +1,11 @@
-"""MD speed of schnet-md in OpenMM and model-only forward+backward time; writes benchmarks/speed.md.
+"""Speed report: writes benchmarks/speed.md (run on an idle machine; another job on the second core
+slowed torch MD here ~20x).
 
-    .venv/bin/python benchmarks/speed.py [--steps 2000] [--threads 1 2]
+    .venv/bin/python benchmarks/speed.py [--platform CPU] [--steps 200] [--water 1000 3000] [--threads 1 2]
 
-Run it on an idle machine: with another job on the second core, torch MD here ran ~20x slower.
-For a system with no shipped model, a schnet2017 model with random weights and the system's elements
-stands in: speed does not depend on the weight values.
+Systems: ethanol (9 atoms), a C7O2H10 isomer (19), aspirin (21), alanine dipeptide (22), water boxes; both
+presets (schnet2017 gets a 5 Å cosine cutoff in periodic boxes, as it has none of its own). Trained
+weights are used where shipped; otherwise random weights (speed does not depend on them).
 """
 
 from __future__ import annotations
@@ -14,61 +15,18 @@ import datetime
 import json
 import os
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch  # noqa: I001  (first)
-import numpy as np
 import openmm
-from openmm import unit
 
 import schnet_md
-from schnet_md.export import build_module, create_torch_force
-from schnet_md.model import SchNet, config_from_preset
+from schnet_md.bench import bench, preset_model, water_box
 from schnet_md.modelfile import load_model, shipped_models
 from schnet_md.structures import read_structure
 
 ROOT = Path(__file__).resolve().parent.parent
-SYSTEMS = ["ethanol", "c7o2h10_1", "aspirin"]
-
-
-def model_for(name: str, structure):
-    if name in shipped_models():
-        return load_model(name)[0], f"shipped `{name}`"
-    torch.manual_seed(0)
-    return SchNet(config_from_preset("schnet2017", sorted(set(structure.atomic_numbers.tolist())))).eval(), \
-        "random-weight schnet2017"
-
-
-def time_model(model, structure, repeats: int) -> float:
-    """Median ms of one forward+backward of the exported module (what openmm-torch calls per step)."""
-    module, _ = build_module(model, structure.atomic_numbers)
-    positions = torch.as_tensor(structure.positions_nm, dtype=torch.float64)
-    times = []
-    for k in range(repeats + 20):
-        p = positions.clone().requires_grad_(True)
-        t0 = time.perf_counter()
-        module(p).backward()
-        if k >= 20:
-            times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
-
-
-def time_md(model, structure, steps: int, timestep_fs: float = 0.5) -> float:
-    system = openmm.System()
-    for atom in structure.topology.atoms():
-        system.addParticle(atom.element.mass)
-    system.addForce(create_torch_force(model, structure.topology))
-    integrator = openmm.LangevinMiddleIntegrator(300 * unit.kelvin, 1 / unit.picosecond, timestep_fs * unit.femtosecond)
-    context = openmm.Context(system, integrator, openmm.Platform.getPlatformByName("CPU"))
-    context.setPositions(structure.openmm_positions())
-    context.setVelocitiesToTemperature(300 * unit.kelvin, 1)
-    integrator.step(100)  # warm-up (TorchScript profiling runs)
-    t0 = time.perf_counter()
-    integrator.step(steps)
-    context.getState(getEnergy=True)
-    return steps / (time.perf_counter() - t0)
+MOLECULES = ["ethanol", "c7o2h10_1", "aspirin", "alanine-dipeptide"]
 
 
 def cpu_name() -> str:
@@ -79,43 +37,56 @@ def cpu_name() -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--repeats", type=int, default=200)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--platform", default="CPU")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--water", type=int, nargs="*", default=[1000, 3000])
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--cuda-graphs", action="store_true")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "speed.md"))
     args = p.parse_args()
     rows = []
-    for name in SYSTEMS:
-        structure = read_structure(ROOT / "systems" / name / f"{name}.pdb")
-        model, which = model_for(name, structure)
-        for threads in args.threads:
-            torch.set_num_threads(threads)
-            ms = time_model(model, structure, args.repeats)
-            sps = time_md(model, structure, args.steps)
-            rows.append(dict(system=name, atoms=structure.n_atoms, model=which, threads=threads,
-                             model_ms=ms, steps_per_s=sps, ns_per_day=sps * 0.5e-6 * 86400))
-            print(json.dumps(rows[-1]))
-    load = os.getloadavg()[0]
+    targets = [(m, read_structure(ROOT / "systems" / m / f"{m}.pdb")) for m in MOLECULES]
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for preset in ("schnet2017", "schnet2018"):
+            for name, s in targets:
+                z = s.atomic_numbers.tolist()
+                if preset == "schnet2017" and name in shipped_models():
+                    model, label = load_model(name)[0], f"shipped `{name}` (schnet2017)"
+                else:
+                    model, label = preset_model(preset, z), f"{preset}, random weights"
+                r = bench(name, s.topology, s.positions_nm, model, label, args.platform, args.steps, args.repeats,
+                          args.cuda_graphs)
+                rows.append(r.as_dict())
+                print(json.dumps(rows[-1]))
+            for n in args.water:
+                topology, positions = water_box(n)
+                cutoff = 5.0 if preset == "schnet2017" else None
+                model = preset_model(preset, [1, 8], cutoff)
+                label = preset + (" + 5 Å cutoff" if cutoff else "") + ", random weights"
+                r = bench("water box", topology, positions, model, label, args.platform,
+                          max(5, args.steps // 40), max(3, args.repeats // 10), args.cuda_graphs)
+                rows.append(r.as_dict())
+                print(json.dumps(rows[-1]))
+    (ROOT / "benchmarks" / "speed.json").write_text(json.dumps(rows, indent=1))
     lines = [
-        "# MD speed on the CPU platform (schnet2017 preset)",
-        "",
-        f"Measured {datetime.date.today()} on {cpu_name()} ({os.cpu_count()} cores), 1-min load average "
-        f"before writing {load:.2f}; Python {platform.python_version()}, torch {torch.__version__}, "
-        f"OpenMM {openmm.__version__}, schnet-md {schnet_md.__version__}.",
-        f"Command: `.venv/bin/python benchmarks/speed.py --steps {args.steps} --repeats {args.repeats} "
-        f"--threads {' '.join(map(str, args.threads))}`",
-        "",
-        "MD: `LangevinMiddleIntegrator`, 0.5 fs, 300 K, float32 model, OpenMM CPU platform, "
-        f"{args.steps} steps after 100 warm-up steps. Model: median of {args.repeats} forward+backward calls "
-        "of the exported TorchScript module (the work openmm-torch does each step).",
-        "",
-        "| system | atoms | model | torch threads | model fwd+bwd (ms) | MD steps/s | ns/day |",
-        "|---|---|---|---|---|---|---|",
+        f"# MD speed ({args.platform} platform)", "",
+        f"Measured {datetime.date.today()} on {cpu_name()} ({os.cpu_count()} cores, no GPU), idle apart from this "
+        f"benchmark; Python {platform.python_version()}, torch {torch.__version__}, OpenMM {openmm.__version__}, "
+        f"schnet-md {schnet_md.__version__}. Command: `.venv/bin/python benchmarks/speed.py --steps {args.steps} "
+        f"--repeats {args.repeats} --water {' '.join(map(str, args.water))} --threads "
+        f"{' '.join(map(str, args.threads))}`. Raw numbers: `benchmarks/speed.json`.", "",
+        "MD: `LangevinMiddleIntegrator`, 0.5 fs, 300 K, float32 model, only the SchNet force, after warm-up. "
+        "Model: median forward+backward of the exported TorchScript module. Peak memory: process resident-set "
+        "peak so far (CPU), so it only grows down the table.", "",
+        "| system | atoms | model | neighbours | torch threads | model fwd+bwd (ms) | MD steps/s | ns/day | peak RSS (MB) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['system']} | {r['atoms']} | {r['model']} | {r['threads']} | {r['model_ms']:.2f} | "
-                     f"{r['steps_per_s']:.0f} | {r['ns_per_day']:.1f} |")
+        lines.append(f"| {r['system']} | {r['n_atoms']} | {r['model']} | {r['neighbor_list']} | {r['torch_threads']} | "
+                     f"{r['model_ms']:.2f} | {r['steps_per_second']:.1f} | {r['ns_per_day']:.2f} | {r['peak_memory_mb']:.0f} |")
     Path(args.out).write_text("\n".join(lines) + "\n")
     print(f"written {args.out}")
 
