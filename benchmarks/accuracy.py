@@ -26,7 +26,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shlex
 import sys
 import time
@@ -36,6 +35,7 @@ import numpy as np
 import torch
 
 import schnet_md
+from schnet_md.bench import cpu_name
 from schnet_md.data import read_iso17x, read_qm9, read_rmd17
 from schnet_md.evaluate import evaluate
 from schnet_md.model import config_from_preset
@@ -97,15 +97,6 @@ def load_row(row: dict):
                 {"test": q.subset(test).converted("eV")}, "schnet2017")
     raise ValueError(row["kind"])
 
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 def hardware() -> str:

@@ -8,27 +8,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 from pathlib import Path
 
 import torch
 
+from schnet_md.bench import cpu_name
 from schnet_md.data import read_rmd17
 from schnet_md.elements import formula
 from schnet_md.evaluate import evaluate, format_table
 from schnet_md.model import count_parameters
 from schnet_md.modelfile import MODELS_DIR, load_model
 
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 def main() -> None:

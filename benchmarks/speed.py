@@ -21,19 +21,13 @@ import torch  # noqa: I001  (first)
 import openmm
 
 import schnet_md
-from schnet_md.bench import bench, preset_model, water_box
+from schnet_md.bench import cpu_name, bench, preset_model, water_box
 from schnet_md.modelfile import load_model, shipped_models
 from schnet_md.structures import read_structure
 
 ROOT = Path(__file__).resolve().parent.parent
 MOLECULES = ["ethanol", "c7o2h10_1", "aspirin", "alanine-dipeptide"]
 
-
-def cpu_name() -> str:
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.machine()
 
 
 def main() -> None:

@@ -39,6 +39,19 @@ class BenchResult:
         return asdict(self)
 
 
+def cpu_name() -> str:
+    """The CPU model as /proc/cpuinfo names it (for benchmark records)."""
+    import platform
+
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
 def preset_model(preset: str, elements, cutoff: Optional[float] = None) -> SchNet:
     """A random-weight model of a preset (optionally with a cosine cutoff added, for periodic boxes)."""
     torch.manual_seed(0)
@@ -97,12 +110,9 @@ def time_md(model: SchNet, topology, positions_nm: np.ndarray, platform: str = "
     import openmm
     from openmm import unit
 
-    system = openmm.System()
-    for atom in topology.atoms():
-        system.addParticle(atom.element.mass)
-    box = topology.getPeriodicBoxVectors()
-    if box is not None:
-        system.setDefaultPeriodicBoxVectors(*box)
+    from .simulate import particle_system
+
+    system = particle_system(topology)
     system.addForce(create_torch_force(model, topology, positions=positions_nm, neighbor_list=neighbor_list,
                                        cuda_graphs=cuda_graphs))
     integrator = openmm.LangevinMiddleIntegrator(300 * unit.kelvin, 1 / unit.picosecond, timestep_fs * unit.femtosecond)

@@ -96,6 +96,17 @@ def make_integrator(settings: SimulationSettings) -> openmm.Integrator:
     return integrator
 
 
+def particle_system(topology: app.Topology) -> openmm.System:
+    """An empty System with one particle per atom (element masses) and the topology's periodic box."""
+    system = openmm.System()
+    for atom in topology.atoms():
+        system.addParticle(atom.element.mass)
+    box = topology.getPeriodicBoxVectors()
+    if box is not None:
+        system.setDefaultPeriodicBoxVectors(*box)
+    return system
+
+
 def build_system(topology: app.Topology, force_file: Path) -> openmm.System:
     """A System with one particle per atom (element masses) and the SchNet TorchForce."""
     openmmtorch = openmm_torch()
@@ -103,12 +114,7 @@ def build_system(topology: app.Topology, force_file: Path) -> openmm.System:
     if metadata["n_particles"] != topology.getNumAtoms():
         raise ValueError(f"{force_file} was exported for {metadata['n_particles']} particles, the topology has "
                          f"{topology.getNumAtoms()}")
-    system = openmm.System()
-    for atom in topology.atoms():
-        system.addParticle(atom.element.mass)
-    box = topology.getPeriodicBoxVectors()
-    if box is not None:
-        system.setDefaultPeriodicBoxVectors(*box)
+    system = particle_system(topology)
     force = openmmtorch.TorchForce(str(force_file))
     force.setUsesPeriodicBoundaryConditions(bool(metadata["periodic"]))
     system.addForce(force)
