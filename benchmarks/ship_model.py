@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from schnet_md.bench import cpu_name
-from schnet_md.data import read_rmd17
+from schnet_md.data import read_data
 from schnet_md.elements import formula
 from schnet_md.evaluate import evaluate, format_table
 from schnet_md.model import count_parameters
@@ -26,7 +26,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("run_dir")
     p.add_argument("--name", required=True)
-    p.add_argument("--test", nargs="+", required=True, help="rMD17 test files")
+    p.add_argument("--test", nargs="+", required=True,
+                   help="held-out test data: rMD17 files, or FOLDER:SPLIT for iso17x (e.g. ../shared/data/iso17x:test_other)")
     p.add_argument("--labels", default="new")
     p.add_argument("--train", help="the rMD17 training file: test frames it shares (by old_indices) are refused")
     p.add_argument("--command", required=True, help="the training command, quoted")
@@ -41,14 +42,17 @@ def main() -> None:
     dest = MODELS_DIR / args.name
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copy(run / "model.pt", dest / "model.pt")
-    if args.train:
+    if args.train:   # rMD17 files carry the original MD17 frame numbers: refuse any overlap
         import numpy as np
         seen = set(np.load(args.train)["old_indices"].tolist())
         for t in args.test:
             shared = sum(int(i) in seen for i in np.load(t)["old_indices"])
             if shared:
                 raise SystemExit(f"{t} shares {shared} frames with {args.train}: not a held-out test set")
-    test_sets = [read_rmd17(t, labels=args.labels) for t in args.test]
+    test_sets = []
+    for t in args.test:
+        path, _, split = t.partition(":")
+        test_sets.append(read_data(path, labels=args.labels, split=split or "test_within"))
     results = [evaluate(model, data) for data in test_sets]
     (dest / "metrics.json").write_text(json.dumps({"test": results, "training": meta.get("training")}, indent=1))
     training = meta["training"]
@@ -59,8 +63,11 @@ def main() -> None:
         f"- Elements: {', '.join(model.element_symbols)}; {count_parameters(model):,} parameters; "
         f"energies in {meta['units']['energy']}, lengths in Å (exported forces: kJ/mol, nm).",
         f"- Training data: {training['data']} (SHA-256 `{training['data_sha256'][:16]}…`), "
-        f"{training['n_train']} training / {training['n_validation']} validation frames (random split, seed "
-        f"{training['settings']['seed']}); best validation epoch {training['epoch']} of {len(history) or '?'}.",
+        f"{training['n_train']} training / {training['n_validation']} validation frames ("
+        + (f"validation: {training['validation_data']}" if training.get("validation_data")
+           and training.get("validation_data") != training["data"]
+           else f"random split of the same file, seed {training['settings']['seed']}")
+        + f"); best validation epoch {training['epoch']} of {len(history) or '?'}.",
         f"- Loss: rho·|ΔE|² + mean_i |ΔF_i|², rho = {training['settings']['rho']}; Adam, lr "
         f"{training['settings']['learning_rate']} halved after {training['settings']['lr_patience']} epochs "
         f"without improvement; batch {training['settings']['batch_size']}.",
@@ -74,7 +81,7 @@ def main() -> None:
     for r in results:
         card += [f"{r['data']}, {r['n_frames']} frames:", "", "```", format_table(r), "```", ""]
     card += ["Regenerate this card: `python benchmarks/ship_model.py RUN_DIR --name "
-             f"{args.name} --test {' '.join(Path(t).name for t in args.test)} --command ...`", ""]
+             f"{args.name} --test {' '.join(args.test)} --command ...`", ""]
     (dest / "MODEL_CARD.md").write_text("\n".join(card))
     print((dest / "MODEL_CARD.md").read_text())
 

@@ -1,0 +1,45 @@
+"""Where the time goes in one model step: torch profiler over forward+backward of the exported module.
+
+    .venv/bin/python benchmarks/profile.py [SYSTEM] [--preset schnet2017] [--threads 1]
+
+Prints the operators with the most self time, to read before optimising anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from schnet_md.bench import preset_model
+from schnet_md.export import build_module
+from schnet_md.structures import read_structure
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("system", nargs="?", default="c7o2h10_1")
+    p.add_argument("--preset", default="schnet2017")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=50)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    s = read_structure(ROOT / "systems" / args.system / f"{args.system}.pdb")
+    module, _ = build_module(preset_model(args.preset, s.atomic_numbers.tolist()), s.atomic_numbers.tolist())
+    x = torch.as_tensor(s.positions_nm, dtype=torch.float32)
+    for _ in range(10):
+        module(x.clone().requires_grad_(True)).backward()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(args.repeats):
+            module(x.clone().requires_grad_(True)).backward()
+    print(f"{args.system} ({s.n_atoms} atoms, {s.n_atoms * (s.n_atoms - 1)} pairs), {args.preset}, "
+          f"{args.threads} thread(s), {args.repeats} forward+backward calls")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
+if __name__ == "__main__":
+    main()
