@@ -114,3 +114,34 @@ def test_overflow_is_an_error_or_a_nan_never_a_wrong_energy():
     bad = x.clone()
     bad[3, 0] = float("nan")
     assert torch.isnan(safe(bad, b))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: CUDA-graph capture is checked on a GPU machine")
+@pytest.mark.parametrize("neighbor_list", ["all_pairs", "cells"])
+def test_graph_safe_export_captures_in_a_cuda_graph(neighbor_list):
+    model = random_model("schnet2018", elements=(1, 8), n_features=16, n_interactions=2, cutoff=4.0,
+                         dtype=torch.float32)
+    rng = np.random.default_rng(2)
+    n = 1200 if neighbor_list == "cells" else 64
+    edge = (n / 100.0) ** (1 / 3)
+    box_nm = np.eye(3) * max(edge, 1.3)
+    module, meta = build_module(model, [1, 8] * (n // 2), periodic=True, box_nm=box_nm, neighbor_list=neighbor_list,
+                                positions_nm=rng.random((n, 3)) * box_nm[0, 0], check_errors=False)
+    module = module.cuda()
+    x = torch.as_tensor(rng.random((n, 3)) * box_nm[0, 0], dtype=torch.float32, device="cuda").requires_grad_(True)
+    box = torch.as_tensor(box_nm, dtype=torch.float32, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):   # warm-up (TorchScript profiling) outside the capture
+            energy = module(x, box)
+            (grad,) = torch.autograd.grad(energy, x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):   # raises if anything in forward/backward synchronises with the host
+        energy = module(x, box)
+        (grad,) = torch.autograd.grad(energy, x)
+    graph.replay()
+    torch.cuda.synchronize()
+    expected = module(x.detach().clone().requires_grad_(True), box)
+    assert torch.allclose(energy, expected, rtol=1e-5)
