@@ -113,12 +113,13 @@ def cmd_train(name: str, hours: float) -> None:
                                 energy_unit=data.energy_unit)
     settings = TrainSettings(**{**row["settings"], "max_hours": hours})
     resume = (out / "checkpoint.pt").is_file()
-    train(data, config, out, settings, resume=resume, validation=validation)
-    log = out / "sessions.json"
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "sessions.json"   # recorded first, so a session that is stopped early is still on record
     sessions = json.loads(log.read_text()) if log.exists() else []
     sessions.append({"date": str(datetime.date.today()), "hours_budget": hours, "hardware": hardware(),
                      "command": "python benchmarks/accuracy.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])})
     log.write_text(json.dumps(sessions, indent=1))
+    train(data, config, out, settings, resume=resume, validation=validation)
 
 
 def cmd_evaluate(name: str) -> None:
@@ -126,7 +127,12 @@ def cmd_evaluate(name: str) -> None:
     _, _, tests, _ = load_row(row)
     out = RUNS / name
     model, meta = load_model(out / "model.pt")
-    metrics = json.loads((out / "metrics.json").read_text())
+    if (out / "metrics.json").exists():
+        metrics = json.loads((out / "metrics.json").read_text())
+    else:   # a run stopped between epochs: its history is in the last epoch's checkpoint
+        state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+        metrics = {"history": json.loads(state["history"]), "stop_reason": "stopped by hand (resumable)",
+                   "settings": meta["training"]["settings"]}
     history = metrics["history"]
     t0 = time.perf_counter()
     result = {

@@ -55,7 +55,7 @@ def main() -> None:
                           args.cuda_graphs)
                 rows.append(r.as_dict())
                 print(json.dumps(rows[-1]))
-            for n in args.water:
+            for n in (args.water if threads == max(args.threads) else []):   # boxes: largest thread count only
                 topology, positions = water_box(n)
                 cutoff = 5.0 if preset == "schnet2017" else None
                 model = preset_model(preset, [1, 8], cutoff)

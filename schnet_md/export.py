@@ -142,7 +142,7 @@ def _load(model: ModelLike, dtype: str) -> Tuple[SchNet, dict]:
     return load_model(model, dtype=torch_dtype)
 
 
-CELL_LIST_MIN_ATOMS = 1000   # below this, all pairs are cheaper than binning (and need no capacities)
+CELL_LIST_MIN_ATOMS = 200   # the cell list wins once a system has a few times more atoms than neighbours (~50)
 
 
 def size_cell_list(box_angstrom, cutoff: float, n_atoms: int, positions_angstrom=None, headroom: float = 1.5):
@@ -171,7 +171,7 @@ def build_module(model: ModelLike, atomic_numbers: Sequence[int], particle_indic
     """Script an OpenMMSchNet; returns (module, metadata). Atomic numbers are those of the particles
     the model acts on, in the order of `particle_indices` (default: all particles 0..n-1).
 
-    neighbor_list: "all_pairs", "cells", or "auto" (cells for periodic systems of at least 1,000 atoms whose
+    neighbor_list: "all_pairs", "cells", or "auto" (cells for periodic systems of at least 200 atoms whose
     box is at least three cutoffs across). The cell list needs the box (box_nm) to size itself; positions_nm
     (of all particles) refine the per-cell capacity; capacity / max_per_cell override the sizing."""
     schnet, model_metadata = _load(model, dtype)

@@ -72,6 +72,8 @@ def test_auto_picks_the_cell_list_for_large_boxes_only():
     model = random_model("schnet2018", elements=(1, 8), n_features=8, n_interactions=1, cutoff=4.0)
     _, small = build_module(model, [8] * 50, periodic=True, box_nm=np.eye(3) * 1.5)
     assert small["neighbor_list"] == "all_pairs"
+    _, narrow = build_module(model, [8] * 400, periodic=True, box_nm=np.eye(3) * 1.1)   # under 3 cutoffs across
+    assert narrow["neighbor_list"] == "all_pairs"
     _, big = build_module(model, [8] * 1200, periodic=True, box_nm=np.eye(3) * 2.5)
     assert big["neighbor_list"] == "cells" and big["cells"] == [6, 6, 6] and big["pair_capacity"] > 0
 

@@ -1,6 +1,6 @@
 """Where the time goes in one model step: torch profiler over forward+backward of the exported module.
 
-    .venv/bin/python benchmarks/profile.py [SYSTEM] [--preset schnet2017] [--threads 1]
+    .venv/bin/python benchmarks/profile_step.py [SYSTEM] [--preset schnet2017] [--threads 1]
 
 Prints the operators with the most self time, to read before optimising anything.
 """
@@ -26,6 +26,7 @@ def main() -> None:
     p.add_argument("--preset", default="schnet2017")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=50)
+    p.add_argument("--out", help="also write the table here (markdown)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     s = read_structure(ROOT / "systems" / args.system / f"{args.system}.pdb")
@@ -36,9 +37,19 @@ def main() -> None:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(args.repeats):
             module(x.clone().requires_grad_(True)).backward()
-    print(f"{args.system} ({s.n_atoms} atoms, {s.n_atoms * (s.n_atoms - 1)} pairs), {args.preset}, "
-          f"{args.threads} thread(s), {args.repeats} forward+backward calls")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    title = (f"{args.system} ({s.n_atoms} atoms, {s.n_atoms * (s.n_atoms - 1)} pairs), {args.preset}, "
+             f"{args.threads} thread(s), {args.repeats} forward+backward calls")
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+    print(title)
+    print(table)
+    if args.out:
+        import datetime
+
+        from schnet_md.bench import cpu_name
+        Path(args.out).write_text(
+            f"# Where the time goes: one model step on the CPU\n\nMeasured {datetime.date.today()} on {cpu_name()}, "
+            f"torch {torch.__version__}: `.venv/bin/python benchmarks/profile_step.py {args.system} --preset "
+            f"{args.preset} --threads {args.threads} --out benchmarks/profile.md`\n\n{title}\n\n```\n{table}\n```\n")
 
 
 if __name__ == "__main__":
