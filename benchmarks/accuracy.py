@@ -200,7 +200,7 @@ def cmd_report() -> None:
               "| N train | epochs / hours | energy MAE |", "|---|---|---|"]
     for n in QM9_SIZES:
         r = results.get(f"qm9_{n // 1000}k")
-        lines.append(f"| {n} | – not run yet | – |" if r is None else
+        lines.append(f"| {n} | not run yet | – |" if r is None else
                      f"| {r['n_train']} | {r['epochs_run']} / {r['training_hours']:.2f} | "
                      f"{_fmt(r['tests']['test']['energy_mae_kcal_mol'])} |")
     lines += ["", "## Runs", ""]

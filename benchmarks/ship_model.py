@@ -31,6 +31,7 @@ def main() -> None:
     p.add_argument("--labels", default="new")
     p.add_argument("--train", help="the rMD17 training file: test frames it shares (by old_indices) are refused")
     p.add_argument("--command", required=True, help="the training command, quoted")
+    p.add_argument("--status", help="a line on the model's status (e.g. interim, not converged)")
     args = p.parse_args()
 
     run = Path(args.run_dir)
@@ -60,6 +61,7 @@ def main() -> None:
     card = [
         f"# {args.name}: SchNet ({meta['preset']}) for {formula(test_sets[0].frame(0)[0])}",
         "",
+        *([f"**Status:** {args.status}", ""] if args.status else []),
         f"- Elements: {', '.join(model.element_symbols)}; {count_parameters(model):,} parameters; "
         f"energies in {meta['units']['energy']}, lengths in Å (exported forces: kJ/mol, nm).",
         f"- Training data: {training['data']} (SHA-256 `{training['data_sha256'][:16]}…`), "
