@@ -10,7 +10,7 @@ import pytest
 
 from conftest import SYSTEMS, shared_file
 from schnet_md.analysis import assign_states, load_trajectory, rotatable_dihedrals, transitions
-from schnet_md.analysis.analyze import analyze, analyze_to
+from schnet_md.analysis.analyze import analyze
 from schnet_md.analysis.compare import compare, compare_to
 from schnet_md.cli import main
 from schnet_md.structures import molecule_topology

@@ -6,7 +6,7 @@ import numpy as np
 import openmm
 import pytest
 import torch
-from openmm import app, unit
+from openmm import unit
 
 from conftest import SYSTEMS, random_model, reduced_box
 from schnet_md.export import create_torch_force, export_model, load_exported
