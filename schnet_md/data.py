@@ -74,6 +74,20 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _read_npz(path: Path, keys) -> dict:
+    """The named arrays of an npz file, with clear errors for a missing, unreadable or incomplete file."""
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist")
+    try:
+        with np.load(path) as npz:
+            _require(npz, keys, path)
+            return {k: np.asarray(npz[k]) for k in keys}
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError) as err:
+        raise DataError(f"{path} is not a readable npz file: {err}") from None
+
+
 def _require(npz, keys, path) -> None:
     missing = [k for k in keys if k not in npz.files]
     if missing:
@@ -86,20 +100,10 @@ def read_rmd17(path: str | Path, labels: str = "new") -> Dataset:
     path = Path(path)
     if labels not in ("new", "old"):
         raise ValueError("labels must be 'new' (rMD17) or 'old' (original MD17)")
-    if not path.is_file():
-        raise DataError(f"data file {path} does not exist")
     e_key, f_key = ("energies", "forces") if labels == "new" else ("old_energies", "old_forces")
-    try:
-        with np.load(path) as npz:
-            _require(npz, ["nuclear_charges", "coords", e_key, f_key], path)
-            z = np.asarray(npz["nuclear_charges"], dtype=np.int64)
-            r = np.asarray(npz["coords"], dtype=np.float64)
-            e = np.asarray(npz[e_key], dtype=np.float64)
-            f = np.asarray(npz[f_key], dtype=np.float64)
-    except (OSError, ValueError, EOFError) as err:
-        if isinstance(err, DataError):
-            raise
-        raise DataError(f"{path} is not a readable npz file: {err}") from None
+    arrays = _read_npz(path, ["nuclear_charges", "coords", e_key, f_key])
+    z = arrays["nuclear_charges"].astype(np.int64)
+    r, e, f = (arrays[k].astype(np.float64) for k in ("coords", e_key, f_key))
     if r.ndim != 3 or r.shape[1:] != (z.shape[0], 3):
         raise DataError(f"{path}: coords has shape {r.shape}, expected (n_frames, {z.shape[0]}, 3)")
     if e.shape != (r.shape[0],):
@@ -119,37 +123,19 @@ def read_iso17x(path: str | Path, split: str = "train") -> Dataset:
     npz_path = path / "iso17x.npz" if path.is_dir() else path
     if split not in ISO17X_SPLITS:
         raise ValueError(f"unknown iso17x split {split!r}; choose one of {', '.join(ISO17X_SPLITS)}")
-    if not npz_path.is_file():
-        raise DataError(f"data file {npz_path} does not exist")
-    try:
-        with np.load(npz_path) as npz:
-            _require(npz, ["Z", "R", "E", "F"], npz_path)
-            z, r, e, f = (np.asarray(npz[k]) for k in ("Z", "R", "E", "F"))
-        if split != "all":
-            with np.load(npz_path.parent / "splits.npz") as splits:
-                _require(splits, [split], npz_path.parent / "splits.npz")
-                index = np.asarray(splits[split], dtype=np.int64)
-            z, r, e, f = z[index], r[index], e[index], f[index]
-    except (OSError, ValueError, EOFError) as err:
-        if isinstance(err, DataError):
-            raise
-        raise DataError(f"{npz_path}: cannot read: {err}") from None
+    arrays = _read_npz(npz_path, ["Z", "R", "E", "F"])
+    z, r, e, f = (arrays[k] for k in ("Z", "R", "E", "F"))
+    if split != "all":
+        index = _read_npz(npz_path.parent / "splits.npz", [split])[split].astype(np.int64)
+        z, r, e, f = z[index], r[index], e[index], f[index]
     return _from_frames(z, r, e, f, "eV", f"{npz_path.name} [{split}]", file_sha256(npz_path), str(npz_path))
 
 
 def read_qm9(path: str | Path, indices=None) -> Dataset:
     """QM9 U0 energies (Hartree, no forces) of the molecules at `indices` (default: all)."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file {path} does not exist")
-    try:
-        with np.load(path) as npz:
-            _require(npz, ["Z", "R", "offsets", "U0_Ha"], path)
-            z, r, offsets, e = (np.asarray(npz[k]) for k in ("Z", "R", "offsets", "U0_Ha"))
-    except (OSError, ValueError, EOFError) as err:
-        if isinstance(err, DataError):
-            raise
-        raise DataError(f"{path}: cannot read: {err}") from None
+    arrays = _read_npz(path, ["Z", "R", "offsets", "U0_Ha"])
+    z, r, offsets, e = (arrays[k] for k in ("Z", "R", "offsets", "U0_Ha"))
     full = Dataset(z.astype(np.int64), r.astype(np.float64), offsets.astype(np.int64), e.astype(np.float64), None,
                    "Hartree", path.name, file_sha256(path))
     validate(full, str(path))
