@@ -6,11 +6,10 @@ Units convert here, once: the model's energy unit -> eV. ASE's lengths are Å, a
 from __future__ import annotations
 
 import numpy as np
-import torch
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 
-from .model import SchNet, energy_forces_strain
-from .modelfile import load_model
+from .model import energy_forces_strain
+from .modelfile import model_at
 from .units import energy_factor
 
 
@@ -19,12 +18,7 @@ class SchNetCalculator(Calculator):
 
     def __init__(self, model="ethanol", dtype: str = "float64", device: str = "cpu", **kwargs):
         super().__init__(**kwargs)
-        torch_dtype = {"float32": torch.float32, "float64": torch.float64}[dtype]
-        if isinstance(model, SchNet):
-            self.model = model.to(torch_dtype).eval()
-        else:
-            self.model, _ = load_model(model, dtype=torch_dtype)
-        self.model.to(device)
+        self.model = model_at(model, dtype)[0].to(device)
         self.ev_per_model_energy = energy_factor(self.model.config.energy_unit, "eV")
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):

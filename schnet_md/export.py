@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from . import __version__
 from .model import SchNet
-from .modelfile import ModelFileError, load_model
+from .modelfile import ModelFileError, model_at
 from .neighbors import (all_pairs, box_heights, box_too_small, cell_grid, cell_list_pairs, check_box,
                         check_molecule_fits_box, minimum_image)
 from .units import ANGSTROM_PER_NM, energy_factor
@@ -135,13 +135,6 @@ class OpenMMSchNet(nn.Module):
 ModelLike = Union[SchNet, str, os.PathLike]
 
 
-def _load(model: ModelLike, dtype: str) -> Tuple[SchNet, dict]:
-    torch_dtype = {"float32": torch.float32, "float64": torch.float64}[dtype]
-    if isinstance(model, SchNet):
-        return model.to(torch_dtype).eval(), {}
-    return load_model(model, dtype=torch_dtype)
-
-
 CELL_LIST_MIN_ATOMS = 200   # the cell list wins once a system has a few times more atoms than neighbours (~50)
 
 
@@ -174,7 +167,7 @@ def build_module(model: ModelLike, atomic_numbers: Sequence[int], particle_indic
     neighbor_list: "all_pairs", "cells", or "auto" (cells for periodic systems of at least 200 atoms whose
     box is at least three cutoffs across). The cell list needs the box (box_nm) to size itself; positions_nm
     (of all particles) refine the per-cell capacity; capacity / max_per_cell override the sizing."""
-    schnet, model_metadata = _load(model, dtype)
+    schnet, model_metadata = model_at(model, dtype)
     if particle_indices is None:
         particle_indices = list(range(len(atomic_numbers)))
     n_particles = len(atomic_numbers) if n_particles is None else int(n_particles)
@@ -338,7 +331,7 @@ def create_python_force(model: ModelLike, topology_or_atomic_numbers, atoms: Seq
         raise RuntimeError(f"OpenMM {openmm.__version__} has no PythonForce (needs OpenMM >= 8.5)")
     z, indices, n_particles, box_nm = _targets(topology_or_atomic_numbers, atoms)
     periodic = box_nm is not None if periodic is None else periodic
-    schnet, _ = _load(model, dtype)
+    schnet, _ = model_at(model, dtype)
     # PythonForce hands the computation only the selected particles, in the order given
     module = OpenMMSchNet(schnet, z, list(range(len(indices))), len(indices), periodic)
     force = openmm.PythonForce(SchNetComputation(module, periodic, compile))

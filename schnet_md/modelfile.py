@@ -26,6 +26,18 @@ class ModelFileError(ValueError):
     """A model file that is missing, damaged, of the wrong kind, or carries code."""
 
 
+PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
+
+
+def model_at(model, precision: str = "float32") -> Tuple[SchNet, dict]:
+    """(model in eval mode at `precision`, metadata) from a SchNet, a model file or a shipped name."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be 'float32' or 'float64', got {precision!r}")
+    if isinstance(model, SchNet):
+        return model.to(PRECISIONS[precision]).eval(), {}
+    return load_model(model, dtype=PRECISIONS[precision])
+
+
 def save_model(model: SchNet, path: str | os.PathLike, metadata: dict | None = None) -> Path:
     """Write `model` (float32 weights) with its config and metadata. Written atomically."""
     path = Path(path)

@@ -67,16 +67,14 @@ class SchNetFix:
         import torch
 
         from schnet_md.elements import atomic_number
-        from schnet_md.model import SchNet
-        from schnet_md.modelfile import load_model
+        from schnet_md.modelfile import model_at
         from schnet_md.units import energy_factor
 
         check_single_rank(lmp.extract_setting("world_size"))
         units = lmp.extract_global("units")
         if units not in UNIT_ENERGY:
             raise ValueError(f"LAMMPS `units {units}` is not supported; use `units metal` or `units real`")
-        torch_dtype = {"float32": torch.float32, "float64": torch.float64}[dtype]
-        self.model = model.to(torch_dtype).eval() if isinstance(model, SchNet) else load_model(model, torch_dtype)[0]
+        self.model = model_at(model, dtype)[0]
         z = [e if isinstance(e, (int, np.integer)) else atomic_number(str(e)) for e in elements]
         self.z_of_type = np.array([0] + list(z), dtype=np.int64)    # LAMMPS types count from 1
         n_types = lmp.extract_setting("ntypes")
