@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from . import units
-from .neighbors import batched_all_pairs
+from .neighbors import batched_unique_pairs
 
 
 class DataError(ValueError):
@@ -260,7 +260,7 @@ def batches(data: Dataset, indices: np.ndarray, batch_size: int, dtype: torch.dt
         idx = indices[start:start + batch_size]
         part = data.subset(idx)
         counts = part.n_atoms.tolist()
-        i, j = batched_all_pairs(counts, device)
+        i, j = batched_unique_pairs(counts, device)
         yield {
             "atomic_numbers": torch.as_tensor(part.atomic_numbers, device=device),
             "positions": torch.as_tensor(part.positions, dtype=dtype, device=device),

@@ -8,6 +8,7 @@ particles it acts on, so a solute inside a larger system works; every other part
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -20,8 +21,8 @@ from torch import Tensor, nn
 from . import __version__
 from .model import SchNet
 from .modelfile import ModelFileError, model_at
-from .neighbors import (all_pairs, box_heights, box_too_small, cell_grid, cell_list_pairs, check_box,
-                        check_molecule_fits_box, minimum_image)
+from .neighbors import (box_heights, box_too_small, cell_grid, cell_list_pairs, check_box,
+                        check_molecule_fits_box, minimum_image, unique_pairs)
 from .units import ANGSTROM_PER_NM, energy_factor
 
 EXPORT_FORMAT_VERSION = 1
@@ -61,7 +62,8 @@ class OpenMMSchNet(nn.Module):
         self.model = model
         self.register_buffer("species", model.species(torch.as_tensor(np.asarray(atomic_numbers))))
         self.register_buffer("particle_indices", indices)
-        i, j = all_pairs(len(indices) if neighbor_list == "all_pairs" else 0, torch.device("cpu"))
+        # W(r_ij) = W(r_ji): the fixed pair list is a half list (each pair once), halving the filter work
+        i, j = unique_pairs(len(indices) if neighbor_list == "all_pairs" else 0, torch.device("cpu"))
         self.register_buffer("pair_i", i)
         self.register_buffer("pair_j", j)
         self.n_particles = int(n_particles)
@@ -125,7 +127,8 @@ class OpenMMSchNet(nn.Module):
                     bad = bad | (distances.max() >= 0.5 * box_heights(box.detach()).min())
         else:
             vectors = r.index_select(0, pair_j) - r.index_select(0, pair_i)
-        energy = self.model.atomic_energies(self.species, vectors, pair_i, pair_j, False).sum()
+        energy = self.model.atomic_energies(self.species, vectors, pair_i, pair_j, False,
+                                            half_list=not self.use_cells).sum()
         energy = energy.to(torch.float64) * self.kj_per_model_energy + self.reference_energy_kj
         if not self.check_errors:
             energy = torch.where(bad, torch.full_like(energy, float("nan")), energy)
@@ -168,6 +171,8 @@ def build_module(model: ModelLike, atomic_numbers: Sequence[int], particle_indic
     box is at least three cutoffs across). The cell list needs the box (box_nm) to size itself; positions_nm
     (of all particles) refine the per-cell capacity; capacity / max_per_cell override the sizing."""
     schnet, model_metadata = model_at(model, dtype)
+    # openmm-torch calls energy.backward(): weights that require grad would get (unused) gradients every step
+    schnet = copy.deepcopy(schnet).requires_grad_(False)
     if particle_indices is None:
         particle_indices = list(range(len(atomic_numbers)))
     n_particles = len(atomic_numbers) if n_particles is None else int(n_particles)

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from . import elements as _elements
-from .neighbors import all_pairs, check_box, minimum_image
+from .neighbors import check_box, minimum_image, unique_pairs
 
 MAX_ATOMIC_NUMBER = 118
 
@@ -98,7 +98,11 @@ def config_from_preset(preset: str, elements: List[int], **overrides) -> SchNetC
 
 
 class GaussianExpansion(nn.Module):
-    """e_k(d) = exp(-gamma (d - mu_k)^2), k = 1..K."""
+    """e_k(d) = exp(-gamma (d - mu_k)^2), k = 1..K.
+
+    The exponent is clamped at -80 (e^-80 ~ 2e-35, below the resolution of float32 and float64 next to
+    the nearest Gaussian, which is ~1): CPU exp takes a ~10x slower path for large negative arguments,
+    and with 301 Gaussians most arguments are large and negative."""
 
     def __init__(self, mu_min: float, mu_max: float, n_gaussians: int, gamma: float):
         super().__init__()
@@ -106,7 +110,7 @@ class GaussianExpansion(nn.Module):
         self.gamma = gamma
 
     def forward(self, distances: Tensor) -> Tensor:
-        return torch.exp(-self.gamma * (distances[:, None] - self.mu) ** 2)
+        return torch.exp(torch.clamp(-self.gamma * (distances[:, None] - self.mu) ** 2, min=-80.0))
 
 
 class CosineCutoff(nn.Module):
@@ -141,17 +145,25 @@ class FilterNetwork(nn.Module):
 
 
 class CFConv(nn.Module):
-    """Continuous-filter convolution: x_i <- sum_{j != i} Dense_nobias(x)_j * W(r_ij)."""
+    """Continuous-filter convolution: x_i <- sum_{j != i} Dense_nobias(x)_j * W(r_ij).
+
+    Pairs come as a full list (every ordered pair (i, j)) or a half list (each unordered pair once).
+    W(r_ij) = W(r_ji), so a half list computes each filter once and sends it both ways."""
 
     def __init__(self, n_features: int, n_gaussians: int, n_filters: int, filter_last_activation: bool = True):
         super().__init__()
         self.in2f = nn.Linear(n_features, n_filters, bias=False)
         self.filter_network = FilterNetwork(n_gaussians, n_filters, filter_last_activation)
 
-    def forward(self, x: Tensor, expansion: Tensor, envelope: Tensor, i: Tensor, j: Tensor) -> Tensor:
+    def forward(self, x: Tensor, expansion: Tensor, envelope: Tensor, i: Tensor, j: Tensor,
+                half_list: bool = False) -> Tensor:
         filters = self.filter_network(expansion) * envelope[:, None]
-        messages = self.in2f(x)[j] * filters
-        return torch.zeros(x.shape[0], messages.shape[1], dtype=x.dtype, device=x.device).index_add(0, i, messages)
+        h = self.in2f(x)
+        out = torch.zeros(x.shape[0], h.shape[1], dtype=x.dtype, device=x.device)
+        out = out.index_add(0, i, h.index_select(0, j) * filters)
+        if half_list:
+            out = out.index_add(0, j, h.index_select(0, i) * filters)
+        return out
 
 
 class Interaction(nn.Module):
@@ -163,8 +175,9 @@ class Interaction(nn.Module):
         self.dense1 = nn.Linear(n_filters, n_features)
         self.dense2 = nn.Linear(n_features, n_features)
 
-    def forward(self, x: Tensor, expansion: Tensor, envelope: Tensor, i: Tensor, j: Tensor) -> Tensor:
-        v = self.cfconv(x, expansion, envelope, i, j)
+    def forward(self, x: Tensor, expansion: Tensor, envelope: Tensor, i: Tensor, j: Tensor,
+                half_list: bool = False) -> Tensor:
+        v = self.cfconv(x, expansion, envelope, i, j, half_list)
         return self.dense2(shifted_softplus(self.dense1(v)))
 
 
@@ -229,15 +242,16 @@ class SchNet(nn.Module):
         return s
 
     def atomic_energies(self, species: Tensor, vectors: Tensor, i: Tensor, j: Tensor,
-                        include_reference: bool = True) -> Tensor:
-        """Per-atom energies from species and pair vectors r_ij = r_j - r_i (Å). Without the element
-        reference energies (a constant for fixed composition) they are small, so sums stay precise."""
+                        include_reference: bool = True, half_list: bool = False) -> Tensor:
+        """Per-atom energies from species and pair vectors r_ij = r_j - r_i (Å), the pairs a full list
+        (both orders) or, with half_list, each pair once. Without the element reference energies (a
+        constant for fixed composition) they are small, so sums stay precise."""
         distances = torch.linalg.norm(vectors, dim=-1)
         expansion = self.expansion(distances)
         envelope = self.envelope(distances)
         x = self.embedding(species)
         for interaction in self.interactions:
-            x = x + interaction(x, expansion, envelope, i, j)
+            x = x + interaction(x, expansion, envelope, i, j, half_list)
         return self.readout(x, species, include_reference)
 
     def forward(self, atomic_numbers: Tensor, positions: Tensor, box: Optional[Tensor] = None) -> Tensor:
@@ -248,18 +262,19 @@ class SchNet(nn.Module):
         if not bool(torch.isfinite(positions).all()):
             raise ValueError("positions contain NaN or infinite values")
         species = self.species(atomic_numbers)
-        i, j = all_pairs(positions.shape[0], positions.device)
+        i, j = unique_pairs(positions.shape[0], positions.device)
         vectors = positions[j] - positions[i]
         if box is not None:
             check_box(box, self.cutoff)
             vectors = minimum_image(vectors, box.to(positions.dtype))
-        return self.atomic_energies(species, vectors, i, j).sum()
+        return self.atomic_energies(species, vectors, i, j, half_list=True).sum()
 
     @torch.jit.export
     def batch_energy(self, species: Tensor, positions: Tensor, i: Tensor, j: Tensor,
                      molecule: Tensor, n_molecules: int) -> Tensor:
-        """Energies [n_molecules] of molecules stored one after another (training and evaluation)."""
-        e_atoms = self.atomic_energies(species, positions[j] - positions[i], i, j)
+        """Energies [n_molecules] of molecules stored one after another (training and evaluation);
+        i, j: the half list of intra-molecular pairs (`data.batches` makes it)."""
+        e_atoms = self.atomic_energies(species, positions[j] - positions[i], i, j, half_list=True)
         return torch.zeros(n_molecules, dtype=e_atoms.dtype, device=e_atoms.device).index_add(0, molecule, e_atoms)
 
 

@@ -29,13 +29,19 @@ def all_pairs(n_atoms: int, device: torch.device) -> Tuple[Tensor, Tensor]:
     return i, j
 
 
-def batched_all_pairs(n_atoms: List[int], device: torch.device) -> Tuple[Tensor, Tensor]:
-    """All intra-molecular ordered pairs for molecules stored one after another."""
+def unique_pairs(n_atoms: int, device: torch.device) -> Tuple[Tensor, Tensor]:
+    """Every unordered pair once (i < j): a half list of n (n - 1) / 2 pairs."""
+    ij = torch.triu_indices(n_atoms, n_atoms, 1, device=device)
+    return ij[0], ij[1]
+
+
+def batched_unique_pairs(n_atoms: List[int], device: torch.device) -> Tuple[Tensor, Tensor]:
+    """Half list (each pair once) of all intra-molecular pairs, molecules stored one after another."""
     pairs_i: List[Tensor] = []
     pairs_j: List[Tensor] = []
     offset = 0
     for n in n_atoms:
-        i, j = all_pairs(n, device)
+        i, j = unique_pairs(n, device)
         pairs_i.append(i + offset)
         pairs_j.append(j + offset)
         offset += n

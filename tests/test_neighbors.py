@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from conftest import random_model, reduced_box
-from schnet_md.neighbors import all_pairs, batched_all_pairs, box_heights, check_box, minimum_image
+from schnet_md.neighbors import (all_pairs, batched_unique_pairs, box_heights, check_box, minimum_image,
+                                unique_pairs)
 
 
 def brute_force_pairs(positions: np.ndarray, box: np.ndarray | None, cutoff: float, reach: int = 5):
@@ -27,14 +28,16 @@ def brute_force_pairs(positions: np.ndarray, box: np.ndarray | None, cutoff: flo
     return found
 
 
-def test_all_pairs_is_every_ordered_pair_once():
+def test_pair_lists_hold_every_pair_once():
     for n in (1, 2, 5, 19):
         i, j = all_pairs(n, torch.device("cpu"))
         got = sorted(zip(i.tolist(), j.tolist()))
         assert got == sorted(itertools.permutations(range(n), 2))
-    i, j = batched_all_pairs([3, 2], torch.device("cpu"))
+        i, j = unique_pairs(n, torch.device("cpu"))
+        assert sorted(zip(i.tolist(), j.tolist())) == sorted(itertools.combinations(range(n), 2))
+    i, j = batched_unique_pairs([3, 2], torch.device("cpu"))
     assert sorted(zip(i.tolist(), j.tolist())) == sorted(
-        list(itertools.permutations(range(3), 2)) + list(itertools.permutations(range(3, 5), 2)))
+        list(itertools.combinations(range(3), 2)) + list(itertools.combinations(range(3, 5), 2)))
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -73,6 +73,10 @@ def test_exported_file_loads_in_torchforce_with_metadata(tmp_path, ethanol, plat
     assert e == pytest.approx(float(e_model) * KJ_PER_KCAL, rel=1e-5)
     with torch.no_grad():
         assert float(module(torch.as_tensor(structure.positions_nm))) == pytest.approx(e, rel=1e-5)
+    # openmm-torch calls energy.backward(): frozen weights mean no weight gradients are computed each step,
+    # and the user's model is left trainable
+    assert not any(p.requires_grad for p in module.parameters())
+    assert all(p.requires_grad for p in model.parameters())
 
 
 @pytest.mark.parametrize("platform", PLATFORMS)
