@@ -127,8 +127,7 @@ class OpenMMSchNet(nn.Module):
                     bad = bad | (distances.max() >= 0.5 * box_heights(box.detach()).min())
         else:
             vectors = r.index_select(0, pair_j) - r.index_select(0, pair_i)
-        energy = self.model.atomic_energies(self.species, vectors, pair_i, pair_j, False,
-                                            half_list=not self.use_cells).sum()
+        energy = self.model.atomic_energies(self.species, vectors, pair_i, pair_j, False, half_list=True).sum()
         energy = energy.to(torch.float64) * self.kj_per_model_energy + self.reference_energy_kj
         if not self.check_errors:
             energy = torch.where(bad, torch.full_like(energy, float("nan")), energy)
@@ -143,13 +142,13 @@ CELL_LIST_MIN_ATOMS = 200   # the cell list wins once a system has a few times m
 
 def size_cell_list(box_angstrom, cutoff: float, n_atoms: int, positions_angstrom=None, headroom: float = 1.5):
     """(cells per direction, max atoms per cell, pair capacity) for a periodic system, with headroom.
-    The pair capacity follows the mean density (n^2 4/3 pi rc^3 / V); atoms per cell follow the fullest cell
+    The pair capacity (a half list) follows the mean density (n^2 2/3 pi rc^3 / V); atoms per cell follow the fullest cell
     of the given positions (or the mean, doubled, without positions)."""
     box = np.asarray(box_angstrom, dtype=np.float64)
     cells = cell_grid(box, cutoff)
     n_cells = max(1, int(np.prod(cells)))
     volume = abs(np.linalg.det(box))
-    capacity = int(headroom * n_atoms * n_atoms * (4.0 / 3.0) * np.pi * cutoff ** 3 / volume) + 256
+    capacity = int(headroom * n_atoms * n_atoms * (2.0 / 3.0) * np.pi * cutoff ** 3 / volume) + 256
     if positions_angstrom is not None and min(cells) >= 1:
         frac = np.asarray(positions_angstrom) @ np.linalg.inv(box)
         frac -= np.floor(frac)

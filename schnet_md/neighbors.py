@@ -158,7 +158,8 @@ def cell_grid(box, cutoff: float) -> List[int]:
 
 def cell_list_pairs(positions: Tensor, box: Tensor, cutoff: float, n_cells: List[int], max_per_cell: int,
                     capacity: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Ordered pairs (i, j) closer than `cutoff` in a periodic reduced box, found through a cell list.
+    """Pairs (i, j), i < j, closer than `cutoff` in a periodic reduced box, found through a cell list: a half
+    list (each pair once), as `SchNet.atomic_energies(..., half_list=True)` takes it.
 
     Every shape is fixed by (n_atoms, n_cells, max_per_cell, capacity), and nothing is copied to the host,
     so the search can be captured in a CUDA graph. Returns (i, j, vectors r_j - r_i at the minimum image,
@@ -197,7 +198,8 @@ def cell_list_pairs(positions: Tensor, box: Tensor, cutoff: float, n_cells: List
     i_all = torch.arange(n, device=device)[:, None].expand(n, 27 * max_per_cell)
     j_safe = torch.clamp(candidates, min=0)
     v_all = minimum_image((positions[j_safe] - positions[i_all]).reshape(-1, 3).detach(), box.detach())
-    within = ((candidates >= 0) & (candidates != i_all)).reshape(-1) & (torch.linalg.norm(v_all, dim=1) < cutoff)
+    # i < j keeps each pair once: with >= 3 cells per direction j is a candidate of i exactly once
+    within = (candidates > i_all).reshape(-1) & (torch.linalg.norm(v_all, dim=1) < cutoff)
     # compaction into `capacity` slots: write position = running count (one trash slot at the end)
     within_long = within.to(torch.long)
     found = within_long.sum()

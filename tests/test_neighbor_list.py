@@ -25,7 +25,7 @@ def periodic_system(kind, seed, n=300, size=16.0):
 
 @pytest.mark.parametrize("kind", ["orthorhombic", "triclinic"])
 @pytest.mark.parametrize("seed", range(3))
-def test_cell_list_finds_exactly_the_dense_pairs(kind, seed):
+def test_cell_list_finds_exactly_the_dense_pairs_once(kind, seed):
     box, r, _ = periodic_system(kind, seed)
     cutoff = 4.5
     cells = cell_grid(box, cutoff)
@@ -37,7 +37,7 @@ def test_cell_list_finds_exactly_the_dense_pairs(kind, seed):
     ii, jj = all_pairs(len(r), r.device)
     vv = minimum_image(r[jj] - r[ii], box)
     d = torch.linalg.norm(vv, dim=1)
-    reference = {(a, b): vv[k] for k, (a, b) in enumerate(zip(ii.tolist(), jj.tolist())) if d[k] < cutoff}
+    reference = {(a, b): vv[k] for k, (a, b) in enumerate(zip(ii.tolist(), jj.tolist())) if d[k] < cutoff and a < b}
     assert set(ours) == set(reference)
     for key, vec in reference.items():
         assert torch.allclose(ours[key], vec, atol=1e-10)
