@@ -13,8 +13,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import multiprocessing
 import os
 import platform
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch  # noqa: I001  (first)
@@ -30,6 +32,30 @@ MOLECULES = ["ethanol", "c7o2h10_1", "aspirin", "alanine-dipeptide"]
 
 
 
+def run_row(task: dict) -> dict:
+    """One row, in a fresh process (so its peak memory is its own)."""
+    torch.set_num_threads(task["threads"])
+    preset = task["preset"]
+    if task["kind"] == "molecule":
+        name = task["name"]
+        s = read_structure(ROOT / "systems" / name / f"{name}.pdb")
+        z = s.atomic_numbers.tolist()
+        if preset == "schnet2017" and name in shipped_models():
+            model, label = load_model(name)[0], f"shipped `{name}` (schnet2017)"
+        else:
+            model, label = preset_model(preset, z), f"{preset}, random weights"
+        r = bench(name, s.topology, s.positions_nm, model, label, task["platform"], task["steps"], task["repeats"],
+                  task["cuda_graphs"])
+    else:
+        topology, positions = water_box(task["n_atoms"])
+        cutoff = 5.0 if preset == "schnet2017" else None
+        model = preset_model(preset, [1, 8], cutoff)
+        label = preset + (" + 5 Å cutoff" if cutoff else "") + ", random weights"
+        r = bench("water box", topology, positions, model, label, task["platform"], max(5, task["steps"] // 40),
+                  max(3, task["repeats"] // 10), task["cuda_graphs"])
+    return r.as_dict()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--platform", default="CPU")
@@ -40,47 +66,42 @@ def main() -> None:
     p.add_argument("--cuda-graphs", action="store_true")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "speed.md"))
     args = p.parse_args()
-    rows = []
-    targets = [(m, read_structure(ROOT / "systems" / m / f"{m}.pdb")) for m in MOLECULES]
+    common = dict(platform=args.platform, steps=args.steps, repeats=args.repeats, cuda_graphs=args.cuda_graphs)
+    tasks = []
     for threads in args.threads:
-        torch.set_num_threads(threads)
         for preset in ("schnet2017", "schnet2018"):
-            for name, s in targets:
-                z = s.atomic_numbers.tolist()
-                if preset == "schnet2017" and name in shipped_models():
-                    model, label = load_model(name)[0], f"shipped `{name}` (schnet2017)"
-                else:
-                    model, label = preset_model(preset, z), f"{preset}, random weights"
-                r = bench(name, s.topology, s.positions_nm, model, label, args.platform, args.steps, args.repeats,
-                          args.cuda_graphs)
-                rows.append(r.as_dict())
-                print(json.dumps(rows[-1]))
-            for n in (args.water if threads == max(args.threads) else []):   # boxes: largest thread count only
-                topology, positions = water_box(n)
-                cutoff = 5.0 if preset == "schnet2017" else None
-                model = preset_model(preset, [1, 8], cutoff)
-                label = preset + (" + 5 Å cutoff" if cutoff else "") + ", random weights"
-                r = bench("water box", topology, positions, model, label, args.platform,
-                          max(5, args.steps // 40), max(3, args.repeats // 10), args.cuda_graphs)
-                rows.append(r.as_dict())
-                print(json.dumps(rows[-1]))
-    (ROOT / "benchmarks" / "speed.json").write_text(json.dumps(rows, indent=1))
+            tasks += [dict(common, kind="molecule", name=m, preset=preset, threads=threads) for m in MOLECULES]
+            if threads == max(args.threads):   # boxes: largest thread count only
+                tasks += [dict(common, kind="water", n_atoms=n, preset=preset, threads=threads) for n in args.water]
+    rows = []
+    for task in tasks:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            try:
+                rows.append(pool.submit(run_row, task).result())
+            except Exception as error:   # e.g. out of memory for a big box: record it, go on
+                print(f"row {task} failed: {error!r}")
+                continue
+        print(json.dumps(rows[-1]))
+    Path(args.out).with_suffix(".json").write_text(json.dumps(rows, indent=1))
     lines = [
         f"# MD speed ({args.platform} platform)", "",
         f"Measured {datetime.date.today()} on {cpu_name()} ({os.cpu_count()} cores, no GPU), idle apart from this "
         f"benchmark; Python {platform.python_version()}, torch {torch.__version__}, OpenMM {openmm.__version__}, "
         f"schnet-md {schnet_md.__version__}. Command: `.venv/bin/python benchmarks/speed.py --steps {args.steps} "
         f"--repeats {args.repeats} --water {' '.join(map(str, args.water))} --threads "
-        f"{' '.join(map(str, args.threads))}`. Raw numbers: `benchmarks/speed.json`.", "",
+        f"{' '.join(map(str, args.threads))}`. Raw numbers: `{Path(args.out).with_suffix('.json').name}`.", "",
         "MD: `LangevinMiddleIntegrator`, 0.5 fs, 300 K, float32 model, only the SchNet force, after warm-up. "
-        "Model: median forward+backward of the exported TorchScript module. Peak memory: process resident-set "
-        "peak so far (CPU), so it only grows down the table.", "",
-        "| system | atoms | model | neighbours | torch threads | model fwd+bwd (ms) | MD steps/s | ns/day | peak RSS (MB) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "Model: median forward+backward of the exported TorchScript module. Each row runs in a fresh process: "
+        "peak RSS is that process's resident-set peak (CPU; torch, OpenMM and the system included), 'model adds' "
+        "how far the model calls raised it.", "",
+        "| system | atoms | model | neighbours | torch threads | model fwd+bwd (ms) | MD steps/s | ns/day "
+        "| peak RSS (MB) | model adds (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(f"| {r['system']} | {r['n_atoms']} | {r['model']} | {r['neighbor_list']} | {r['torch_threads']} | "
-                     f"{r['model_ms']:.2f} | {r['steps_per_second']:.1f} | {r['ns_per_day']:.2f} | {r['peak_memory_mb']:.0f} |")
+                     f"{r['model_ms']:.2f} | {r['steps_per_second']:.1f} | {r['ns_per_day']:.2f} | {r['peak_memory_mb']:.0f} "
+                     f"| {r['model_memory_mb']:.0f} |")
     Path(args.out).write_text("\n".join(lines) + "\n")
     print(f"written {args.out}")
 

@@ -2,7 +2,8 @@
 
 Model-only: median time of one forward+backward of the exported TorchScript module (the work openmm-torch
 does each step), after warm-up. MD: steps/s of an OpenMM Context with only the SchNet force, after warm-up.
-Peak memory: CUDA's allocator peak on a GPU, the process's resident-set peak (ru_maxrss) on a CPU.
+Peak memory: CUDA's allocator peak on a GPU; on a CPU the process's resident-set peak (ru_maxrss) and how
+far the model calls raised it above the resident set before them (meaningful in a fresh process).
 Weights do not change speed, so a random-weight model of a preset stands in where no trained one fits.
 """
 
@@ -34,6 +35,7 @@ class BenchResult:
     steps_per_second: float
     ns_per_day: float
     peak_memory_mb: float
+    model_memory_mb: float = float("nan")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -79,9 +81,20 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _resident_mb() -> float:
+    """The current resident set (Linux /proc), or NaN where it cannot be read."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                return float(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return float("nan")
+
+
 def time_model(model: SchNet, atomic_numbers, positions_nm: np.ndarray, box_nm: Optional[np.ndarray] = None,
                repeats: int = 50, device: str = "cpu", neighbor_list: str = "auto"):
-    """(median ms of forward+backward, neighbour list used, peak memory MB)."""
+    """(median ms of forward+backward, neighbour list used, peak memory MB, memory the calls added MB)."""
     dev = torch.device(device)
     module, meta = build_module(model, list(atomic_numbers), periodic=box_nm is not None, box_nm=box_nm,
                                 positions_nm=positions_nm, neighbor_list=neighbor_list)
@@ -90,6 +103,7 @@ def time_model(model: SchNet, atomic_numbers, positions_nm: np.ndarray, box_nm: 
     box = None if box_nm is None else torch.as_tensor(box_nm, dtype=torch.float32, device=dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
+    before = torch.cuda.memory_allocated(dev) / 2 ** 20 if dev.type == "cuda" else _resident_mb()
     times = []
     for k in range(repeats + 5):
         p = x.clone().requires_grad_(True)
@@ -101,7 +115,8 @@ def time_model(model: SchNet, atomic_numbers, positions_nm: np.ndarray, box_nm: 
             torch.cuda.synchronize(dev)
         if k >= 5:
             times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times), meta["neighbor_list"], _peak_memory_mb(dev)
+    peak = _peak_memory_mb(dev)
+    return 1000 * statistics.median(times), meta["neighbor_list"], peak, peak - before
 
 
 def time_md(model: SchNet, topology, positions_nm: np.ndarray, platform: str = "CPU", steps: int = 200,
@@ -136,7 +151,7 @@ def bench(name: str, topology, positions_nm: np.ndarray, model: SchNet, model_la
     box = topology.getPeriodicBoxVectors()
     box_nm = None if box is None else np.array(box.value_in_unit(unit.nanometer))
     device = "cuda" if platform == "CUDA" else "cpu"
-    ms, used, memory = time_model(model, z, positions_nm, box_nm, repeats, device, neighbor_list)
+    ms, used, memory, added = time_model(model, z, positions_nm, box_nm, repeats, device, neighbor_list)
     sps = time_md(model, topology, positions_nm, platform, steps, timestep_fs, cuda_graphs, neighbor_list)
     return BenchResult(name, len(z), model_label, platform, used, cuda_graphs, torch.get_num_threads(), ms, sps,
-                       sps * timestep_fs * 1e-6 * 86400, memory)
+                       sps * timestep_fs * 1e-6 * 86400, memory, added)
