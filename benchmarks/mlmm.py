@@ -155,9 +155,58 @@ def report() -> None:
                   "| | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
         for a in labels:
             lines.append(f"| {a} | " + " | ".join(f"{jensenshannon(hists[a], hists[b], base=2) ** 2:.3f}" for b in labels) + " |")
+    lines += training_lines()
+    lines += analysis_lines(runs)
     lines += ["", "![Ramachandran](mlmm/ramachandran.png)", ""]
     (ROOT / "benchmarks" / "mlmm.md").write_text("\n".join(lines))
     print("\n".join(lines))
+
+
+def training_lines() -> list:
+    """The training set and the trained model's validation errors."""
+    lines = []
+    info_path, metrics_path = RUNS / "train.npz.json", RUNS / "model" / "metrics.json"
+    if info_path.exists():
+        info = json.loads(info_path.read_text())
+        lines += ["", f"Training set: {info['frames']} frames of {info['method']} Langevin MD of the solute in vacuum at "
+                  f"{info['temperature_k']:.0f} K ({info['trajectories']} runs of {info['steps_per_trajectory']} steps "
+                  f"of {info['timestep_fs']} fs, every {info['every']}th step; `python benchmarks/mlmm.py sample`)."]
+    if metrics_path.exists():
+        m = json.loads(metrics_path.read_text())
+        best = min(m["history"], key=lambda h: h["validation_loss"])
+        hours = sum(h["seconds"] for h in m["history"]) / 3600
+        lines.append(f"SchNet (schnet2017): {len(m['history'])} epochs ({hours:.2f} h on one CPU thread), best validation "
+                     f"(10% of the frames) energy MAE {best['validation_energy_mae']:.2f} kcal/mol, force MAE "
+                     f"{best['validation_forces_mae']:.2f} kcal/mol/Å.")
+    return lines
+
+
+def analysis_lines(runs: dict) -> list:
+    """schnet-md's own analysis: chemistry and transitions of each run, and `compare` against amber14."""
+    from schnet_md.analysis.analyze import analyze
+    from schnet_md.analysis.compare import compare, write_comparison
+    from schnet_md.analysis.load import LoadedTrajectory
+
+    loaded = [LoadedTrajectory(t, label) for label, t in runs.items()]
+    lines = ["", "Per run (`schnet_md.analysis.analyze`): frames whose bond map differs from the topology's "
+             "(broken or formed bonds), and phi/psi transitions between staggered states with hysteresis:", "",
+             "| run | frames | frames with changed bonds | dihedral transitions |", "|---|---|---|---|"]
+    for item in loaded:
+        a = analyze(item)
+        trans = ", ".join(f"{d['name']}: {d['n_transitions']}" for d in a["dihedrals"])
+        lines.append(f"| {item.label} | {a['n_frames']} | {a['chemistry_changes']['n_frames_changed']} | {trans} |")
+    if len(loaded) > 1:
+        result = compare(loaded)
+        write_comparison(result, OUT / "compare")
+        lines += ["", f"`schnet_md.analysis.compare` against {loaded[0].label} (Jensen-Shannon divergence of each "
+                  "rotatable dihedral and of the heavy-atom distances; plots in [mlmm/compare](mlmm/compare/compare.md)):",
+                  "", "| distribution | " + " | ".join(x.label for x in loaded[1:]) + " |",
+                  "|---|" + "---|" * (len(loaded) - 1)]
+        for d in result["dihedrals"]:
+            lines.append(f"| dihedral {d['name']} | " + " | ".join(f"{v:.3f}" for v in d["js_divergence"]) + " |")
+        lines.append("| heavy-atom distances, mean | " +
+                     " | ".join(f"{v:.3f}" for v in result["distances"]["mean_js_divergence"]) + " |")
+    return lines
 
 
 def main() -> None:
