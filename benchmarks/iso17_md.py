@@ -1,7 +1,7 @@
 """ISO17-style production MD study: SchNet MD in OpenMM at 500 K for C7O2H10 isomers, analysed with mdtraj
 and compared with the GFN2-xTB reference trajectories of the same isomers in iso17x.
 
-    python benchmarks/iso17_md.py run --ps 50 [--model iso17x] [--isomers 63 128 7]   # resumable
+    python benchmarks/iso17_md.py run --ps 50 [--model iso17x] [--isomers 63 128 7] [--fresh]   # resumable
     python benchmarks/iso17_md.py report                                              # writes benchmarks/iso17_md.md
 
 Isomers: 63 and 128 are known molecules (in iso17x `known_mols`, so their other conformations were in the
@@ -34,10 +34,12 @@ STUDY = {63: "known", 128: "known", 7: "unknown"}
 TIMESTEP_FS = 0.5
 
 
-def cmd_run(ps: float, model: str, isomers, platform) -> None:
+def cmd_run(ps: float, model: str, isomers, platform, fresh: bool = False) -> None:
     from schnet_md.simulate import SimulationError
 
     for mol in isomers:
+        if fresh and (RUNS / f"mol{mol}").exists():   # a run continues with the force it was exported with
+            shutil.rmtree(RUNS / f"mol{mol}")
         try:
             _run_isomer(mol, ps, model, platform)
         except SimulationError as err:   # keep the frames; the report shows where and why it stopped
@@ -121,10 +123,11 @@ def main() -> None:
     r.add_argument("--model", default="iso17x", help="model file or shipped model name")
     r.add_argument("--isomers", type=int, nargs="+", default=list(STUDY))
     r.add_argument("--platform", help="OpenMM platform (default: fastest)")
+    r.add_argument("--fresh", action="store_true", help="discard earlier runs (e.g. after the model changed)")
     sub.add_parser("report")
     args = p.parse_args()
     if args.command == "run":
-        cmd_run(args.ps, args.model, args.isomers, args.platform)
+        cmd_run(args.ps, args.model, args.isomers, args.platform, args.fresh)
     else:
         cmd_report()
 
