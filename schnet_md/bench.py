@@ -119,6 +119,41 @@ def time_model(model: SchNet, atomic_numbers, positions_nm: np.ndarray, box_nm: 
     return 1000 * statistics.median(times), meta["neighbor_list"], peak, peak - before
 
 
+def time_neighbor_search(positions_nm: np.ndarray, box_nm: np.ndarray, cutoff: float = 5.0, method: str = "cells",
+                         repeats: int = 5) -> dict:
+    """Median ms of the in-graph neighbour search alone (no model), TorchScript, for a periodic system:
+    "cells" (the O(N) cell list the export uses) or "all_pairs" (every pair at its minimum image, O(N^2))."""
+    from .export import size_cell_list
+    from .neighbors import cell_list_pairs, minimum_image, unique_pairs
+
+    r = torch.as_tensor(positions_nm * 10.0, dtype=torch.float32)
+    box = torch.as_tensor(box_nm * 10.0, dtype=torch.float32)
+    n = len(r)
+    if method == "cells":
+        cells, per_cell, capacity = size_cell_list(box_nm * 10.0, cutoff, n, positions_nm * 10.0)
+        search = torch.jit.script(cell_list_pairs)
+
+        def run():
+            out = search(r, box, cutoff, cells, per_cell, capacity)
+            return int(out[4]), capacity
+    else:
+        i, j = unique_pairs(n, r.device)
+        image = torch.jit.script(minimum_image)
+
+        def run():
+            d = torch.linalg.norm(image(r[j] - r[i], box), dim=1)
+            return int((d < cutoff).sum()), len(i)
+    times = []
+    with torch.no_grad():
+        for k in range(repeats + 2):
+            t0 = time.perf_counter()
+            found, slots = run()
+            if k >= 2:
+                times.append(time.perf_counter() - t0)
+    return {"method": method, "n_atoms": n, "ms": 1000 * statistics.median(times), "pairs_found": found,
+            "pair_slots": slots, "peak_memory_mb": _peak_memory_mb(torch.device("cpu"))}
+
+
 def time_md(model: SchNet, topology, positions_nm: np.ndarray, platform: str = "CPU", steps: int = 200,
             timestep_fs: float = 0.5, cuda_graphs: bool = False, neighbor_list: str = "auto") -> float:
     """Steps per second of Langevin MD with only the SchNet force."""

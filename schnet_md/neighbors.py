@@ -192,19 +192,31 @@ def cell_list_pairs(positions: Tensor, box: Tensor, cutoff: float, n_cells: List
                                         torch.arange(-1, 2, device=device), indexing="ij"), dim=-1).reshape(27, 3)
     c3 = torch.stack([cell_ids // (n_cells[1] * n_cells[2]), (cell_ids // n_cells[2]) % n_cells[1],
                       cell_ids % n_cells[2]], dim=1)
-    nb3 = (c3[:, None, :] + shifts[None, :, :]) % grid
+    moved = c3[:, None, :] + shifts[None, :, :]                                                 # [cells, 27, 3]
+    nb3 = moved % grid
     neighbour_cells = (nb3[:, :, 0] * n_cells[1] + nb3[:, :, 1]) * n_cells[2] + nb3[:, :, 2]   # [cells, 27]
-    candidates = table[neighbour_cells[cell]].reshape(n, 27 * max_per_cell)                    # [n, 27 M]
-    i_all = torch.arange(n, device=device)[:, None].expand(n, 27 * max_per_cell)
+    # Candidates are screened on positions folded into the cell plus the translation of the neighbour cell's
+    # periodic image: with >= 3 cells per direction a pair within the cutoff lies in adjacent cells, at that
+    # image. (Cheaper than a minimum image of every candidate; the kept pairs get theirs below.)
+    translation = torch.div(moved, grid, rounding_mode="floor").to(positions.dtype) @ box.detach()
+    translation = translation[cell].permute(2, 0, 1)                                          # [3, n, 27]
+    folded = (frac @ box.detach()).detach().t().contiguous()                                   # [3, n]
+    candidates = table[neighbour_cells[cell]]                                                  # [n, 27, M]
     j_safe = torch.clamp(candidates, min=0)
-    v_all = minimum_image((positions[j_safe] - positions[i_all]).reshape(-1, 3).detach(), box.detach())
+    squared = torch.zeros(candidates.shape, dtype=positions.dtype, device=device)
+    for axis in range(3):    # one coordinate at a time keeps every array contiguous over the candidates
+        x = folded[axis]
+        v = x[j_safe] - x[:, None, None] + translation[axis][:, :, None]
+        squared = squared + v * v
+    i_all = torch.arange(n, device=device)[:, None, None]
     # i < j keeps each pair once: with >= 3 cells per direction j is a candidate of i exactly once
-    within = (candidates > i_all).reshape(-1) & (torch.linalg.norm(v_all, dim=1) < cutoff)
+    within = ((candidates > i_all) & (squared < cutoff * cutoff)).reshape(-1)
+    i_all = i_all.expand(n, 27, max_per_cell)
     # compaction into `capacity` slots: write position = running count (one trash slot at the end)
     within_long = within.to(torch.long)
     found = within_long.sum()
-    where_to = torch.where(within & (torch.cumsum(within_long, 0) <= capacity), torch.cumsum(within_long, 0) - 1,
-                           torch.full_like(within_long, capacity))
+    rank = torch.cumsum(within_long, 0)
+    where_to = torch.where(within & (rank <= capacity), rank - 1, torch.full_like(within_long, capacity))
     pair_i = torch.zeros(capacity + 1, dtype=torch.long, device=device).scatter(0, where_to, i_all.reshape(-1))[:capacity]
     pair_j = torch.zeros(capacity + 1, dtype=torch.long, device=device).scatter(0, where_to, j_safe.reshape(-1))[:capacity]
     mask = torch.arange(capacity, device=device) < found

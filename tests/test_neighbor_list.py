@@ -45,6 +45,33 @@ def test_cell_list_finds_exactly_the_dense_pairs_once(kind, seed):
     assert (torch.linalg.norm(v[~mask], dim=1) > cutoff).all()
 
 
+def dense_half_pairs(r, box, cutoff):
+    ii, jj = all_pairs(len(r), r.device)
+    vv = minimum_image(r[jj] - r[ii], box)
+    d = torch.linalg.norm(vv, dim=1)
+    return {(a, b) for k, (a, b) in enumerate(zip(ii.tolist(), jj.tolist())) if d[k] < cutoff and a < b}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_cell_list_with_three_cells_and_atoms_on_cell_faces(seed):
+    """The tightest grid (3 cells a side, so the -1 and +1 neighbours of a cell are images of each other's
+    neighbours) and atoms exactly on cell faces or a rounding error below the box face."""
+    rng = np.random.default_rng(40 + seed)
+    cutoff = 4.0
+    box = reduced_box("triclinic", rng, size=3.05 * cutoff)
+    while min(cell_grid(box, cutoff)) != 3 or float(torch.linalg.det(box)) <= 0:
+        box = reduced_box("triclinic", rng, size=3.05 * cutoff * (1.0 + 0.1 * rng.random()))
+    n = 120
+    frac = rng.random((n, 3))
+    frac[:30] = rng.choice([0.0, 1.0 / 3.0, 2.0 / 3.0, 1.0 - 1e-7, -1e-7], size=(30, 3))
+    r = torch.as_tensor(frac) @ box
+    i, j, v, mask, found, overflow = cell_list_pairs(r, box, cutoff, [3, 3, 3], 64, 20000)
+    assert not bool(overflow)
+    ours = {(a, b) for a, b, m in zip(i.tolist(), j.tolist(), mask.tolist()) if m}
+    assert len(ours) == int(found)
+    assert ours == dense_half_pairs(r, box, cutoff)
+
+
 @pytest.mark.parametrize("kind", ["orthorhombic", "triclinic"])
 @pytest.mark.parametrize("platform", ["Reference", "CPU"])
 def test_cell_list_and_dense_exports_agree_in_openmm(kind, platform):
