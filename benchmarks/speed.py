@@ -19,6 +19,7 @@ import platform
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch  # noqa: I001  (first)
 import openmm
 
@@ -56,6 +57,27 @@ def run_row(task: dict) -> dict:
     return r.as_dict()
 
 
+def search_row(task: dict) -> dict:
+    """The neighbour search alone for one water box, in a fresh process."""
+    from openmm import unit
+
+    from schnet_md.bench import time_neighbor_search
+
+    torch.set_num_threads(task["threads"])
+    topology, positions = water_box(task["n_atoms"])
+    box = np.array(topology.getPeriodicBoxVectors().value_in_unit(unit.nanometer))
+    return time_neighbor_search(positions, box, 5.0, task["method"], repeats=5)
+
+
+def in_fresh_process(function, task: dict):
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            return pool.submit(function, task).result()
+        except Exception as error:   # e.g. out of memory for a big box: record it, go on
+            print(f"row {task} failed: {error!r}")
+            return None
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--platform", default="CPU")
@@ -63,6 +85,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--water", type=int, nargs="*", default=[1000, 3000])
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--search", type=int, nargs="*", default=[1000, 3000, 12000, 24000],
+                   help="water boxes for the neighbour-search-only scaling table")
     p.add_argument("--cuda-graphs", action="store_true")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "speed.md"))
     args = p.parse_args()
@@ -75,14 +99,18 @@ def main() -> None:
                 tasks += [dict(common, kind="water", n_atoms=n, preset=preset, threads=threads) for n in args.water]
     rows = []
     for task in tasks:
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            try:
-                rows.append(pool.submit(run_row, task).result())
-            except Exception as error:   # e.g. out of memory for a big box: record it, go on
-                print(f"row {task} failed: {error!r}")
-                continue
-        print(json.dumps(rows[-1]))
-    Path(args.out).with_suffix(".json").write_text(json.dumps(rows, indent=1))
+        row = in_fresh_process(run_row, task)
+        if row is not None:
+            rows.append(row)
+            print(json.dumps(row))
+    search = []
+    for n in args.search:
+        for method in ("cells", "all_pairs") if n <= 3000 else ("cells",):   # all pairs: O(N^2) memory
+            row = in_fresh_process(search_row, dict(n_atoms=n, method=method, threads=max(args.threads)))
+            if row is not None:
+                search.append(row)
+                print(json.dumps(row))
+    Path(args.out).with_suffix(".json").write_text(json.dumps({"md": rows, "neighbour_search": search}, indent=1))
     lines = [
         f"# MD speed ({args.platform} platform)", "",
         f"Measured {datetime.date.today()} on {cpu_name()} ({os.cpu_count()} cores, no GPU), idle apart from this "
@@ -102,6 +130,14 @@ def main() -> None:
         lines.append(f"| {r['system']} | {r['n_atoms']} | {r['model']} | {r['neighbor_list']} | {r['torch_threads']} | "
                      f"{r['model_ms']:.2f} | {r['steps_per_second']:.1f} | {r['ns_per_day']:.2f} | {r['peak_memory_mb']:.0f} "
                      f"| {r['model_memory_mb']:.0f} |")
+    lines += ["", "## Neighbour search alone (O(N) cell list against O(N^2) all pairs)", "",
+              f"Water boxes, 5 Å cutoff, float32, TorchScript, {max(args.threads)} torch thread(s), median of 5 calls, "
+              "each box in a fresh process; pairs are the half list (each pair once); slots: the fixed capacity "
+              "(cell list) or every pair (all pairs).", "",
+              "| atoms | method | ms | pairs within cutoff | pair slots | peak RSS (MB) |", "|---|---|---|---|---|---|"]
+    for r in search:
+        lines.append(f"| {r['n_atoms']} | {r['method']} | {r['ms']:.1f} | {r['pairs_found']} | {r['pair_slots']} | "
+                     f"{r['peak_memory_mb']:.0f} |")
     Path(args.out).write_text("\n".join(lines) + "\n")
     print(f"written {args.out}")
 
