@@ -169,7 +169,7 @@ def time_md(model: SchNet, topology, positions_nm: np.ndarray, platform: str = "
     context = openmm.Context(system, integrator, openmm.Platform.getPlatformByName(platform))
     context.setPositions(positions_nm)
     context.setVelocitiesToTemperature(300 * unit.kelvin, 1)
-    integrator.step(max(2, min(10, steps // 10)))  # warm-up: TorchScript profiling runs, graph capture
+    integrator.step(max(5, min(20, steps // 10)))  # warm-up: TorchScript profiling runs, graph capture
     context.getState(getEnergy=True)
     t0 = time.perf_counter()
     integrator.step(steps)

@@ -166,7 +166,8 @@ def _bench(args) -> int:
                   args.cuda_graphs, args.neighbor_list)
         results.append(r.as_dict())
         print(f"{r.system:28s} {r.n_atoms:6d} atoms  {r.model:34s} {r.neighbor_list:9s} model {r.model_ms:9.2f} ms  "
-              f"MD {r.steps_per_second:9.1f} steps/s  {r.ns_per_day:8.2f} ns/day  peak {r.peak_memory_mb:8.0f} MB")
+              f"MD {r.steps_per_second:9.1f} steps/s  {r.ns_per_day:8.2f} ns/day  peak {r.peak_memory_mb:8.0f} MB "
+              f"(model calls {r.model_memory_mb:+.0f} MB)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0
