@@ -1,10 +1,13 @@
-"""The README's Python example runs as written and gives the model's energy."""
+"""The README's Python example runs as written and gives the model's energy; shipped models cover the systems."""
 
 from __future__ import annotations
 
+import json
 import os
 
+import numpy as np
 import pytest
+import torch
 
 from conftest import ROOT
 
@@ -26,3 +29,32 @@ def test_readme_python_example_runs():
     context.setPositions(pdb.positions)
     energy = context.getState(getEnergy=True).getPotentialEnergy().value_in_unit(openmm.unit.kilojoule_per_mole)
     assert energy == pytest.approx(-406182.0, abs=1.0)   # the shipped ethanol model at systems/ethanol
+
+
+SHIPPED_FOR_SYSTEM = {"ethanol": "ethanol", "aspirin": "aspirin", "iso17x": "c7o2h10_1",
+                      "alanine-dipeptide": "alanine-dipeptide"}
+
+
+def test_every_system_has_a_shipped_model_with_a_card():
+    """Each ready-to-run system has a trained model in the package whose card and test metrics exist, and the
+    model gives finite energies and forces of a sane size on that system."""
+    from schnet_md.model import energy_and_forces
+    from schnet_md.modelfile import load_model, shipped_models
+    from schnet_md.structures import read_structure
+
+    systems = {p.name for p in (ROOT / "systems").iterdir() if p.is_dir() and not p.name.startswith("_")}
+    covered = set(SHIPPED_FOR_SYSTEM.values()) | {s for s in systems if s.startswith("c7o2h10_")}
+    assert systems <= covered, f"systems without a shipped model: {sorted(systems - covered)}"
+    models = shipped_models()
+    for name, system in SHIPPED_FOR_SYSTEM.items():
+        assert name in models
+        card = models[name].with_name("MODEL_CARD.md").read_text()
+        assert "## Test metrics" in card and "forces MAE" in card
+        metrics = json.loads(models[name].with_name("metrics.json").read_text())
+        assert all(np.isfinite(t["forces_mae_kcal_mol"]) for t in metrics["test"])
+        model, _ = load_model(name, dtype=torch.float64)
+        s = read_structure(ROOT / "systems" / system / f"{system}.pdb")
+        energy, forces = energy_and_forces(model, torch.as_tensor(s.atomic_numbers),
+                                           torch.as_tensor(s.positions_nm * 10.0))
+        assert torch.isfinite(energy) and torch.isfinite(forces).all()
+        assert float(forces.abs().max()) < 200.0    # near-equilibrium structures: no huge forces
