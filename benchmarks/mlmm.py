@@ -148,7 +148,8 @@ def report() -> None:
         if (RUNS / kind / "run.json").exists():
             info = json.loads((RUNS / kind / "run.json").read_text())
             lines.append(f"- `{kind}`: {info['ps']:.1f} ps, {info['atoms']} atoms, {info['platform']} platform, "
-                         f"{info['ns_per_day_last_segment']:.3f} ns/day")
+                         f"{info['ns_per_day_last_segment']:.3f} ns/day as run (not a benchmark: one thread, "
+                         "the machine shared with trainings)")
     labels = list(hists)
     if len(labels) > 1:
         lines += ["", "Jensen-Shannon divergence of the (phi, psi) histograms (15° bins; 0 identical, 1 disjoint):", "",
