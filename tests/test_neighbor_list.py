@@ -176,3 +176,16 @@ def test_graph_safe_export_captures_in_a_cuda_graph(neighbor_list):
     torch.cuda.synchronize()
     expected = module(x.detach().clone().requires_grad_(True), box)
     assert torch.allclose(energy, expected, rtol=1e-5)
+
+
+def test_neighbour_search_benchmark_counts_the_same_pairs_both_ways():
+    from openmm import unit
+
+    from schnet_md.bench import time_neighbor_search, water_box
+
+    topology, positions = water_box(700)
+    box = np.array(topology.getPeriodicBoxVectors().value_in_unit(unit.nanometer))
+    cells = time_neighbor_search(positions, box, 5.0, "cells", repeats=1)
+    dense = time_neighbor_search(positions, box, 5.0, "all_pairs", repeats=1)
+    assert cells["pairs_found"] == dense["pairs_found"] > 0
+    assert cells["pair_slots"] < dense["pair_slots"] == len(positions) * (len(positions) - 1) // 2
