@@ -1,10 +1,16 @@
 """ML/MM demonstration: alanine dipeptide in TIP3P water with the solute's potential swapped to SchNet.
 
     python benchmarks/mlmm.py sample --ps 10        # GFN2-xTB reference MD of the solute (vacuum, 500 K) -> training set
-    python benchmarks/mlmm.py train --hours 1       # SchNet (schnet2017) on it; resumable
+    python benchmarks/mlmm.py xtb --ps 5            # short GFN2-xTB reference run of the solute (vacuum, 300 K): test set
+    python benchmarks/mlmm.py train --hours 1       # round 1: SchNet (schnet2017) on the 500 K set; resumable
     python benchmarks/mlmm.py mm --ps 100           # amber14 + TIP3P, PME: the ordinary OpenMM setup
     python benchmarks/mlmm.py mlmm --ps 50          # the same setup, solute swapped to SchNet (createMixedSystem)
-    python benchmarks/mlmm.py xtb --ps 5            # short GFN2-xTB reference run of the solute (vacuum, 300 K)
+    # round 2, when round 1's ML/MM run left the training data (the blow-up guard stops it):
+    python benchmarks/mlmm.py sample-hot --ps 5     # GFN2-xTB MD at 700 K: distorted geometries
+    python benchmarks/mlmm.py label-run             # GFN2-xTB labels for the ML/MM run's solute frames; the run
+                                                    # moves to mlmm-round1/ (kept for the report)
+    python benchmarks/mlmm.py train --hours 1 --round 2   # all three sets, a fresh model in model2/
+    python benchmarks/mlmm.py mlmm --ps 50          # uses the newest model
     python benchmarks/mlmm.py report                # Ramachandran comparison -> benchmarks/mlmm.md
 
 Every stage resumes where it stopped (rerun it with a larger --ps or --hours). Runs live in
@@ -59,11 +65,41 @@ def build_system(kind: str, topology, forcefield, model_path: Path):
     return MLPotential("schnet", modelPath=str(model_path)).createMixedSystem(topology, mm, solute)
 
 
+def newest_model() -> Path:
+    return RUNS / "model2" if (RUNS / "model2" / "model.pt").exists() else RUNS / "model"
+
+
+def training_files(round_: int) -> list:
+    return [RUNS / "train.npz"] + ([RUNS / "hot.npz", RUNS / "run_frames.npz"] if round_ == 2 else [])
+
+
+def merge(files, out: Path) -> Path:
+    """One rMD17-format file from several of the same molecule (frame ids: file number * 1e7 + id)."""
+    from schnet_md.reference import write_rmd17
+
+    parts = [np.load(f) for f in files]
+    write_rmd17(out, parts[0]["nuclear_charges"].tolist(), np.concatenate([p["coords"] for p in parts]),
+                np.concatenate([p["energies"] for p in parts]), np.concatenate([p["forces"] for p in parts]),
+                np.concatenate([k * 10_000_000 + p["old_indices"] for k, p in enumerate(parts)]))
+    return out
+
+
+def label_run() -> None:
+    """GFN2-xTB labels (solute in vacuum, as the model sees it) for every solute frame of the ML/MM run."""
+    from schnet_md.reference import label_frames
+
+    run = RUNS / "mlmm"
+    traj = mdtraj.load(str(run / "solute.dcd"), top=str(run / "solute.pdb"))
+    numbers = [a.element.atomic_number for a in traj.topology.atoms]
+    label_frames(numbers, traj.xyz * 10.0, RUNS / "run_frames.npz")
+    run.rename(RUNS / "mlmm-round1")
+
+
 def run_md(kind: str, ps: float, platform: str) -> None:
     out = RUNS / kind
     out.mkdir(parents=True, exist_ok=True)
     topology, positions, forcefield = solvated()
-    system = build_system(kind, topology, forcefield, RUNS / "model" / "model.pt")
+    system = build_system(kind, topology, forcefield, newest_model() / "model.pt")
     solute = [a.index for a in topology.atoms() if a.residue.name in ("ACE", "ALA", "NME")]
     settings = SimulationSettings(timestep_fs=TIMESTEP_FS, temperature_k=300.0, friction_per_ps=1.0, seed=1,
                                   report_interval=REPORT, checkpoint_interval=10 * REPORT)
@@ -100,8 +136,14 @@ def run_md(kind: str, ps: float, platform: str) -> None:
     simulation.reporters += [dcd, StateCSVReporter(out / "state.csv", REPORT, n_dof, TIMESTEP_FS, append, guard),
                              AtomicCheckpointReporter(checkpoint, settings.checkpoint_interval, guard)]
     import time
+    from schnet_md.simulate import SimulationError
+
     t0 = time.perf_counter()
-    simulation.step(remaining)
+    try:
+        simulation.step(remaining)
+    except SimulationError as error:   # frames and the last good checkpoint stay; the report says why it stopped
+        (out / "stopped.txt").write_text(f"{error}\n")
+        raise
     wall = time.perf_counter() - t0
     save_checkpoint(simulation, checkpoint)
     info = {"kind": kind, "ps": simulation.currentStep * TIMESTEP_FS / 1000, "atoms": system.getNumParticles(),
@@ -122,7 +164,8 @@ def report() -> None:
 
     OUT.mkdir(parents=True, exist_ok=True)
     runs = {}
-    for kind, label in (("mm", "amber14 (TIP3P, PME)"), ("mlmm", "SchNet/amber14 ML/MM (TIP3P, PME)")):
+    for kind, label in (("mm", "amber14 (TIP3P, PME)"), ("mlmm", "SchNet/amber14 ML/MM (TIP3P, PME)"),
+                        ("mlmm-round1", "round-1 SchNet ML/MM (stopped)")):
         if (RUNS / kind / "solute.dcd").exists():
             runs[label] = mdtraj.load(str(RUNS / kind / "solute.dcd"), top=str(RUNS / kind / "solute.pdb"))
     if (RUNS / "xtb.npz").exists():
@@ -144,6 +187,12 @@ def report() -> None:
     lines = ["# ML/MM: alanine dipeptide in water with a SchNet solute", "",
              "Regenerated by `python benchmarks/mlmm.py report`; the stages and settings are in the script's docstring.",
              "The GFN2-xTB reference is the solute in vacuum; the MM and ML/MM runs are in water.", ""]
+    if (RUNS / "mlmm-round1").exists():
+        stopped = (RUNS / "mlmm-round1" / "stopped.txt")
+        lines += [f"- Round 1 (model trained on the 500 K set only): the ML/MM run was stopped by the blow-up guard: "
+                  f"`{stopped.read_text().strip() if stopped.exists() else 'see the log'}` "
+                  "(1 fs steps, so step N is N fs). Its solute frames, labelled with GFN2-xTB, and a 700 K set went "
+                  "into round 2's training data (`label-run`, `sample-hot`)."]
     for kind in ("mm", "mlmm"):
         if (RUNS / kind / "run.json").exists():
             info = json.loads((RUNS / kind / "run.json").read_text())
@@ -166,19 +215,30 @@ def report() -> None:
 def training_lines() -> list:
     """The training set and the trained model's validation errors."""
     lines = []
-    info_path, metrics_path = RUNS / "train.npz.json", RUNS / "model" / "metrics.json"
+    info_path = RUNS / "train.npz.json"
     if info_path.exists():
         info = json.loads(info_path.read_text())
         lines += ["", f"Training set: {info['frames']} frames of {info['method']} Langevin MD of the solute in vacuum at "
                   f"{info['temperature_k']:.0f} K ({info['trajectories']} runs of {info['steps_per_trajectory']} steps "
                   f"of {info['timestep_fs']} fs, every {info['every']}th step; `python benchmarks/mlmm.py sample`)."]
-    if metrics_path.exists():
-        m = json.loads(metrics_path.read_text())
+    for round_, folder in ((1, RUNS / "model"), (2, RUNS / "model2")):
+        if not (folder / "metrics.json").exists():
+            continue
+        m = json.loads((folder / "metrics.json").read_text())
         best = min(m["history"], key=lambda h: h["validation_loss"])
         hours = sum(h["seconds"] for h in m["history"]) / 3600
-        lines.append(f"SchNet (schnet2017): {len(m['history'])} epochs ({hours:.2f} h on one CPU thread), best validation "
-                     f"(10% of the frames) energy MAE {best['validation_energy_mae']:.2f} kcal/mol, force MAE "
-                     f"{best['validation_forces_mae']:.2f} kcal/mol/Å.")
+        sets = ", ".join(f"{f.name} ({len(np.load(f)['energies'])} frames)" for f in training_files(round_))
+        line = (f"Round {round_} SchNet (schnet2017) on {sets}: {len(m['history'])} epochs ({hours:.2f} h on one CPU "
+                f"thread), best validation (10% of the frames) energy MAE {best['validation_energy_mae']:.2f} kcal/mol, "
+                f"force MAE {best['validation_forces_mae']:.2f} kcal/mol/Å")
+        if (RUNS / "xtb_run.npz").exists():   # the separate 300 K GFN2-xTB run: never trained on
+            from schnet_md.data import read_data
+            from schnet_md.evaluate import evaluate
+            from schnet_md.modelfile import load_model
+            r = evaluate(load_model(folder / "model.pt")[0], read_data(RUNS / "xtb_run.npz"))
+            line += (f"; on the 300 K GFN2-xTB run (test, {r['n_frames']} frames) {r['energy_mae_kcal_mol']:.2f} "
+                     f"kcal/mol and {r['forces_mae_kcal_mol']:.2f} kcal/mol/Å")
+        lines.append(line + ".")
     return lines
 
 
@@ -213,18 +273,25 @@ def analysis_lines(runs: dict) -> list:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    for name in ("sample", "mm", "mlmm", "xtb"):
+    for name in ("sample", "sample-hot", "mm", "mlmm", "xtb"):
         s = sub.add_parser(name)
         s.add_argument("--ps", type=float, required=True)
         s.add_argument("--platform", default="CPU")
     t = sub.add_parser("train")
     t.add_argument("--hours", type=float, default=1.0)
+    t.add_argument("--round", type=int, choices=(1, 2), default=1)
+    sub.add_parser("label-run")
     sub.add_parser("report")
     args = p.parse_args()
     RUNS.mkdir(parents=True, exist_ok=True)
     if args.command == "sample":
         from schnet_md.reference import sample
         sample(STRUCTURE, RUNS / "train.npz", ps=args.ps, temperature_k=500.0, every=20)
+    elif args.command == "sample-hot":
+        from schnet_md.reference import sample
+        sample(STRUCTURE, RUNS / "hot.npz", ps=args.ps, temperature_k=700.0, every=10, seed=100)
+    elif args.command == "label-run":
+        label_run()
     elif args.command == "xtb":
         from schnet_md.reference import sample
         out = sample(STRUCTURE, RUNS / "xtb_run.npz", ps=args.ps, temperature_k=300.0, every=20, trajectories=1, seed=7)
@@ -232,11 +299,14 @@ def main() -> None:
             np.savez(RUNS / "xtb.npz", coords=f["coords"])
     elif args.command == "train":
         from schnet_md.train import resolve_config, train_from_config
-        config = resolve_config(None, {"data": {"path": str(RUNS / "train.npz")},
+        model_dir = RUNS / ("model" if args.round == 1 else "model2")
+        data = training_files(args.round)
+        path = data[0] if len(data) == 1 else merge(data, RUNS / "train_round2.npz")
+        config = resolve_config(None, {"data": {"path": str(path)},
                                        "training": {"epochs": 3000, "batch_size": 16, "lr_patience": 25,
                                                     "ema_decay": 0.99, "max_hours": args.hours,
                                                     "validation_fraction": 0.1}})
-        train_from_config(config, RUNS / "model", resume=(RUNS / "model" / "checkpoint.pt").exists())
+        train_from_config(config, model_dir, resume=(model_dir / "checkpoint.pt").exists())
     elif args.command in ("mm", "mlmm"):
         run_md(args.command, args.ps, args.platform)
     else:

@@ -44,11 +44,17 @@ def _worker_init() -> None:
 
 
 def _label_chunk(task):
+    from ase.calculators.calculator import CalculationFailed
+
     numbers, coords, method, charge, out = task
     calc = _xtb_calculator(method, charge)
     energies, forces = [], []
     for r in coords:
-        e, f = xtb_energy_forces(numbers, r, method, charge, calc)
+        try:
+            e, f = xtb_energy_forces(numbers, r, method, charge, calc)
+        except (CalculationFailed, RuntimeError):   # e.g. SCF not converged on a broken geometry: flag the frame
+            e, f = float("nan"), np.full((len(numbers), 3), np.nan)
+            calc = _xtb_calculator(method, charge)    # no stale wavefunction guess for the next frame
         energies.append(e)
         forces.append(f)
     tmp = Path(str(out) + ".tmp.npz")
@@ -87,8 +93,18 @@ def label_frames(numbers: Sequence[int], coords_angstrom: np.ndarray, out: str |
     chunks = [np.load(parts / f"chunk{k:05d}.npz") for k in range((len(coords) + CHUNK - 1) // CHUNK)]
     energies = np.concatenate([c["energies_ev"] for c in chunks])
     forces = np.concatenate([c["forces_ev"] for c in chunks])
-    write_rmd17(out, numbers, coords, energies * KCAL_PER_EV, forces * KCAL_PER_EV,
-                np.arange(len(coords)) if indices is None else indices)
+    indices = np.arange(len(coords)) if indices is None else np.asarray(indices)
+    ok = np.isfinite(energies) & np.isfinite(forces.reshape(len(forces), -1)).all(axis=1)
+    failed = Path(str(out) + ".failed.json")
+    if not ok.all():   # kept out of the data set, and said so (frame numbers in the input order)
+        if not ok.any():
+            raise RuntimeError(f"{method} failed on every one of the {len(coords)} frames")
+        failed.write_text(json.dumps({"method": method, "failed_frames": np.flatnonzero(~ok).tolist()}))
+        print(f"warning: {method} failed (e.g. SCF not converged) on {int((~ok).sum())} of {len(coords)} frames "
+              f"{np.flatnonzero(~ok)[:10].tolist()}...; they are left out of {out} (listed in {failed.name})")
+    elif failed.exists():
+        failed.unlink()
+    write_rmd17(out, numbers, coords[ok], energies[ok] * KCAL_PER_EV, forces[ok] * KCAL_PER_EV, indices[ok])
     return out
 
 

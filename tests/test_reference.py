@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -53,6 +55,34 @@ def test_labels_are_written_in_the_trainers_format_and_units(tmp_path, ethanol):
     before = (tmp_path / "labels.npz.parts" / "chunk00000.npz").stat().st_mtime
     label_frames(z, frames, tmp_path / "labels.npz", workers=1)
     assert (tmp_path / "labels.npz.parts" / "chunk00000.npz").stat().st_mtime == before
+
+
+def test_frames_the_reference_fails_on_are_left_out_and_listed(tmp_path, ethanol, monkeypatch, capsys):
+    """A geometry where the SCF does not converge (e.g. the last frame of a blown-up run) must not sink the
+    whole job, nor enter the data set with made-up labels."""
+    from ase.calculators.calculator import CalculationFailed
+
+    import schnet_md.reference as reference
+
+    z, r = ethanol
+    frames = np.stack([r, r + 0.01, r + 0.02, r + 0.03])
+    frames[2, 0] = frames[2, 1]          # two atoms on top of each other
+    real = reference.xtb_energy_forces
+
+    def flaky(numbers, positions, *args, **kwargs):
+        if np.linalg.norm(positions[0] - positions[1]) < 1e-6:
+            raise CalculationFailed("SCF not converged in 250 cycles")
+        return real(numbers, positions, *args, **kwargs)
+
+    monkeypatch.setattr(reference, "xtb_energy_forces", flaky)
+    out = label_frames(z, frames, tmp_path / "labels.npz", workers=1)
+    data = np.load(out)
+    assert data["old_indices"].tolist() == [0, 1, 3] and np.isfinite(data["energies"]).all()
+    assert json.loads((tmp_path / "labels.npz.failed.json").read_text())["failed_frames"] == [2]
+    assert "left out" in capsys.readouterr().out
+    frames[:] = frames[2]
+    with pytest.raises(RuntimeError, match="failed on every one"):
+        label_frames(z, frames, tmp_path / "all_bad.npz", workers=1)
 
 
 def test_sampling_makes_consistent_labelled_frames_and_resumes(tmp_path):
