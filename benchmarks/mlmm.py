@@ -88,11 +88,18 @@ def label_run() -> None:
     """GFN2-xTB labels (solute in vacuum, as the model sees it) for every solute frame of the ML/MM run."""
     from schnet_md.reference import label_frames
 
-    run = RUNS / "mlmm"
-    traj = mdtraj.load(str(run / "solute.dcd"), top=str(run / "solute.pdb"))
+    run = RUNS / "mlmm" if (RUNS / "mlmm").exists() else RUNS / "mlmm-round1"
+    traj = load_solute(run)
     numbers = [a.element.atomic_number for a in traj.topology.atoms]
     label_frames(numbers, traj.xyz * 10.0, RUNS / "run_frames.npz")
-    run.rename(RUNS / "mlmm-round1")
+    if run.name == "mlmm":
+        run.rename(RUNS / "mlmm-round1")
+
+
+def load_solute(run: Path) -> mdtraj.Trajectory:
+    """The solute frames of a run, each molecule whole (a periodic writer may have split it across the box)."""
+    traj = mdtraj.load(str(run / "solute.dcd"), top=str(run / "solute.pdb"))
+    return traj.make_molecules_whole() if traj.unitcell_vectors is not None else traj
 
 
 def run_md(kind: str, ps: float, platform: str) -> None:
@@ -167,7 +174,7 @@ def report() -> None:
     for kind, label in (("mm", "amber14 (TIP3P, PME)"), ("mlmm", "SchNet/amber14 ML/MM (TIP3P, PME)"),
                         ("mlmm-round1", "round-1 SchNet ML/MM (stopped)")):
         if (RUNS / kind / "solute.dcd").exists():
-            runs[label] = mdtraj.load(str(RUNS / kind / "solute.dcd"), top=str(RUNS / kind / "solute.pdb"))
+            runs[label] = load_solute(RUNS / kind)
     if (RUNS / "xtb.npz").exists():
         with np.load(RUNS / "xtb.npz") as f:
             top = mdtraj.load(str(STRUCTURE)).topology

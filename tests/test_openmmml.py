@@ -138,3 +138,32 @@ def test_periodic_ml_region_in_a_box(model_file):
 def test_missing_model_path_is_a_clear_error():
     with pytest.raises(ValueError, match="needs modelPath"):
         MLPotential("schnet")
+
+
+def test_periodic_output_keeps_the_ml_molecule_whole(model_file):
+    """createMixedSystem removes the MM bonds inside the ML region; without a force that declares them,
+    getState(enforcePeriodicBox=True) (what DCD writers use) wraps each atom on its own and splits the
+    molecule across the box. The energy must not change."""
+    s = read_structure(SYSTEMS / "ethanol" / "ethanol.pdb")
+    n = s.n_atoms
+    z = s.atomic_numbers.tolist() + [18, 18]
+    box = np.diag([2.5, 2.5, 2.5])
+    positions = np.vstack([s.positions_nm, [[0.45, 0.0, 0.0], [-0.45, 0.1, 0.0]]])
+    positions -= positions[0]           # the molecule straddles the box corner: some coordinates negative
+    topology = molecule_topology(z, positions * 10, box_nm=box)
+    mm = mm_system(topology, n)
+    mm.setDefaultPeriodicBoxVectors(*[openmm.Vec3(*row) for row in box])
+    mixed = MLPotential("schnet", modelPath=str(model_file)).createMixedSystem(topology, mm, list(range(n)))
+    context = openmm.Context(mixed, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
+    context.setPositions(positions)
+    wrapped = context.getState(getPositions=True, enforcePeriodicBox=True).getPositions(asNumpy=True)._value[:n]
+    bonds = [(a.index, b.index) for a, b in topology.bonds() if a.index < n and b.index < n]
+    assert bonds and max(np.linalg.norm(wrapped[i] - wrapped[j]) for i, j in bonds) < 0.2   # nm: whole
+    zero = [f for f in mixed.getForces() if isinstance(f, openmm.CustomBondForce) and "SchNet" in f.getName()]
+    assert len(zero) == 1 and zero[0].getNumBonds() == len(bonds)
+    # the bond list adds no energy: the mixed energy equals the system without it
+    e, _ = energy_forces(mixed, positions)
+    mixed.removeForce(next(k for k, f in enumerate(mixed.getForces())
+                           if isinstance(f, openmm.CustomBondForce) and "SchNet" in f.getName()))
+    e_without, _ = energy_forces(mixed, positions)
+    assert e == pytest.approx(e_without, rel=1e-12, abs=1e-9)

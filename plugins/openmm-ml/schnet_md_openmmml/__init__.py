@@ -8,6 +8,8 @@
 createMixedSystem uses openmm-ml's own embeddings (default: mechanical), which remove the MM bonded
 terms and nonbonded interactions inside the ML region and add `lambda_interpolate` when asked.
 Extra arguments: precision ("float32" | "float64"), backend ("auto" | "torch" | "python").
+In a periodic system a zero-energy CustomBondForce also lists the ML region's bonds, so that periodic output
+(e.g. a DCD) keeps the molecule whole after its MM bonds are gone.
 
 backend "auto" adds an openmmtorch.TorchForce, except where openmm-ml will clone the force: its
 interpolation helper (interpolate=True) builds the ML terms in an empty System and deep-copies them,
@@ -53,6 +55,24 @@ class SchNetPotentialImpl(MLPotentialImpl):
                      dtype=precision)
         force.setForceGroup(forceGroup)
         system.addForce(force)
+        if periodic:
+            system.addForce(molecule_bonds(topology, atoms, forceGroup))
+
+
+def molecule_bonds(topology, atoms, forceGroup: int) -> openmm.CustomBondForce:
+    """A zero-energy force listing the ML region's bonds. OpenMM learns which atoms form a molecule from the
+    bonds its forces declare; once the MM bonded terms are removed (createMixedSystem) nothing declares them,
+    and getState(enforcePeriodicBox=True) - as DCD writers use it - would wrap each atom into the box on its
+    own, splitting the molecule across the boundary in the output (the dynamics are unaffected)."""
+    chosen = set(range(topology.getNumAtoms())) if atoms is None else set(atoms)
+    force = openmm.CustomBondForce("0")
+    force.setName("SchNet molecule bonds (zero energy; keeps molecules whole in periodic output)")
+    for a, b in topology.bonds():
+        if a.index in chosen and b.index in chosen:
+            force.addBond(a.index, b.index, [])
+    force.setUsesPeriodicBoundaryConditions(True)
+    force.setForceGroup(forceGroup)
+    return force
 
     def getMLLongRange(self) -> bool:
         return False   # SchNet interactions are short-ranged (cutoff, or a molecule's own atoms)
