@@ -280,6 +280,25 @@ def create_torch_force(model: ModelLike, topology_or_atomic_numbers, atoms: Sequ
     return force
 
 
+def molecule_bonds(topology, atoms=None, force_group: int = 0):
+    """A zero-energy force listing the bonds among `atoms` (default: all). OpenMM learns which atoms form a
+    molecule from the bonds its forces declare. A SchNet force declares none (and createMixedSystem removes the
+    ML region's MM bonds), so getState(enforcePeriodicBox=True) - as DCD writers use it - would wrap each atom
+    into the box on its own, splitting molecules across the boundary in the output (the dynamics are
+    unaffected). Add it to periodic systems."""
+    import openmm
+
+    chosen = set(range(topology.getNumAtoms())) if atoms is None else set(atoms)
+    force = openmm.CustomBondForce("0")
+    force.setName("SchNet molecule bonds (zero energy; keeps molecules whole in periodic output)")
+    for a, b in topology.bonds():
+        if a.index in chosen and b.index in chosen:
+            force.addBond(a.index, b.index, [])
+    force.setUsesPeriodicBoundaryConditions(True)
+    force.setForceGroup(force_group)
+    return force
+
+
 def _nm(value) -> np.ndarray:
     from openmm import unit
 

@@ -30,7 +30,7 @@ import openmm.app as app
 from openmm import unit
 
 from . import __version__
-from .export import export_model, load_exported, openmm_torch, torchscript_message
+from .export import export_model, load_exported, molecule_bonds, openmm_torch, torchscript_message
 from .modelfile import load_model
 from .structures import BondMap, read_structure, write_pdb
 
@@ -118,6 +118,8 @@ def build_system(topology: app.Topology, force_file: Path) -> openmm.System:
     force = openmmtorch.TorchForce(str(force_file))
     force.setUsesPeriodicBoundaryConditions(bool(metadata["periodic"]))
     system.addForce(force)
+    if metadata["periodic"]:
+        system.addForce(molecule_bonds(topology))   # keeps molecules whole in the trajectory
     return system
 
 

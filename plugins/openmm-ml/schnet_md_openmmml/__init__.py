@@ -43,7 +43,7 @@ class SchNetPotentialImpl(MLPotentialImpl):
         self.model, self.metadata = load_model(modelPath)   # fail early, with schnet-md's clear errors
 
     def addForces(self, topology, system: openmm.System, atoms, forceGroup: int, **args):
-        from schnet_md.export import create_python_force, create_torch_force
+        from schnet_md.export import create_python_force, create_torch_force, molecule_bonds
 
         periodic = topology.getPeriodicBoxVectors() is not None or system.usesPeriodicBoundaryConditions()
         precision = args.get("precision", self.precision)
@@ -58,21 +58,6 @@ class SchNetPotentialImpl(MLPotentialImpl):
         if periodic:
             system.addForce(molecule_bonds(topology, atoms, forceGroup))
 
-
-def molecule_bonds(topology, atoms, forceGroup: int) -> openmm.CustomBondForce:
-    """A zero-energy force listing the ML region's bonds. OpenMM learns which atoms form a molecule from the
-    bonds its forces declare; once the MM bonded terms are removed (createMixedSystem) nothing declares them,
-    and getState(enforcePeriodicBox=True) - as DCD writers use it - would wrap each atom into the box on its
-    own, splitting the molecule across the boundary in the output (the dynamics are unaffected)."""
-    chosen = set(range(topology.getNumAtoms())) if atoms is None else set(atoms)
-    force = openmm.CustomBondForce("0")
-    force.setName("SchNet molecule bonds (zero energy; keeps molecules whole in periodic output)")
-    for a, b in topology.bonds():
-        if a.index in chosen and b.index in chosen:
-            force.addBond(a.index, b.index, [])
-    force.setUsesPeriodicBoundaryConditions(True)
-    force.setForceGroup(forceGroup)
-    return force
 
     def getMLLongRange(self) -> bool:
         return False   # SchNet interactions are short-ranged (cutoff, or a molecule's own atoms)
