@@ -75,6 +75,19 @@ def cmd_report() -> None:
         status = [l for l in card.with_name("MODEL_CARD.md").read_text().splitlines() if l.startswith("**Status:**")] \
             if card else []
         lines += [f"Model `{name}`: " + (status[0].replace("**Status:** ", "status ") if status else "see its model card"), ""]
+    summary_lines = []
+    for mol, split in STUDY.items():
+        run = RUNS / f"mol{mol}"
+        if (run / "run.json").exists():
+            stopped = run / "stopped.txt"
+            state = (run / "state.csv").read_text().strip().splitlines()
+            ps = float(state[-1].split(",")[1]) if len(state) > 1 else 0.0
+            reason = stopped.read_text().split("blow-up at step")[-1].split("\n")[0].split(": ", 1)[-1] \
+                if stopped.exists() else "ran to the end"
+            summary_lines.append(f"- isomer {mol} ({split}): {ps:.1f} ps; "
+                                 + (f"stopped by the blow-up guard: {reason}" if stopped.exists() else reason))
+    if summary_lines:
+        lines += ["Summary (500 K, 0.5 fs steps):", ""] + summary_lines + [""]
     for mol, split in STUDY.items():
         run = RUNS / f"mol{mol}"
         if not (run / "run.json").exists():
