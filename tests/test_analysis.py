@@ -144,3 +144,13 @@ def test_iso17x_reference_trajectory_and_comparison(tmp_path):
     report = compare_to([f"iso17x:1:{folder}", str(SYSTEMS / "c7o2h10_1" / "c7o2h10_1.pdb")], tmp_path,
                         top=str(SYSTEMS / "c7o2h10_1" / "c7o2h10_1.pdb"), labels=["xtb", "eq"])
     assert "dihedral C2-C5-C6-O2" in report.read_text()
+
+
+def test_rotatable_dihedrals_of_a_copied_topology():
+    """A copied topology (mdtraj copies it in make_molecules_whole, atom_slice, ...) may hold other Atom objects
+    in its bond graph than in its atom list: the same dihedrals must come out (compared by index)."""
+    t = mdtraj.load(str(SYSTEMS / "alanine-dipeptide" / "alanine-dipeptide.pdb"))
+    quads, names = rotatable_dihedrals(t.topology, t.xyz[0])
+    assert names == ["O-C-N-CA", "C-N-CA-CB", "N-CA-C-O", "O-C-N-C"]
+    copied, copied_names = rotatable_dihedrals(t.topology.copy(), t.xyz[0])
+    assert copied_names == names and (copied == quads).all()

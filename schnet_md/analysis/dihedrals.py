@@ -38,9 +38,10 @@ def rotatable_dihedrals(topology: mdtraj.Topology, xyz: np.ndarray | None = None
             continue   # ring bond
         if b.index > c.index:
             b, c = c, b
-        a_side = sorted((n for n in graph.neighbors(b) if n in heavy and n is not c),
+        # compare atoms by index: a copied topology's bond graph may hold other Atom objects for the same atoms
+        a_side = sorted((n for n in graph.neighbors(b) if n in heavy and n.index != c.index),
                         key=lambda n: (-n.element.mass, n.index))
-        d_side = sorted((n for n in graph.neighbors(c) if n in heavy and n is not b),
+        d_side = sorted((n for n in graph.neighbors(c) if n in heavy and n.index != b.index),
                         key=lambda n: (-n.element.mass, n.index))
         a = next((n for n in a_side if xyz is None or _angle(xyz, n.index, b.index, c.index) < LINEAR_ANGLE_DEG), None)
         d = next((n for n in d_side if xyz is None or _angle(xyz, b.index, c.index, n.index) < LINEAR_ANGLE_DEG), None)
