@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import zipfile
 from pathlib import Path
 from typing import Tuple
 
@@ -83,8 +82,9 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> T
         raise ModelFileError(
             f"{path} was refused by the weights-only loader: it holds objects other than tensors and plain "
             f"data (possibly code), so it is not a schnet-md model file and was not opened. ({err})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
-        raise ModelFileError(f"{path} is not a readable model file (damaged or truncated?): {err}") from None
+    except Exception as err:   # on corrupt bytes the unpickler raises nearly anything (IndexError, KeyError, ...)
+        raise ModelFileError(f"{path} is not a readable model file (damaged or truncated?): "
+                             f"{type(err).__name__}: {err}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ModelFileError(f"{path} is not a schnet-md model file (no '{FORMAT}' marker)")
     if payload.get("format_version") != FORMAT_VERSION:

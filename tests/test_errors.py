@@ -87,6 +87,13 @@ def test_missing_truncated_and_corrupt_model_files(tmp_path):
     (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(ModelFileError, match="damaged or truncated"):
         load_model(tmp_path / "truncated.pt")
+    # random bytes make the unpickler fail in many ways (IndexError, KeyError, ...): each must be a clear error
+    rng = np.random.default_rng(0)
+    for k in range(40):
+        (tmp_path / "garbage.pt").write_bytes(rng.integers(0, 256, size=int(rng.integers(1, 3000)), dtype=np.uint8)
+                                              .tobytes())
+        with pytest.raises(ModelFileError):
+            load_model(tmp_path / "garbage.pt")
     (tmp_path / "garbage.pt").write_bytes(os.urandom(2000))
     with pytest.raises(ModelFileError):
         load_model(tmp_path / "garbage.pt")
