@@ -75,19 +75,7 @@ def cmd_report() -> None:
         status = [l for l in card.with_name("MODEL_CARD.md").read_text().splitlines() if l.startswith("**Status:**")] \
             if card else []
         lines += [f"Model `{name}`: " + (status[0].replace("**Status:** ", "status ") if status else "see its model card"), ""]
-    summary_lines = []
-    for mol, split in STUDY.items():
-        run = RUNS / f"mol{mol}"
-        if (run / "run.json").exists():
-            stopped = run / "stopped.txt"
-            state = (run / "state.csv").read_text().strip().splitlines()
-            ps = float(state[-1].split(",")[1]) if len(state) > 1 else 0.0
-            reason = stopped.read_text().split("blow-up at step")[-1].split("\n")[0].split(": ", 1)[-1] \
-                if stopped.exists() else "ran to the end"
-            summary_lines.append(f"- isomer {mol} ({split}): {ps:.1f} ps; "
-                                 + (f"stopped by the blow-up guard: {reason}" if stopped.exists() else reason))
-    if summary_lines:
-        lines += ["Summary (500 K, 0.5 fs steps):", ""] + summary_lines + [""]
+    summary_at, summary_lines = len(lines), []
     for mol, split in STUDY.items():
         run = RUNS / f"mol{mol}"
         if not (run / "run.json").exists():
@@ -110,14 +98,20 @@ def cmd_report() -> None:
         for d, r, c in zip(summary["dihedrals"], ref_summary["dihedrals"], comparison["dihedrals"]):
             lines.append(f"| {d['name']} | {d['n_transitions']} | {d['n_transitions'] / ours.traj.time[-1]:.2f} | "
                          f"{r['n_transitions']} | {r['n_transitions'] / 2.5:.2f} | {c['js_divergence'][0]:.3f} |")
-        if (run / "stopped.txt").exists():
-            lines += ["", f"**The run stopped:** {(run / 'stopped.txt').read_text().strip()}"]
+        stopped = (run / "stopped.txt").read_text().strip() if (run / "stopped.txt").exists() else None
+        if stopped:
+            lines += ["", f"**The run stopped:** {stopped}"]
+        reason = stopped.split("blow-up at step")[-1].split("\n")[0].split(": ", 1)[-1] if stopped else None
+        summary_lines.append(f"- isomer {mol} ({split}): {ours.traj.time[-1]:.1f} ps; "
+                             + (f"stopped by the blow-up guard: {reason}" if stopped else "ran to the end"))
         ch = summary["chemistry_changes"]["n_frames_changed"]
         lines += ["", f"Chemistry: {'no bond broke or formed' if ch == 0 else f'{ch} frames with changed bonds'}; "
                   f"heavy-atom distance distributions: mean JS divergence "
                   f"{comparison['distances']['mean_js_divergence'][0]:.3f}.", "",
                   f"![dihedral distributions](iso17_md/mol{mol}/compare/dihedral_distributions.png)", "",
                   f"![dihedral time series](iso17_md/mol{mol}/analysis/dihedrals.png)", ""]
+    if summary_lines:
+        lines[summary_at:summary_at] = ["Summary (500 K, 0.5 fs steps):", ""] + summary_lines + [""]
     (ROOT / "benchmarks" / "iso17_md.md").write_text("\n".join(lines) + "\n")
     print((ROOT / "benchmarks" / "iso17_md.md").read_text())
 

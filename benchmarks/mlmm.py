@@ -61,8 +61,11 @@ def build_system(kind: str, topology, forcefield, model_path: Path):
         return mm
     from openmmml import MLPotential
 
-    solute = [a.index for a in topology.atoms() if a.residue.name in ("ACE", "ALA", "NME")]
-    return MLPotential("schnet", modelPath=str(model_path)).createMixedSystem(topology, mm, solute)
+    return MLPotential("schnet", modelPath=str(model_path)).createMixedSystem(topology, mm, solute_atoms(topology))
+
+
+def solute_atoms(topology) -> list:
+    return [a.index for a in topology.atoms() if a.residue.name in ("ACE", "ALA", "NME")]
 
 
 def newest_model() -> Path:
@@ -107,7 +110,7 @@ def run_md(kind: str, ps: float, platform: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     topology, positions, forcefield = solvated()
     system = build_system(kind, topology, forcefield, newest_model() / "model.pt")
-    solute = [a.index for a in topology.atoms() if a.residue.name in ("ACE", "ALA", "NME")]
+    solute = solute_atoms(topology)
     settings = SimulationSettings(timestep_fs=TIMESTEP_FS, temperature_k=300.0, friction_per_ps=1.0, seed=1,
                                   report_interval=REPORT, checkpoint_interval=10 * REPORT)
     integrator = openmm.LangevinMiddleIntegrator(300 * unit.kelvin, 1 / unit.picosecond, TIMESTEP_FS * unit.femtosecond)
@@ -180,10 +183,11 @@ def report() -> None:
             top = mdtraj.load(str(STRUCTURE)).topology
             runs["GFN2-xTB (vacuum)"] = mdtraj.Trajectory(f["coords"] / 10.0, top)
     bins = np.linspace(-180, 180, 25)
-    hists = {k: np.histogram2d(*phi_psi(t).T, bins=[bins, bins])[0].ravel() for k, t in runs.items()}
+    angles = {k: phi_psi(t) for k, t in runs.items()}
+    hists = {k: np.histogram2d(*a.T, bins=[bins, bins])[0].ravel() for k, a in angles.items()}
     fig, axes = plt.subplots(1, max(len(runs), 1), figsize=(4.2 * max(len(runs), 1), 4), squeeze=False)
     for ax, (label, t) in zip(axes[0], runs.items()):
-        a = phi_psi(t)
+        a = angles[label]
         ax.hist2d(a[:, 0], a[:, 1], bins=[bins, bins], cmap="viridis")
         ax.set_title(f"{label}\n{t.n_frames} frames", fontsize=8)
         ax.set_xlabel("phi (°)")

@@ -21,8 +21,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 NOTES = """## What the profile led to
 
-Measured on this machine, c7o2h10_1, schnet2017, 1 thread, model forward+backward (the first profile, before
-these changes, spent 23% in mm, 14% in exp and 9% in addmm):
+Measured on this machine, c7o2h10_1, schnet2017, 1 thread: median of 300 forward+backward calls of the exported
+module after a save/load round trip, timed by a throwaway loop during development after each change (the
+first profile, before these changes, spent 23% in mm, 14% in exp and 9% in addmm). The end state is the
+speed.md row (`benchmarks/speed.py`):
 
 1. openmm-torch calls `energy.backward()`, so weights that require grad got gradients every step. The
    exported copy now has frozen weights: 6.8 -> 4.7 ms.

@@ -58,6 +58,5 @@ class SchNetPotentialImpl(MLPotentialImpl):
         if periodic:
             system.addForce(molecule_bonds(topology, atoms, forceGroup))
 
-
     def getMLLongRange(self) -> bool:
         return False   # SchNet interactions are short-ranged (cutoff, or a molecule's own atoms)
