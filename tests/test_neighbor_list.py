@@ -9,6 +9,7 @@ import torch
 
 from conftest import random_model, reduced_box
 from schnet_md.export import build_module, create_torch_force
+from schnet_md.model import energy_and_forces
 from schnet_md.neighbors import all_pairs, cell_grid, cell_list_pairs, minimum_image
 from schnet_md.structures import molecule_topology
 
@@ -93,6 +94,31 @@ def test_cell_list_and_dense_exports_agree_in_openmm(kind, platform):
         results.append((state.getPotentialEnergy()._value, state.getForces(asNumpy=True)._value))
     assert results[1][0] == pytest.approx(results[0][0], rel=1e-10)
     np.testing.assert_allclose(results[1][1], results[0][1], rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("neighbor_list", ["all_pairs", "cells"])
+def test_export_drops_gaussians_beyond_the_cutoff_without_changing_energy_or_forces(neighbor_list):
+    """schnet2017's expansion reaches 30 Å; under a 5 Å cutoff all but 79 Gaussians are constant (the
+    e^-80 clamp) for every pair the envelope lets through, and the export folds them into biases."""
+    box, r, z = periodic_system("triclinic", 11, n=250, size=19.0)
+    assert min(cell_grid(box, 5.0)) >= 3
+    model = random_model("schnet2017", elements=(1, 8), n_features=16, n_interactions=2, cutoff=5.0,
+                         cutoff_function="cosine", dtype=torch.float64)
+    with torch.no_grad():   # make the far Gaussians' weights large, so dropping them without folding would show
+        for interaction in model.interactions:
+            interaction.cfconv.filter_network.dense1.weight.mul_(1e3)
+    # pairs straddling the cutoff, where the kept Gaussians nearest the boundary matter
+    r[1] = r[0] + torch.tensor([4.999, 0.0, 0.0], dtype=torch.float64)
+    r[2] = r[0] + torch.tensor([0.0, 5.001, 0.0], dtype=torch.float64)
+    module, metadata = build_module(model, z.tolist(), periodic=True, dtype="float64", neighbor_list=neighbor_list,
+                                    box_nm=box.numpy() / 10, positions_nm=r.numpy() / 10)
+    assert metadata["gaussians_in_export"] == 79 and model.expansion.mu.numel() == 301   # the original is untouched
+    positions = (r / 10).clone().requires_grad_(True)
+    energy = module(positions, box / 10)
+    (grad,) = torch.autograd.grad(energy, positions)
+    reference, reference_forces = energy_and_forces(model, torch.as_tensor(z), r, box)
+    assert float(energy) == pytest.approx(float(reference) * 4.184, rel=1e-12)
+    np.testing.assert_allclose(-grad.numpy() / 41.84, reference_forces.numpy(), rtol=1e-9, atol=1e-9)
 
 
 def test_auto_picks_the_cell_list_for_large_boxes_only():
