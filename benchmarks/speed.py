@@ -33,8 +33,25 @@ MOLECULES = ["ethanol", "c7o2h10_1", "aspirin", "alanine-dipeptide"]
 
 
 
+def cap_memory(limit_gb: float) -> None:
+    """Make an allocation beyond `limit_gb` a clean error in this process (RLIMIT_DATA covers malloc and
+    private mmaps), instead of the kernel's OOM killer picking a process - maybe a training beside us."""
+    import resource
+
+    limit = int(limit_gb * 2 ** 30)
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+
+
+def available_gb() -> float:
+    for line in open("/proc/meminfo"):
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 2 ** 20
+    return float("inf")
+
+
 def run_row(task: dict) -> dict:
     """One row, in a fresh process (so its peak memory is its own)."""
+    cap_memory(task["memory_gb"])
     torch.set_num_threads(task["threads"])
     preset = task["preset"]
     if task["kind"] == "molecule":
@@ -75,7 +92,10 @@ def in_fresh_process(function, task: dict):
             return pool.submit(function, task).result()
         except Exception as error:   # e.g. out of memory for a big box: record it, go on
             print(f"row {task} failed: {error!r}")
-            return None
+            message = str(error).splitlines()[0] if str(error) else repr(error)
+            if "can't allocate memory" in str(error):
+                message = f"out of memory: needs more than its {task.get('memory_gb', 0):.0f} GB cap (the memory free at the start)"
+            return {"failed": message, "task": task}
 
 
 def main() -> None:
@@ -83,14 +103,17 @@ def main() -> None:
     p.add_argument("--platform", default="CPU")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--repeats", type=int, default=30)
-    p.add_argument("--water", type=int, nargs="*", default=[1000, 3000])
+    p.add_argument("--water", type=int, nargs="*", default=[1000, 3000, 12000, 24000])
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--search", type=int, nargs="*", default=[1000, 3000, 12000, 24000],
                    help="water boxes for the neighbour-search-only scaling table")
     p.add_argument("--cuda-graphs", action="store_true")
+    p.add_argument("--memory-gb", type=float, help="memory cap per row (default: what is free now, less 1 GB)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "speed.md"))
     args = p.parse_args()
-    common = dict(platform=args.platform, steps=args.steps, repeats=args.repeats, cuda_graphs=args.cuda_graphs)
+    memory_gb = args.memory_gb or max(1.0, available_gb() - 1.0)
+    common = dict(platform=args.platform, steps=args.steps, repeats=args.repeats, cuda_graphs=args.cuda_graphs,
+                  memory_gb=memory_gb)
     tasks = []
     for threads in args.threads:
         for preset in ("schnet2017", "schnet2018"):
@@ -100,16 +123,15 @@ def main() -> None:
     rows = []
     for task in tasks:
         row = in_fresh_process(run_row, task)
-        if row is not None:
-            rows.append(row)
-            print(json.dumps(row))
+        rows.append(row)
+        print(json.dumps(row))
     search = []
     for n in args.search:
         for method in ("cells", "all_pairs") if n <= 3000 else ("cells",):   # all pairs: O(N^2) memory
             row = in_fresh_process(search_row, dict(n_atoms=n, method=method, threads=max(args.threads)))
-            if row is not None:
+            if "failed" not in row:
                 search.append(row)
-                print(json.dumps(row))
+            print(json.dumps(row))
     Path(args.out).with_suffix(".json").write_text(json.dumps({"md": rows, "neighbour_search": search}, indent=1))
     lines = [
         f"# MD speed ({args.platform} platform)", "",
@@ -121,12 +143,19 @@ def main() -> None:
         "MD: `LangevinMiddleIntegrator`, 0.5 fs, 300 K, float32 model, only the SchNet force, after warm-up. "
         "Model: median forward+backward of the exported TorchScript module. Each row runs in a fresh process: "
         "peak RSS is that process's resident-set peak (CPU; torch, OpenMM and the system included), 'model adds' "
-        "how far the model calls raised it.", "",
+        f"how far the model calls raised it. Each row may use at most {memory_gb:.0f} GB (what was free).", "",
         "| system | atoms | model | neighbours | torch threads | model fwd+bwd (ms) | MD steps/s | ns/day "
         "| peak RSS (MB) | model adds (MB) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        if "failed" in r:
+            t = r["task"]
+            system = t.get("name", "water box")
+            atoms = "" if t["kind"] == "molecule" else f"~{t['n_atoms']}"
+            lines.append(f"| {system} | {atoms} | {t['preset']} | | {t['threads']} | did not run: {r['failed']} "
+                         "| | | | |")
+            continue
         lines.append(f"| {r['system']} | {r['n_atoms']} | {r['model']} | {r['neighbor_list']} | {r['torch_threads']} | "
                      f"{r['model_ms']:.2f} | {r['steps_per_second']:.1f} | {r['ns_per_day']:.2f} | {r['peak_memory_mb']:.0f} "
                      f"| {r['model_memory_mb']:.0f} |")
