@@ -1,8 +1,9 @@
 """Where the time goes in one model step: torch profiler over forward+backward of the exported module.
 
-    .venv/bin/python benchmarks/profile_step.py [SYSTEM] [--preset schnet2017] [--threads 1]
+    .venv/bin/python benchmarks/profile_step.py [SYSTEM[@PRESET] ...] [--preset schnet2017] [--threads 1]
 
-Prints the operators with the most self time, to read before optimising anything.
+SYSTEM is a folder of systems/ or waterN (a periodic water box of about N atoms; schnet2017 gets a 5 Å cosine
+cutoff there, as in speed.py). Prints the operators with the most self time, to read before optimising.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from schnet_md.bench import preset_model
+import numpy as np
+
+from schnet_md.bench import preset_model, water_box
 from schnet_md.export import build_module
 from schnet_md.structures import read_structure
 
@@ -39,37 +42,62 @@ K = 301 (~0.6 ms) and the per-operator overhead of ~250 small operators.
 """
 
 
+def profile_case(system: str, preset: str, threads: int, repeats: int):
+    """(title, table) for one system and preset."""
+    if system.startswith("water"):
+        from openmm import unit
+
+        topology, positions = water_box(int(system[len("water"):]))
+        z = [a.element.atomic_number for a in topology.atoms()]
+        box = np.array(topology.getPeriodicBoxVectors().value_in_unit(unit.nanometer))
+        model = preset_model(preset, [1, 8], 5.0 if preset == "schnet2017" else None)
+        module, meta = build_module(model, z, periodic=True, box_nm=box, positions_nm=positions)
+        args = (torch.as_tensor(box, dtype=torch.float32),)
+        pairs = f"a {meta['neighbor_list']} list of {meta['pair_capacity']} pair slots"
+        label = f"water box, {preset}" + (" + 5 Å cutoff" if preset == "schnet2017" else "")
+    else:
+        s = read_structure(ROOT / "systems" / system / f"{system}.pdb")
+        z, positions, args = s.atomic_numbers.tolist(), s.positions_nm, ()
+        module, _ = build_module(preset_model(preset, z), z)
+        pairs = f"{len(z) * (len(z) - 1) // 2} pairs in the half list"
+        label = f"{system}, {preset}"
+    x = torch.as_tensor(positions, dtype=torch.float32)
+    for _ in range(5):
+        module(x.clone().requires_grad_(True), *args).backward()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(repeats):
+            module(x.clone().requires_grad_(True), *args).backward()
+    title = f"{label}: {len(z)} atoms, {pairs}; {threads} thread(s), {repeats} forward+backward calls"
+    return title, prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("system", nargs="?", default="c7o2h10_1")
+    p.add_argument("systems", nargs="*", default=["c7o2h10_1"], help="SYSTEM or SYSTEM@PRESET")
     p.add_argument("--preset", default="schnet2017")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=50)
-    p.add_argument("--out", help="also write the table here (markdown)")
+    p.add_argument("--out", help="also write the tables here (markdown)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    s = read_structure(ROOT / "systems" / args.system / f"{args.system}.pdb")
-    module, _ = build_module(preset_model(args.preset, s.atomic_numbers.tolist()), s.atomic_numbers.tolist())
-    x = torch.as_tensor(s.positions_nm, dtype=torch.float32)
-    for _ in range(10):
-        module(x.clone().requires_grad_(True)).backward()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(args.repeats):
-            module(x.clone().requires_grad_(True)).backward()
-    title = (f"{args.system} ({s.n_atoms} atoms, {s.n_atoms * (s.n_atoms - 1) // 2} pairs in the half list), {args.preset}, "
-             f"{args.threads} thread(s), {args.repeats} forward+backward calls")
-    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
-    print(title)
-    print(table)
+    sections = []
+    for case in args.systems:
+        system, _, preset = case.partition("@")
+        repeats = args.repeats if not system.startswith("water") else max(3, args.repeats // 10)
+        title, table = profile_case(system, preset or args.preset, args.threads, repeats)
+        print(title)
+        print(table)
+        sections.append(f"{title}\n\n```\n{table}\n```\n")
     if args.out:
         import datetime
 
         from schnet_md.bench import cpu_name
+        command = " ".join(["benchmarks/profile_step.py", *args.systems, "--preset", args.preset, "--threads",
+                            str(args.threads), "--repeats", str(args.repeats), "--out", "benchmarks/profile.md"])
         Path(args.out).write_text(
             f"# Where the time goes: one model step on the CPU\n\nMeasured {datetime.date.today()} on {cpu_name()}, "
-            f"torch {torch.__version__}: `.venv/bin/python benchmarks/profile_step.py {args.system} --preset "
-            f"{args.preset} --threads {args.threads} --out benchmarks/profile.md`\n\n{title}\n\n```\n{table}\n```\n\n"
-            + NOTES)
+            f"torch {torch.__version__}: `.venv/bin/python {command}`\n\n" + "\n".join(sections)
+            + "\n" + NOTES)
 
 
 if __name__ == "__main__":
