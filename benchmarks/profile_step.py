@@ -39,6 +39,24 @@ speed.md row (`benchmarks/speed.py`):
 Tried and not kept: one GEMM for the three blocks' first filter layers (2% faster, not worth the less
 readable model); TorchScript's CPU fuser (this torch build has no LLVM backend). What remains is GEMMs with
 K = 301 (~0.6 ms) and the per-operator overhead of ~250 small operators.
+
+## Water boxes: the other regime
+
+With ~95k pair slots (the water profile above) matrix products are only ~13% of the time; the rest is about
+250 passes per call over [pair slots, F] arrays (mul, index_select, softplus, exp, where, div, sub).
+
+4. Under a cutoff, schnet2017's Gaussians centred beyond cutoff + sqrt(80/gamma) are constant (the e^-80 clamp)
+   for every pair inside it; the export folds them into the filter networks' biases (301 -> 79 under 5 Å):
+   water, 966 atoms 579 -> 189 ms, 2,685 atoms 1,057 -> 435 ms (2 threads; speed.md before and after).
+5. TorchScript's autodiff differentiates softplus with its symbolic formula (exp, mul, gt, where, sub, div: six
+   passes) where eager autograd runs one fused kernel, so the same module run eagerly is ~20% faster (966 atoms,
+   schnet2018, 1 thread: 590 against 725 ms). Left as it is: openmm-torch runs TorchScript, and the switch
+   that avoids the symbolic gradients is process-wide.
+
+For the GPU goal (24k atoms, schnet2018, < 20 ms/step) this says where the work is: each [pair slots, F]
+array of that box is ~470 MB, so ~250 passes at an H100's ~3 TB/s take ~70 ms before any arithmetic. It needs a
+fused CFConv (filter network, message and scatter in one kernel, as NNPOps does for SchNet-like models), not
+a rearrangement of torch operators; not attempted here without a GPU to measure it on.
 """
 
 
