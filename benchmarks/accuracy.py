@@ -156,6 +156,12 @@ def _fmt(x, digits=2):
     return "–" if x is None else f"{x:.{digits}f}"
 
 
+def _hours(result: dict) -> str:
+    """Hours of training epochs (wall time); marked when a session was paused inside an epoch."""
+    paused = any("paused" in s["command"] for s in result["sessions"])
+    return f"{result['training_hours']:.2f}" + (" (incl. a pause)" if paused else "")
+
+
 def cmd_report() -> None:
     results = {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))}
     lines = ["# Accuracy", "",
@@ -163,7 +169,9 @@ def cmd_report() -> None:
              "`benchmarks/accuracy/*.json`; each run: `python benchmarks/accuracy.py train ROW --hours H` "
              "(resumable) then `... evaluate ROW`. Protocols are in the script's docstring. Forces are "
              "component-wise. \"Epochs / hours\" is how far training got: rows trained on this project's "
-             "2-core CPU are far from converged, and say so.", ""]
+             "2-core CPU are far from converged, and say so. Hours are the wall time of the epochs; where a "
+             "training was paused (SIGSTOP, to keep the machine idle for speed benchmarks) inside an epoch, the "
+             "pause is in it, and the row says so (the Runs list gives its length).", ""]
 
     def md17_table(prefix, unit, reference, ref_name):
         out = [f"| molecule | N train | epochs / hours | hardware | energy MAE | forces MAE | {ref_name} energy | "
@@ -175,7 +183,7 @@ def cmd_report() -> None:
                 continue
             t = r["tests"]["test"]
             hw = r["sessions"][-1]["hardware"] if r["sessions"] else "?"
-            out.append(f"| {mol} | {r['n_train']} | {r['epochs_run']} / {r['training_hours']:.2f} | {hw} | "
+            out.append(f"| {mol} | {r['n_train']} | {r['epochs_run']} / {_hours(r)} | {hw} | "
                        f"{_fmt(t[f'energy_mae_{unit}'])} | {_fmt(t[f'forces_mae_{unit}'])} | {e_ref} | {f_ref} |")
         return out
 
@@ -194,14 +202,14 @@ def cmd_report() -> None:
             lines.append(f"| {split} | – | not run yet | – | – | {e_ref} | {f_ref} |")
         else:
             t = r["tests"][split]
-            lines.append(f"| {split} | {r['n_train']} | {r['epochs_run']} / {r['training_hours']:.2f} | "
+            lines.append(f"| {split} | {r['n_train']} | {r['epochs_run']} / {_hours(r)} | "
                          f"{_fmt(t['energy_mae_kcal_mol'])} | {_fmt(t['forces_mae_kcal_mol'])} | {e_ref} | {f_ref} |")
     lines += ["", "## QM9 U0, energies only (kcal/mol); paper: 0.31 at N = 110k", "",
               "| N train | epochs / hours | energy MAE |", "|---|---|---|"]
     for n in QM9_SIZES:
         r = results.get(f"qm9_{n // 1000}k")
         lines.append(f"| {n} | not run yet | – |" if r is None else
-                     f"| {r['n_train']} | {r['epochs_run']} / {r['training_hours']:.2f} | "
+                     f"| {r['n_train']} | {r['epochs_run']} / {_hours(r)} | "
                      f"{_fmt(r['tests']['test']['energy_mae_kcal_mol'])} |")
     lines += ["", "## Runs", ""]
     for name, r in results.items():
