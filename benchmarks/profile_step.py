@@ -16,7 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import numpy as np
 
-from schnet_md.bench import preset_model, water_box
+from schnet_md.bench import benchmark_model, preset_model, water_box
 from schnet_md.export import build_module
 from schnet_md.structures import read_structure
 
@@ -50,7 +50,7 @@ With ~95k pair slots (the water profile above) matrix products are only ~13% of 
    water, 966 atoms 579 -> 189 ms, 2,685 atoms 1,057 -> 435 ms (2 threads; speed.md before and after).
 5. TorchScript's autodiff differentiates softplus with its symbolic formula (exp, mul, gt, where, sub, div: six
    passes) where eager autograd runs one fused kernel, so the same module run eagerly is ~20% faster (966 atoms,
-   schnet2018, 1 thread: 590 against 725 ms). Left as it is: openmm-torch runs TorchScript, and the switch
+   schnet2018, 1 thread, idle: 590 against 725 ms, medians of a throwaway loop of 5 calls each, twice). Left as it is: openmm-torch runs TorchScript, and the switch
    that avoids the symbolic gradients is process-wide.
 
 For the GPU goal (24k atoms, schnet2018, < 20 ms/step) this says where the work is: each [pair slots, F]
@@ -68,11 +68,12 @@ def profile_case(system: str, preset: str, threads: int, repeats: int):
         topology, positions = water_box(int(system[len("water"):]))
         z = [a.element.atomic_number for a in topology.atoms()]
         box = np.array(topology.getPeriodicBoxVectors().value_in_unit(unit.nanometer))
-        model = preset_model(preset, [1, 8], 5.0 if preset == "schnet2017" else None)
+        model, label = benchmark_model(preset, [1, 8], periodic=True)
         module, meta = build_module(model, z, periodic=True, box_nm=box, positions_nm=positions)
         args = (torch.as_tensor(box, dtype=torch.float32),)
-        pairs = f"a {meta['neighbor_list']} list of {meta['pair_capacity']} pair slots"
-        label = f"water box, {preset}" + (" + 5 Å cutoff" if preset == "schnet2017" else "")
+        pairs = (f"a cell list of {meta['pair_capacity']} pair slots" if meta["neighbor_list"] == "cells"
+                 else f"{len(z) * (len(z) - 1) // 2} pairs in the half list")
+        label = f"water box, {label}"
     else:
         s = read_structure(ROOT / "systems" / system / f"{system}.pdb")
         z, positions, args = s.atomic_numbers.tolist(), s.positions_nm, ()

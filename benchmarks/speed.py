@@ -25,7 +25,7 @@ import torch  # noqa: I001  (first)
 import openmm
 
 import schnet_md
-from schnet_md.bench import cpu_name, bench, preset_model, water_box
+from schnet_md.bench import benchmark_model, bench, cpu_name, preset_model, water_box
 from schnet_md.modelfile import load_model, shipped_models
 from schnet_md.structures import read_structure
 
@@ -37,9 +37,10 @@ MOLECULES = ["ethanol", "c7o2h10_1", "aspirin", "alanine-dipeptide"]
 MEMORY_NOTE = (
     "Peak RSS on the CPU overstates what the model holds for boxes of ~1-3k atoms: once a freed block has been "
     "mmapped, glibc raises its mmap threshold (up to 32 MB) and keeps later freed blocks of that size in its heap "
-    "for reuse. Water, 966 atoms, schnet2018, 1 thread, 40 calls: RSS stays at ~5 GB; with "
-    "`MALLOC_MMAP_THRESHOLD_=1048576` the same calls peak at 1.6 GB RSS (640 MB between calls) but run ~2.5x slower, "
-    "every large tensor faulting in fresh pages. From ~12k atoms every [pairs, F] array is above 32 MB, so RSS is "
+    "for reuse. Water, 966 atoms, schnet2018, 1 thread, forward+backward of the exported module in a throwaway "
+    "loop (resident set read from /proc every 5 of 40 calls): RSS stays at ~5 GB; with "
+    "`MALLOC_MMAP_THRESHOLD_=1048576` it stays at ~640 MB between calls (peak 1.6 GB), but the calls run ~2.5x "
+    "slower, every large tensor faulting in fresh pages (timed while a training ran on the other core: rough). From ~12k atoms every [pairs, F] array is above 32 MB, so RSS is "
     "the live memory there; the 24k box with schnet2018 needs more than this machine has.")
 
 
@@ -76,9 +77,8 @@ def run_row(task: dict) -> dict:
                   task["cuda_graphs"])
     else:
         topology, positions = water_box(task["n_atoms"])
-        cutoff = 5.0 if preset == "schnet2017" else None
-        model = preset_model(preset, [1, 8], cutoff)
-        label = preset + (" + 5 Å cutoff" if cutoff else "") + ", random weights"
+        model, label = benchmark_model(preset, [1, 8], periodic=True)
+        label += ", random weights"
         r = bench("water box", topology, positions, model, label, task["platform"], max(5, task["steps"] // 40),
                   max(3, task["repeats"] // 10), task["cuda_graphs"])
     return r.as_dict()

@@ -61,6 +61,13 @@ def preset_model(preset: str, elements, cutoff: Optional[float] = None) -> SchNe
     return SchNet(config_from_preset(preset, sorted(set(int(z) for z in elements)), **overrides)).eval()
 
 
+def benchmark_model(preset: str, elements, periodic: bool, cutoff: float = 5.0):
+    """(random-weight model, label) of a preset for a benchmark system. In a periodic box schnet2017, which has
+    no cutoff of its own, gets a cosine cutoff of `cutoff` Å."""
+    cutoff = cutoff if (periodic and preset == "schnet2017") else None
+    return preset_model(preset, elements, cutoff), preset + (f" + {cutoff:g} Å cosine cutoff" if cutoff else "")
+
+
 def water_box(n_atoms: int):
     """(Topology, positions nm) of a cubic TIP3P-geometry water box with about `n_atoms` atoms."""
     import openmm

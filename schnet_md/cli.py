@@ -140,7 +140,7 @@ def _bench(args) -> int:
 
     import torch
 
-    from .bench import bench, preset_model, water_box
+    from .bench import bench, benchmark_model, water_box
     from .modelfile import load_model
     from .structures import read_structure
 
@@ -159,9 +159,7 @@ def _bench(args) -> int:
         if args.model:
             model, label = load_model(args.model)[0], args.model
         else:
-            cutoff = args.cutoff if (args.preset == "schnet2017" and topology.getPeriodicBoxVectors() is not None) else None
-            model = preset_model(args.preset, z, cutoff)
-            label = args.preset + (f" + {cutoff:g} Å cosine cutoff" if cutoff else "")
+            model, label = benchmark_model(args.preset, z, topology.getPeriodicBoxVectors() is not None, args.cutoff)
         r = bench(name, topology, positions, model, label, args.platform, args.steps, args.repeats,
                   args.cuda_graphs, args.neighbor_list)
         results.append(r.as_dict())
