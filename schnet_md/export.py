@@ -158,7 +158,7 @@ def inference_copy(model: SchNet) -> SchNet:
     clamp_value = math.exp(-80.0)
     for interaction in model.interactions:
         dense = interaction.cfconv.filter_network.dense1
-        folded = nn.Linear(int(keep.sum()), dense.out_features).to(dense.weight.dtype)
+        folded = nn.Linear(int(keep.sum()), dense.out_features).to(dense.weight)   # same dtype and device
         with torch.no_grad():
             folded.weight.copy_(dense.weight[:, keep])
             folded.bias.copy_(dense.bias + clamp_value * dense.weight[:, ~keep].sum(dim=1))

@@ -104,7 +104,7 @@ def test_export_drops_gaussians_beyond_the_cutoff_without_changing_energy_or_for
     assert min(cell_grid(box, 5.0)) >= 3
     model = random_model("schnet2017", elements=(1, 8), n_features=16, n_interactions=2, cutoff=5.0,
                          cutoff_function="cosine", dtype=torch.float64)
-    with torch.no_grad():   # make the far Gaussians' weights large, so dropping them without folding would show
+    with torch.no_grad():   # large filter weights magnify any Gaussian dropped that still matters inside the cutoff
         for interaction in model.interactions:
             interaction.cfconv.filter_network.dense1.weight.mul_(1e3)
     # pairs straddling the cutoff, where the kept Gaussians nearest the boundary matter
