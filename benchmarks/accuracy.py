@@ -9,6 +9,12 @@ Training runs live in $SCHNET_MD_RUNS (default ~/.cache/schnet-md/runs/accuracy/
 they stopped; each evaluation is stored in benchmarks/accuracy/ROW.json with the hardware, versions,
 training time and command, so the report is rebuilt from recorded runs only.
 
+    python benchmarks/accuracy.py annotate ROW [--load TEXT] [--note TEXT] [--paused-minutes M]
+
+records what the train command cannot know about its own session (the last one, or --session K): other jobs
+sharing the machine (`load`), why it was stopped (`note`), and minutes it spent paused with SIGSTOP inside
+epochs that stay in the history (`paused_minutes`, taken out of the row's hours).
+
 Protocols
 - md17_*  (original MD17 labels, as in the SchNet paper's "N = 1,000" table) and rmd17_* (revised
   labels): train on all 1,000 frames of rmd17_<mol>_train_01.npz; validate on 500 frames of
@@ -157,9 +163,29 @@ def _fmt(x, digits=2):
 
 
 def _hours(result: dict) -> str:
-    """Hours of training epochs (wall time); marked when a session was paused inside an epoch."""
-    paused = any("paused" in s["command"] for s in result["sessions"])
-    return f"{result['training_hours']:.2f}" + (" (incl. a pause)" if paused else "")
+    """Wall hours of the training epochs, less the minutes recorded as paused inside them."""
+    paused = sum(s.get("paused_minutes", 0) for s in result["sessions"])
+    hours = result["training_hours"] - paused / 60
+    return f"{hours:.2f}" + (f" (excl. {paused:.0f} min paused)" if paused else "")
+
+
+def _hardware(session: dict) -> str:
+    return session["hardware"] + (f" ({session['load']})" if session.get("load") else "")
+
+
+def cmd_annotate(name: str, index: int, load: str | None, note: str | None, paused_minutes: float | None) -> None:
+    """Amend one session record of ROW, in its run folder and in its recorded evaluation if there is one."""
+    for path, get in ((RUNS / name / "sessions.json", lambda d: d),
+                      (RESULTS / f"{name}.json", lambda d: d["sessions"])):
+        if not path.exists():
+            continue
+        doc = json.loads(path.read_text())
+        session = get(doc)[index]
+        for key, value in (("load", load), ("note", note), ("paused_minutes", paused_minutes)):
+            if value is not None:
+                session[key] = value
+        path.write_text(json.dumps(doc, indent=1))
+        print(f"{path}: {json.dumps(session)}")
 
 
 def cmd_report() -> None:
@@ -171,7 +197,8 @@ def cmd_report() -> None:
              "component-wise. \"Epochs / hours\" is how far training got: rows trained on this project's "
              "2-core CPU are far from converged, and say so. Hours are the wall time of the epochs; where a "
              "training was paused (SIGSTOP, to keep the machine idle for speed benchmarks) inside an epoch, the "
-             "pause is in it, and the row says so (the Runs list gives its length).", ""]
+             "pause is taken out and the row says so. The hardware column names the last session's machine and "
+             "what else ran on it; the Runs list gives every session.", ""]
 
     def md17_table(prefix, unit, reference, ref_name):
         out = [f"| molecule | N train | epochs / hours | hardware | energy MAE | forces MAE | {ref_name} energy | "
@@ -182,7 +209,7 @@ def cmd_report() -> None:
                 out.append(f"| {mol} | – | not run yet | – | – | – | {e_ref} | {f_ref} |")
                 continue
             t = r["tests"]["test"]
-            hw = r["sessions"][-1]["hardware"] if r["sessions"] else "?"
+            hw = _hardware(r["sessions"][-1]) if r["sessions"] else "?"
             out.append(f"| {mol} | {r['n_train']} | {r['epochs_run']} / {_hours(r)} | {hw} | "
                        f"{_fmt(t[f'energy_mae_{unit}'])} | {_fmt(t[f'forces_mae_{unit}'])} | {e_ref} | {f_ref} |")
         return out
@@ -214,7 +241,10 @@ def cmd_report() -> None:
     lines += ["", "## Runs", ""]
     for name, r in results.items():
         for s in r["sessions"]:
-            lines.append(f"- `{name}`: {s['date']}, {s['hardware']}, budget {s['hours_budget']} h: `{s['command']}`")
+            extra = "".join(f"; {x}" for x in (s.get("note"), s.get("paused_minutes") and
+                                                f"paused {s['paused_minutes']:.0f} min inside an epoch") if x)
+            lines.append(f"- `{name}`: {s['date']}, {_hardware(s)}, budget {s['hours_budget']} h: "
+                         f"`{s['command']}`{extra}")
     (ROOT / "benchmarks" / "accuracy.md").write_text("\n".join(lines) + "\n")
     print((ROOT / "benchmarks" / "accuracy.md").read_text())
 
@@ -228,6 +258,12 @@ def main() -> None:
     t.add_argument("--threads", type=int, default=1)
     e = sub.add_parser("evaluate")
     e.add_argument("row", choices=list(rows()))
+    a = sub.add_parser("annotate")
+    a.add_argument("row", choices=list(rows()))
+    a.add_argument("--session", type=int, default=-1, help="index into the row's sessions (default: the last)")
+    a.add_argument("--load", help="what else ran on the machine during the session")
+    a.add_argument("--note", help="e.g. why the session was stopped")
+    a.add_argument("--paused-minutes", type=float, help="minutes paused (SIGSTOP) inside kept epochs")
     sub.add_parser("report")
     sub.add_parser("list")
     args = p.parse_args()
@@ -237,6 +273,8 @@ def main() -> None:
         cmd_train(args.row, args.hours)
     elif args.command == "evaluate":
         cmd_evaluate(args.row)
+    elif args.command == "annotate":
+        cmd_annotate(args.row, args.session, args.load, args.note, args.paused_minutes)
     elif args.command == "report":
         cmd_report()
     else:
