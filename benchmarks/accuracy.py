@@ -152,10 +152,29 @@ def cmd_evaluate(name: str) -> None:
         "evaluated": str(datetime.date.today()), "versions": {"schnet_md": schnet_md.__version__,
                                                               "torch": torch.__version__},
     }
+    result["at_stop"] = state_at_stop(history)
     result["evaluation_seconds"] = time.perf_counter() - t0
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result["tests"].items()}, indent=1))
+
+
+def state_at_stop(history: list) -> dict:
+    """Where training stood when it stopped: learning rate, and how much the validation energy MAE fell
+    over the last tenth of the epochs (a converged run shows ~0 there and a decayed learning rate)."""
+    last, earlier = history[-1], history[max(0, int(0.9 * len(history)) - 1)]
+    return {"learning_rate": last["learning_rate"], "validation_energy_mae": last["validation_energy_mae"],
+            "validation_energy_mae_change_last_tenth":
+                last["validation_energy_mae"] / earlier["validation_energy_mae"] - 1,
+            "epochs_in_last_tenth": last["epoch"] - earlier["epoch"]}
+
+
+def _at_stop(result: dict) -> str:
+    s = result.get("at_stop")
+    if s is None:
+        return "–"
+    return (f"lr {s['learning_rate']:.0e}; val. energy MAE {100 * s['validation_energy_mae_change_last_tenth']:+.0f}% "
+            f"over the last {s['epochs_in_last_tenth']} epochs")
 
 
 def _fmt(x, digits=2):
@@ -198,19 +217,21 @@ def cmd_report() -> None:
              "2-core CPU are far from converged, and say so. Hours are the wall time of the epochs; where a "
              "training was paused (SIGSTOP, to keep the machine idle for speed benchmarks) inside an epoch, the "
              "pause is taken out and the row says so. The hardware column names the last session's machine and "
-             "what else ran on it; the Runs list gives every session.", ""]
+             "what else ran on it; the Runs list gives every session. \"At stop\" gives the learning rate when "
+             "training stopped and how much the validation energy MAE fell over the last tenth of the epochs: "
+             "a converged run has a decayed learning rate and ~0% there.", ""]
 
     def md17_table(prefix, unit, reference, ref_name):
-        out = [f"| molecule | N train | epochs / hours | hardware | energy MAE | forces MAE | {ref_name} energy | "
-               f"{ref_name} forces |", "|---|---|---|---|---|---|---|---|"]
+        out = [f"| molecule | N train | epochs / hours | at stop | hardware | energy MAE | forces MAE | "
+               f"{ref_name} energy | {ref_name} forces |", "|---|---|---|---|---|---|---|---|---|"]
         for mol, (e_ref, f_ref) in reference.items():
             r = results.get(f"{prefix}_{mol}")
             if r is None:
-                out.append(f"| {mol} | – | not run yet | – | – | – | {e_ref} | {f_ref} |")
+                out.append(f"| {mol} | – | not run yet | – | – | – | – | {e_ref} | {f_ref} |")
                 continue
             t = r["tests"]["test"]
             hw = _hardware(r["sessions"][-1]) if r["sessions"] else "?"
-            out.append(f"| {mol} | {r['n_train']} | {r['epochs_run']} / {_hours(r)} | {hw} | "
+            out.append(f"| {mol} | {r['n_train']} | {r['epochs_run']} / {_hours(r)} | {_at_stop(r)} | {hw} | "
                        f"{_fmt(t[f'energy_mae_{unit}'])} | {_fmt(t[f'forces_mae_{unit}'])} | {e_ref} | {f_ref} |")
         return out
 
@@ -221,22 +242,22 @@ def cmd_report() -> None:
     lines += ["", "## ISO17-style (iso17x, GFN2-xTB labels; kcal/mol, kcal/mol/Å)", "",
               "Not the paper's benchmark: the paper's ISO17 used DFT (PBE+vdW-TS) labels and other frames; its "
               "numbers are given for scale only.", "",
-              "| test set | N train | epochs / hours | energy MAE | forces MAE | paper (DFT ISO17) energy | forces |",
-              "|---|---|---|---|---|---|---|"]
+              "| test set | N train | epochs / hours | at stop | energy MAE | forces MAE | paper (DFT ISO17) energy | "
+              "forces |", "|---|---|---|---|---|---|---|---|"]
     r = results.get("iso17x")
     for split, (e_ref, f_ref) in ISO17_PAPER.items():
         if r is None:
-            lines.append(f"| {split} | – | not run yet | – | – | {e_ref} | {f_ref} |")
+            lines.append(f"| {split} | – | not run yet | – | – | – | {e_ref} | {f_ref} |")
         else:
             t = r["tests"][split]
-            lines.append(f"| {split} | {r['n_train']} | {r['epochs_run']} / {_hours(r)} | "
+            lines.append(f"| {split} | {r['n_train']} | {r['epochs_run']} / {_hours(r)} | {_at_stop(r)} | "
                          f"{_fmt(t['energy_mae_kcal_mol'])} | {_fmt(t['forces_mae_kcal_mol'])} | {e_ref} | {f_ref} |")
     lines += ["", "## QM9 U0, energies only (kcal/mol); paper: 0.31 at N = 110k", "",
-              "| N train | epochs / hours | energy MAE |", "|---|---|---|"]
+              "| N train | epochs / hours | at stop | energy MAE |", "|---|---|---|---|"]
     for n in QM9_SIZES:
         r = results.get(f"qm9_{n // 1000}k")
-        lines.append(f"| {n} | not run yet | – |" if r is None else
-                     f"| {r['n_train']} | {r['epochs_run']} / {_hours(r)} | "
+        lines.append(f"| {n} | not run yet | – | – |" if r is None else
+                     f"| {r['n_train']} | {r['epochs_run']} / {_hours(r)} | {_at_stop(r)} | "
                      f"{_fmt(r['tests']['test']['energy_mae_kcal_mol'])} |")
     lines += ["", "## Runs", ""]
     for name, r in results.items():
