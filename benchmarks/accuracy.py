@@ -193,18 +193,25 @@ def _hardware(session: dict) -> str:
 
 
 def cmd_annotate(name: str, index: int, load: str | None, note: str | None, paused_minutes: float | None) -> None:
-    """Amend one session record of ROW, in its run folder and in its recorded evaluation if there is one."""
-    for path, get in ((RUNS / name / "sessions.json", lambda d: d),
-                      (RESULTS / f"{name}.json", lambda d: d["sessions"])):
-        if not path.exists():
-            continue
-        doc = json.loads(path.read_text())
-        session = get(doc)[index]
-        for key, value in (("load", load), ("note", note), ("paused_minutes", paused_minutes)):
-            if value is not None:
-                session[key] = value
-        path.write_text(json.dumps(doc, indent=1))
-        print(f"{path}: {json.dumps(session)}")
+    """Amend one session record of ROW in its run folder, and the same session in its recorded evaluation
+    if that has it (an evaluation made before the session does not)."""
+    log = RUNS / name / "sessions.json"
+    sessions = json.loads(log.read_text())
+    session = sessions[index]
+    key = {k: session[k] for k in ("date", "hours_budget", "command")}
+    for field, value in (("load", load), ("note", note), ("paused_minutes", paused_minutes)):
+        if value is not None:
+            session[field] = value
+    log.write_text(json.dumps(sessions, indent=1))
+    print(f"{log}: {json.dumps(session)}")
+    recorded = RESULTS / f"{name}.json"
+    if recorded.exists():
+        result = json.loads(recorded.read_text())
+        matches = [k for k, s in enumerate(result["sessions"]) if {f: s.get(f) for f in key} == key]
+        if matches:
+            result["sessions"][matches[-1]] = session
+            recorded.write_text(json.dumps(result, indent=1))
+            print(f"{recorded}: updated too")
 
 
 def cmd_report() -> None:
@@ -279,6 +286,7 @@ def main() -> None:
     t.add_argument("--threads", type=int, default=1)
     e = sub.add_parser("evaluate")
     e.add_argument("row", choices=list(rows()))
+    e.add_argument("--threads", type=int, default=1)
     a = sub.add_parser("annotate")
     a.add_argument("row", choices=list(rows()))
     a.add_argument("--session", type=int, default=-1, help="index into the row's sessions (default: the last)")
