@@ -117,7 +117,7 @@ def test_export_drops_gaussians_beyond_the_cutoff_without_changing_energy_or_for
     energy = module(positions, box / 10)
     (grad,) = torch.autograd.grad(energy, positions)
     reference, reference_forces = energy_and_forces(model, torch.as_tensor(z), r, box)
-    assert float(energy) == pytest.approx(float(reference) * 4.184, rel=1e-12)
+    assert energy.item() == pytest.approx(float(reference) * 4.184, rel=1e-12)
     np.testing.assert_allclose(-grad.numpy() / 41.84, reference_forces.numpy(), rtol=1e-9, atol=1e-9)
 
 
