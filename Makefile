@@ -15,7 +15,7 @@ demo: env
 	$(VENV)/bin/schnet-md export ethanol --structure systems/ethanol/ethanol.pdb --out $(DEMO_OUT)/ethanol-force.pt
 	$(VENV)/bin/schnet-md simulate systems/ethanol/ethanol.pdb --model ethanol --out $(DEMO_OUT)/md \
 		--steps 2000 --timestep 0.5 --temperature 300 --report-interval 20
-	$(PY) -c "import mdtraj; t = mdtraj.load('$(DEMO_OUT)/md/trajectory.dcd', top='$(DEMO_OUT)/md/topology.pdb'); print('mdtraj reads', t)"
+	$(PY) -c "from schnet_md.analysis.load import read_trajectory; print('mdtraj reads', read_trajectory('$(DEMO_OUT)/md/trajectory.dcd', '$(DEMO_OUT)/md/topology.pdb'))"
 
 test: env
 	$(PY) -m pytest -q

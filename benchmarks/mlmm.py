@@ -34,6 +34,7 @@ import openmm
 import openmm.app as app
 from openmm import unit
 
+from schnet_md.analysis.load import read_trajectory
 from schnet_md.simulate import (AtomicCheckpointReporter, BlowUpGuard, SimulationSettings, StateCSVReporter, save_checkpoint,
                                 truncate_dcd, truncate_state_csv)
 
@@ -101,7 +102,7 @@ def label_run() -> None:
 
 def load_solute(run: Path) -> mdtraj.Trajectory:
     """The solute frames of a run, each molecule whole (a periodic writer may have split it across the box)."""
-    traj = mdtraj.load(str(run / "solute.dcd"), top=str(run / "solute.pdb"))
+    traj = read_trajectory(run / "solute.dcd", run / "solute.pdb")
     return traj.make_molecules_whole() if traj.unitcell_vectors is not None else traj
 
 

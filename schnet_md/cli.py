@@ -171,6 +171,14 @@ def _bench(args) -> int:
     return 0
 
 
+def _doctor(args) -> int:
+    from .doctor import diagnose, format_report
+
+    report = diagnose(args.platform or None)
+    print(format_report(report))
+    return 0 if report.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="schnet-md", description="SchNet potentials for molecular dynamics: train, export to OpenMM, simulate.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -320,6 +328,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, help="torch CPU threads")
     b.add_argument("--json", help="also write the results here")
     b.set_defaults(func=_bench)
+
+    d = sub.add_parser("doctor", help="check that this installation runs SchNet in OpenMM (versions, platforms, "
+                                      "export, serialisation)",
+                       description="Print the versions of torch, OpenMM, openmm-torch, openmm-ml and mdtraj, the OpenMM "
+                                   "platforms and plugin load failures and whether CUDA is visible; then, in child "
+                                   "processes (a crash is reported, not suffered), export a small SchNet to a TorchForce "
+                                   "and compute energies on each platform, round-trip the System through XmlSerializer "
+                                   "and nest the force in a CustomCVForce. Exits 1 naming what is broken.")
+    d.add_argument("--platform", action="append", help="check only this platform (repeatable; default: all)")
+    d.set_defaults(func=_doctor)
     return p
 
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import os
+import sys
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -258,6 +260,10 @@ def _topology_atoms(topology, atoms: Sequence[int] | None):
     return z[indices], indices, len(z), box_nm
 
 
+def _drop_simtk_notice(record: logging.LogRecord) -> bool:
+    return "importing 'simtk.openmm' is deprecated" not in record.getMessage()
+
+
 def openmm_torch():
     """Import openmmtorch so its kernels work, whatever was imported first.
 
@@ -265,6 +271,16 @@ def openmm_torch():
     torch is loaded. If `import openmm` ran before `import torch`, OpenMM has already tried and failed to
     load them; load those plugin libraries again now that torch is in the process."""
     import openmm
+
+    if "openmmtorch" not in sys.modules:
+        # openmmtorch 1.5's SWIG module imports simtk.openmm, which logs a deprecation notice through the
+        # root logger on every run (fixed upstream after 1.5); drop that one record, nothing else.
+        root = logging.getLogger()
+        root.addFilter(_drop_simtk_notice)
+        try:
+            import openmmtorch  # noqa: F401
+        finally:
+            root.removeFilter(_drop_simtk_notice)
     import openmmtorch
 
     for failure in openmm.Platform.getPluginLoadFailures():
@@ -385,11 +401,10 @@ def create_python_force(model: ModelLike, topology_or_atomic_numbers, atoms: Seq
     z, indices, n_particles, box_nm = _targets(topology_or_atomic_numbers, atoms)
     periodic = box_nm is not None if periodic is None else periodic
     schnet = inference_copy(model_at(model, dtype)[0])
-    # PythonForce hands the computation only the selected particles, in the order given
-    module = OpenMMSchNet(schnet, z, list(range(len(indices))), len(indices), periodic)
+    # The computation sees every particle's position (OpenMM 8.5's PythonForce has no particle subset) and
+    # the module picks its own, as the TorchForce does; the other particles get zero force.
+    module = OpenMMSchNet(schnet, z, indices, n_particles, periodic)
     force = openmm.PythonForce(SchNetComputation(module, periodic, compile))
-    if atoms is not None or len(indices) != n_particles:
-        force.setParticles([int(k) for k in indices])
     force.setUsesPeriodicBoundaryConditions(periodic)
     return force
 

@@ -59,3 +59,38 @@ def reduced_box(kind: str, rng: np.random.Generator, size: float = 12.0) -> torc
     bx = (rng.random() - 0.5) * a
     cx, cy = (rng.random() - 0.5) * a, (rng.random() - 0.5) * b
     return torch.tensor([[a, 0, 0], [bx, b, 0], [cx, cy, c]], dtype=torch.float64)
+
+
+ISOLATED_ENV = "SCHNET_MD_ISOLATED_TEST"
+
+
+def isolated(test):
+    """Run the test in a child pytest process, so that a crash (a segfault in a compiled plugin) is a
+    failing test that names the signal, not a dead test runner. The child runs the same test node."""
+    import functools
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    @functools.wraps(test)
+    def wrapper(*args, **kwargs):
+        if os.environ.get(ISOLATED_ENV) == "1":
+            return test(*args, **kwargs)
+        nodeid = os.environ["PYTEST_CURRENT_TEST"].rsplit(" ", 1)[0]
+        env = dict(os.environ, **{ISOLATED_ENV: "1"})
+        env.pop("PYTEST_CURRENT_TEST", None)
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-o", "addopts=",
+                               nodeid], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        output = (proc.stdout + proc.stderr).strip()
+        if proc.returncode < 0:
+            try:
+                name = signal.Signals(-proc.returncode).name
+            except ValueError:
+                name = f"signal {-proc.returncode}"
+            pytest.fail(f"{nodeid} crashed the Python process ({name}); a compiled plugin built against another "
+                        f"ABI? (run `schnet-md doctor`)\n{output[-3000:]}", pytrace=False)
+        if proc.returncode != 0:
+            pytest.fail(f"{nodeid} failed in its child process:\n{output[-6000:]}", pytrace=False)
+
+    return wrapper

@@ -8,7 +8,7 @@ import pytest
 import torch
 from openmm import unit
 
-from conftest import SYSTEMS, random_model
+from conftest import SYSTEMS, isolated, random_model
 from schnet_md.export import create_torch_force
 from schnet_md.modelfile import save_model
 from schnet_md.structures import molecule_topology, read_structure
@@ -84,6 +84,7 @@ def mm_system(topology, n_ethanol_atoms):
     return system
 
 
+@isolated   # interpolation clones the TorchForce: a crash on a mismatched stack must not end the run
 def test_mixed_system_removes_ml_bonded_terms_and_interpolates(model_file):
     s = read_structure(SYSTEMS / "ethanol" / "ethanol.pdb")
     n = s.n_atoms

@@ -12,9 +12,13 @@ import torch
 from conftest import ROOT
 
 
-def test_readme_python_example_runs():
+def readme_block(section: str) -> str:
+    """The first Python block after the README heading `section`."""
     text = (ROOT / "README.md").read_text()
-    block = text.split("## Python API", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    return text.split(section, 1)[1].split("```python", 1)[1].split("```", 1)[0]
+
+
+def run_in_root(block: str) -> dict:
     namespace: dict = {}
     cwd = os.getcwd()
     os.chdir(ROOT)
@@ -22,6 +26,11 @@ def test_readme_python_example_runs():
         exec(compile(block, "README.md", "exec"), namespace)
     finally:
         os.chdir(cwd)
+    return namespace
+
+
+def test_readme_python_example_runs():
+    namespace = run_in_root(readme_block("## Python API"))
     import openmm
 
     system, pdb = namespace["system"], namespace["pdb"]
@@ -58,3 +67,22 @@ def test_every_system_has_a_shipped_model_with_a_card():
                                            torch.as_tensor(s.positions_nm * 10.0))
         assert torch.isfinite(energy) and torch.isfinite(forces).all()
         assert float(forces.abs().max()) < 200.0    # near-equilibrium structures: no huge forces
+
+
+def test_readme_metadynamics_example_runs(tmp_path):
+    """The XML + metadynamics example, as written but 200 steps long and with its files in a scratch folder."""
+    from conftest import isolated
+
+    block = readme_block("## Saving a System, metadynamics")
+    assert "meta.step(simulation, 100_000)" in block and 'biasDir="bias"' in block and "frequency=250, saveFrequency=1000" in block
+    block = block.replace("100_000", "200").replace("frequency=250, saveFrequency=1000", "frequency=50, saveFrequency=100")
+    block = block.replace('"system.xml"', repr(str(tmp_path / "system.xml")))
+    block = block.replace('biasDir="bias"', f"biasDir={str(tmp_path)!r}")
+
+    @isolated
+    def run():
+        namespace = run_in_root(block)
+        free_energy = np.asarray(namespace["free_energy"]._value)
+        assert np.isfinite(free_energy).all() and free_energy.max() > free_energy.min()
+
+    run()

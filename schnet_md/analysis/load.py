@@ -3,8 +3,13 @@ iso17x reference trajectory ('iso17x:MOL' or 'iso17x:MOL:PATH')."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import ctypes
 import json
+import os
+import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -40,13 +45,50 @@ def load_trajectory(spec: str | Path, top: Optional[str | Path] = None, label: O
     return LoadedTrajectory(traj, label or path.stem)
 
 
+# What mdtraj's DCD reader (VMD's dcdplugin, C code) prints to stdout on every open; nothing else is dropped.
+DCD_CHATTER = ("dcdplugin) detected standard 32-bit DCD file of native endianness",
+               "dcdplugin) CHARMM format DCD file (also NAMD 2.1 and later)")
+
+
+@contextlib.contextmanager
+def _without_dcd_chatter():
+    """Capture what C code writes to file descriptor 1 meanwhile and pass it on, less DCD_CHATTER."""
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError):   # no usable stdout: nothing to keep clean
+        yield
+        return
+    libc = ctypes.CDLL(None)
+    with tempfile.TemporaryFile(mode="w+b") as captured:
+        os.dup2(captured.fileno(), 1)
+        try:
+            yield
+        finally:
+            libc.fflush(None)         # C stdio buffers what it printed; write it into the capture now
+            os.dup2(saved, 1)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured.read().decode(errors="replace").splitlines(keepends=True)
+                    if line.rstrip("\n") not in DCD_CHATTER]
+            if kept:
+                sys.stdout.write("".join(kept))
+                sys.stdout.flush()
+
+
+def read_trajectory(path: str | Path, top: str | Path) -> mdtraj.Trajectory:
+    """mdtraj.load(path, top=top), without the DCD reader's chatter on stdout."""
+    with _without_dcd_chatter():
+        return mdtraj.load(str(path), top=str(top))
+
+
 def _load(path: Path, top) -> mdtraj.Trajectory:
     top_path = Path(top)
     if not top_path.is_file():
         raise FileNotFoundError(f"topology {top_path} does not exist")
     n_top = mdtraj.load_topology(str(top_path)).n_atoms
     try:
-        traj = mdtraj.load(str(path), top=str(top_path))
+        traj = read_trajectory(path, top_path)
     except (ValueError, OSError, IOError) as err:
         raise ValueError(f"cannot read {path} with topology {top_path} ({n_top} atoms): {err}") from None
     if traj.n_atoms != n_top:

@@ -7,14 +7,13 @@
 
 createMixedSystem uses openmm-ml's own embeddings (default: mechanical), which remove the MM bonded
 terms and nonbonded interactions inside the ML region and add `lambda_interpolate` when asked.
-Extra arguments: precision ("float32" | "float64"), backend ("auto" | "torch" | "python").
+Extra arguments: precision ("float32" | "float64"), backend ("torch" | "python").
 In a periodic system a zero-energy CustomBondForce also lists the ML region's bonds, so that periodic output
 (e.g. a DCD) keeps the molecule whole after its MM bonds are gone.
 
-backend "auto" adds an openmmtorch.TorchForce, except where openmm-ml will clone the force: its
-interpolation helper (interpolate=True) builds the ML terms in an empty System and deep-copies them,
-and cloning a TorchForce crashes in openmm-torch 1.5 (XmlSerializer.clone segfaults, even for a trivial
-module). There the same model goes in as an openmm.PythonForce, which clones through pickle.
+backend "torch" (the default, also with interpolate=True, where openmm-ml clones the ML forces) adds an
+openmmtorch.TorchForce; "python" adds the same model as an openmm.PythonForce (no openmm-torch needed).
+Cloning a TorchForce needs OpenMM and openmm-torch built for the same C++ ABI (see `schnet-md doctor`).
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ from openmmml.mlpotential import MLPotentialImpl, MLPotentialImplFactory
 
 
 class SchNetPotentialImplFactory(MLPotentialImplFactory):
-    def createImpl(self, name: str, modelPath=None, precision: str = "float32", backend: str = "auto",
+    def createImpl(self, name: str, modelPath=None, precision: str = "float32", backend: str = "torch",
                    **args) -> MLPotentialImpl:
         if modelPath is None:
             raise ValueError("MLPotential('schnet') needs modelPath= (a schnet-md model file or shipped model name)")
@@ -32,11 +31,11 @@ class SchNetPotentialImplFactory(MLPotentialImplFactory):
 
 
 class SchNetPotentialImpl(MLPotentialImpl):
-    def __init__(self, modelPath, precision: str = "float32", backend: str = "auto"):
+    def __init__(self, modelPath, precision: str = "float32", backend: str = "torch"):
         from schnet_md.modelfile import load_model
 
-        if backend not in ("auto", "torch", "python"):
-            raise ValueError(f"backend must be 'auto', 'torch' or 'python', got {backend!r}")
+        if backend not in ("torch", "python"):
+            raise ValueError(f"backend must be 'torch' or 'python', got {backend!r}")
         self.modelPath = modelPath
         self.precision = precision
         self.backend = backend
@@ -48,8 +47,6 @@ class SchNetPotentialImpl(MLPotentialImpl):
         periodic = topology.getPeriodicBoxVectors() is not None or system.usesPeriodicBoundaryConditions()
         precision = args.get("precision", self.precision)
         backend = args.get("backend", self.backend)
-        if backend == "auto":
-            backend = "python" if system.getNumParticles() == 0 else "torch"
         make = create_python_force if backend == "python" else create_torch_force
         force = make(self.model, topology, atoms=None if atoms is None else list(atoms), periodic=periodic,
                      dtype=precision)
