@@ -7,13 +7,42 @@ import sys
 from pathlib import Path
 
 
+# what --resume may change: how long the recorded run goes on, and where it runs
+RESUME_MAY_CHANGE = {("training", "epochs"), ("training", "max_hours"), ("training", "device")}
+
+
+def _flatten(config: dict) -> dict:
+    return {(table, key): value for table, values in config.items() for key, value in values.items()}
+
+
+def _launch_processes(nproc: int, argv) -> int:
+    """`train --nproc N`: run this same command as N processes on this machine through torchrun."""
+    import os
+    import subprocess
+
+    rest = list(argv)
+    k = rest.index("--nproc")
+    del rest[k:k + 2]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "schnet_md.cli", *rest]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return subprocess.call(command, env=env)
+
+
 def _train(args) -> int:
     import json
+    import os
+    import tomllib
 
     import torch
 
     from .train import resolve_config, train_from_config
 
+    if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        if args.argv is None or "--nproc" not in args.argv:
+            raise ValueError("--nproc must be given on the command line")
+        return _launch_processes(args.nproc, args.argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides = {
@@ -28,15 +57,47 @@ def _train(args) -> int:
                      "ema_decay": args.ema, "early_stopping_patience": args.early_stopping,
                      "max_hours": args.max_hours, "device": args.device},
     }
-    saved = Path(args.out) / "config.json"
-    if args.resume and saved.is_file():   # continue with the run's own config; flags still override
+    out = Path(args.out)
+    saved = out / "config.json"
+    if args.resume:
+        # continue the recorded run exactly: any setting that would change its meaning is refused, by name
+        if not saved.is_file() or not (out / "checkpoint.pt").is_file():
+            raise ValueError(f"cannot resume: {out} holds no started run (config.json and checkpoint.pt are needed)")
         base = json.loads(saved.read_text())
-        for table, values in overrides.items():
-            base[table].update({k: v for k, v in values.items() if v is not None})
-        overrides = base
-    config = resolve_config(args.config, overrides)
-    train_from_config(config, args.out, resume=args.resume)
-    print(f"model written to {Path(args.out) / 'model.pt'}")
+        asked = {}
+        if args.config:
+            try:
+                asked.update(_flatten(tomllib.loads(Path(args.config).read_text())))
+            except (OSError, tomllib.TOMLDecodeError) as err:
+                raise ValueError(f"cannot read config file {args.config}: {err}") from None
+        asked.update({k: v for k, v in _flatten(overrides).items() if v is not None})
+        recorded = _flatten(base)
+        changed = [f"{table}.{key} (recorded {recorded.get((table, key))!r}, asked {value!r})"
+                   for (table, key), value in asked.items()
+                   if recorded.get((table, key)) != value and (table, key) not in RESUME_MAY_CHANGE
+                   and not (table == "data" and key == "path" and Path(str(value)).resolve()
+                            == Path(str(recorded.get((table, key)))).resolve())]
+        if changed:
+            raise ValueError("--resume continues the recorded run exactly, but these settings differ from it: "
+                             + "; ".join(changed) + f". Only --epochs, --max-hours and --device may change; start a "
+                             "new run in another --out for anything else.")
+        for (table, key), value in asked.items():
+            base[table][key] = value
+        config = resolve_config(None, base)
+    else:
+        existing = [name for name in ("model.pt", "checkpoint.pt") if (out / name).exists()]
+        if existing and not args.overwrite:
+            raise ValueError(f"{out} already holds a training run ({', '.join(existing)}); continue it with --resume, "
+                             "replace it with --overwrite, or choose another --out")
+        config = resolve_config(args.config, overrides)
+    summary = train_from_config(config, args.out, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0                                   # rank 0 reports
+    model_file = out / "model.pt"
+    if not model_file.is_file():
+        raise RuntimeError(f"training ended without writing {model_file}")
+    print(f"model written to {model_file}" + (f" ({summary['processes']} processes)" if summary["processes"] > 1
+                                              else ""))
     return 0
 
 
@@ -60,6 +121,19 @@ def _export(args) -> int:
     from .export import export_model
     from .structures import read_structure, select_atoms
 
+    if Path(args.out).exists() and not args.overwrite:
+        raise ValueError(f"{args.out} already exists; pass --overwrite to replace it")
+    if args.engine == "lammps":
+        from .lammps import export_lammps
+
+        if args.structure or args.atoms:
+            raise ValueError("--engine lammps takes no --structure or --atoms: LAMMPS gives the atoms at run time")
+        path = export_lammps(args.model, args.out, dtype=args.precision or "float64")
+        print(f"LAMMPS model written to {path}: pair_style schnet; pair_coeff * * {path} <element per atom type>")
+        return 0
+    if not args.structure:
+        raise ValueError("export for OpenMM needs --structure FILE (the system the force acts on)")
+    args.precision = args.precision or "float32"
     structure = read_structure(args.structure)
     atoms = select_atoms(structure, args.atoms) if args.atoms else None
     path = export_model(args.model, structure, args.out, atoms=atoms, dtype=args.precision)
@@ -69,21 +143,36 @@ def _export(args) -> int:
 
 
 def _simulate(args) -> int:
+    import json
+
     from .simulate import SimulationSettings, resume_simulation, run_simulation
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.resume:
+        info_path = Path(args.resume) / "run.json"
+        info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+        for given, key in ((args.structure, "structure"), (args.model, "model")):
+            if given is not None and info and str(given) != str(info.get(key)) and \
+                    Path(str(given)).resolve() != Path(str(info.get(key))).resolve():
+                raise ValueError(f"--resume {args.resume} continues the run of {key} {info.get(key)!r}; it cannot "
+                                 f"switch to {given!r} (start a new run with another --out)")
         result = resume_simulation(args.resume, steps=args.steps, platform=args.platform)
     else:
         if not (args.structure and args.model and args.out):
-            raise SystemExit("simulate needs STRUCTURE, --model and --out (or --resume DIR)")
+            raise ValueError("simulate needs STRUCTURE, --model and --out (or --resume DIR)")
         settings = SimulationSettings(
-            steps=args.steps, timestep_fs=args.timestep, temperature_k=args.temperature,
+            steps=1000 if args.steps is None else args.steps, timestep_fs=args.timestep, temperature_k=args.temperature,
             friction_per_ps=args.friction, report_interval=args.report_interval,
             checkpoint_interval=args.checkpoint_interval, minimize=args.minimize, seed=args.seed,
             platform=args.platform, precision=args.precision, guard=not args.no_guard)
         result = run_simulation(args.structure, args.model, args.out, settings)
+    seed = json.loads((result.out_dir / "run.json").read_text())["settings"]["seed"]
     print(f"trajectory: {result.trajectory}  ({result.n_frames} frames)")
     print(f"state log:  {result.state_csv}")
+    print(f"seed:       {seed} (rerun with --seed {seed} to repeat this run)")
     print(f"speed:      {result.ns_per_day:.2f} ns/day, {result.steps_per_second:.1f} steps/s "
           f"on the {result.platform} platform")
     return 0
@@ -92,7 +181,7 @@ def _simulate(args) -> int:
 def _analyze(args) -> int:
     from .analysis.analyze import analyze_to
 
-    print(f"report: {analyze_to(args.trajectory, args.out, top=args.top)}")
+    print(f"report: {analyze_to(args.trajectory, args.out, top=args.top, timestep_ps=args.timestep)}")
     return 0
 
 
@@ -149,10 +238,16 @@ def _bench(args) -> int:
     results = []
     for target in args.targets:
         if target.startswith("water:"):
-            topology, positions = water_box(int(target.split(":", 1)[1]))
+            count = target.split(":", 1)[1]
+            if not count.isdigit() or not 30 <= int(count) <= 10_000_000:
+                raise ValueError(f"water:N needs a number of atoms from 30 up, got {target!r}")
+            topology, positions = water_box(int(count))
             name = f"water box ({topology.getNumAtoms()} atoms)"
         else:
-            path = Path(target) if Path(target).exists() else Path("systems") / target / f"{target}.pdb"
+            path = Path(target) if Path(target).exists() else SYSTEMS / target / f"{target}.pdb"
+            if not path.exists():
+                raise ValueError(f"bench target {target!r} is neither a file nor one of the ready-to-run systems "
+                                 f"({', '.join(sorted(d.name for d in SYSTEMS.iterdir() if d.is_dir()))}) nor water:N")
             structure = read_structure(path)
             topology, positions, name = structure.topology, structure.positions_nm, target
         z = [a.element.atomic_number for a in topology.atoms()]
@@ -177,6 +272,21 @@ def _doctor(args) -> int:
     report = diagnose(args.platform or None)
     print(format_report(report))
     return 0 if report.ok else 1
+
+
+SHIPPED = "ethanol, aspirin, iso17x, alanine-dipeptide"
+SYSTEMS = Path(__file__).resolve().parent.parent / "systems"     # ready-to-run structures of a source checkout
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """--help shows each option's default where it has a meaningful one."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text \
+                and action.option_strings:
+            text += f" (default: {action.default})"
+        return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -212,13 +322,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-frames", type=int, help="use only the first N frames of the data")
     t.add_argument("--device", help="auto (CUDA when present), cpu or cuda")
     t.add_argument("--seed", type=int)
-    t.add_argument("--threads", type=int, help="torch CPU threads")
-    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt with OUT/config.json")
+    t.add_argument("--threads", type=int, help="torch CPU threads (per process)")
+    t.add_argument("--nproc", type=int, help="data-parallel processes on this machine (torchrun; gloo on CPU, NCCL "
+                                             "on CUDA); for several machines launch `torchrun ... -m schnet_md.cli "
+                                             "train ...` yourself")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run in OUT exactly (its config.json and checkpoint.pt); only --epochs, "
+                        "--max-hours and --device may change")
+    t.add_argument("--overwrite", action="store_true", help="replace a run already in OUT")
     t.set_defaults(func=_train)
 
     v = sub.add_parser("evaluate", help="energy and force errors of a model on labelled frames",
                        description="MAE and RMSE of energies and force components, in kcal/mol and meV.")
-    v.add_argument("model", help="model file or shipped model name")
+    v.add_argument("model", help=f"model file, or a shipped model name ({SHIPPED})")
     v.add_argument("--data", required=True, help="rMD17 npz, iso17x folder, QM9 npz or any ASE-readable file")
     v.add_argument("--format", choices=["auto", "rmd17", "iso17x", "qm9", "ase"], default="auto")
     v.add_argument("--labels", choices=["new", "old"], default="new")
@@ -229,20 +345,26 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="write an openmmtorch.TorchForce module for a structure",
                        description="Export MODEL for the particles of STRUCTURE: the module takes positions "
                                    "in nm (and box vectors in nm) and returns the energy in kJ/mol.")
-    e.add_argument("model", help="model file written by `schnet-md train`")
-    e.add_argument("--structure", required=True, help="PDB or XYZ file of the whole system")
+    e.add_argument("model", help=f"model file written by `schnet-md train`, or a shipped model name ({SHIPPED})")
+    e.add_argument("--engine", choices=["openmm", "lammps"], default="openmm",
+                   help="openmm: a TorchForce module for one system (default); lammps: a module for pair_style schnet")
+    e.add_argument("--structure", help="PDB or XYZ file of the whole system (OpenMM)")
     e.add_argument("--atoms", help="the particles the model acts on: 'resname MOL', 'resid 0', "
-                                   "'index 0-8,12' or 'all' (default: all)")
-    e.add_argument("--precision", choices=["float32", "float64"], default="float32")
+                                   "'index 0 to 8 or index 12' or 'all' (mdtraj selection "
+                                   "syntax; default: all)")
+    e.add_argument("--precision", choices=["float32", "float64"],
+                   help="default: float32 for OpenMM, float64 for LAMMPS")
     e.add_argument("--out", required=True, help="output .pt file (TorchScript)")
+    e.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     e.set_defaults(func=_export)
 
     s = sub.add_parser("simulate", help="run MD in OpenMM with the model",
                        description="Langevin MD (LangevinMiddleIntegrator) of STRUCTURE with MODEL in OpenMM.")
-    s.add_argument("structure", nargs="?", help="PDB or XYZ file")
-    s.add_argument("--model", help="model file")
-    s.add_argument("--out", help="output folder")
-    s.add_argument("--steps", type=int, default=1000, help="steps to run (with --resume: further steps)")
+    s.add_argument("structure", nargs="?", help="PDB, PDBx/mmCIF or XYZ file")
+    s.add_argument("--model", help=f"model file written by `schnet-md train`, or a shipped model name ({SHIPPED})")
+    s.add_argument("--out", help="output folder (refused if it already holds a run)")
+    s.add_argument("--steps", type=int, help="steps to run (default 1000; with --resume: further steps, default "
+                                             "the run's own count)")
     s.add_argument("--timestep", type=float, default=0.5, help="fs")
     s.add_argument("--temperature", type=float, default=300.0, help="K")
     s.add_argument("--friction", type=float, default=1.0, help="1/ps")
@@ -251,8 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--platform", choices=["CUDA", "OpenCL", "CPU", "Reference"],
                    help="default: fastest available (CUDA > OpenCL > CPU > Reference)")
     s.add_argument("--precision", choices=["float32", "float64"], default="float32", help="model precision")
-    s.add_argument("--minimize", action="store_true", help="minimise the energy first")
-    s.add_argument("--seed", type=int, default=0, help="seed for velocities and the thermostat")
+    s.add_argument("--threads", type=int, help="torch threads for the model on the CPU platform (default: torch's)")
+    s.add_argument("--minimize", action="store_true", help="minimise the energy first (checked by the guard)")
+    s.add_argument("--seed", type=int, default=0,
+                   help="seed for velocities and the thermostat; 0 picks one, which run.json records")
     s.add_argument("--no-guard", action="store_true",
                    help="do not stop when bonds break or form (for reactive chemistry)")
     s.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
@@ -264,6 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("trajectory", help="a run folder of `schnet-md simulate`, a trajectory file (with --top), "
                                       "or iso17x:MOL for an iso17x reference trajectory")
     a.add_argument("--top", help="topology (PDB) for a bare trajectory file")
+    a.add_argument("--timestep", type=float, help="picoseconds between frames of a bare trajectory file (a run "
+                                                  "folder, or a file beside its run.json, knows its own)")
     a.add_argument("--out", required=True, help="output folder (report.md, summary.json, *.png)")
     a.set_defaults(func=_analyze)
 
@@ -338,16 +464,27 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and nest the force in a CustomCVForce. Exits 1 naming what is broken.")
     d.add_argument("--platform", action="append", help="check only this platform (repeatable; default: all)")
     d.set_defaults(func=_doctor)
+    for parser in sub.choices.values():
+        parser.formatter_class = DefaultsHelpFormatter
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, RuntimeError, OSError) as err:   # OSError: missing, read-only or full files and folders
         print(f"schnet-md {args.command}: error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"schnet-md {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if type(err).__name__ == "OpenMMException":   # openmm's own errors: a clear line, not a traceback
+            print(f"schnet-md {args.command}: error (OpenMM): {str(err).strip()}", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":

@@ -84,8 +84,8 @@ def _read_npz(path: Path, keys) -> dict:
             return {k: np.asarray(npz[k]) for k in keys}
     except DataError:
         raise
-    except (OSError, ValueError, EOFError) as err:
-        raise DataError(f"{path} is not a readable npz file: {err}") from None
+    except Exception as err:   # OSError, EOFError, zipfile.BadZipFile, zlib.error: a damaged or cut file
+        raise DataError(f"{path} is not a readable npz file (damaged or cut short?): {err}") from None
 
 
 def _require(npz, keys, path) -> None:
@@ -204,8 +204,8 @@ def _detect_format(path: Path) -> str:
         try:
             with np.load(path) as npz:
                 keys = set(npz.files)
-        except (OSError, ValueError, EOFError) as err:
-            raise DataError(f"{path} is not a readable npz file: {err}") from None
+        except Exception as err:   # OSError, EOFError, zipfile.BadZipFile: a damaged or cut file
+            raise DataError(f"{path} is not a readable npz file (damaged or cut short?): {err}") from None
         if "nuclear_charges" in keys:
             return "rmd17"
         if {"Z", "R", "E", "F"} <= keys:

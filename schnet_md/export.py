@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -194,7 +195,8 @@ def size_cell_list(box_angstrom, cutoff: float, n_atoms: int, positions_angstrom
 def build_module(model: ModelLike, atomic_numbers: Sequence[int], particle_indices: Sequence[int] | None = None,
                  n_particles: int | None = None, periodic: bool = False, dtype: str = "float32",
                  neighbor_list: str = "auto", box_nm=None, positions_nm=None, capacity: int | None = None,
-                 max_per_cell: int | None = None, check_errors: bool = True) -> Tuple[torch.jit.ScriptModule, dict]:
+                 max_per_cell: int | None = None, check_errors: bool = True,
+                 n_molecules: int = 1) -> Tuple[torch.jit.ScriptModule, dict]:
     """Script an OpenMMSchNet; returns (module, metadata). Atomic numbers are those of the particles
     the model acts on, in the order of `particle_indices` (default: all particles 0..n-1).
 
@@ -202,6 +204,12 @@ def build_module(model: ModelLike, atomic_numbers: Sequence[int], particle_indic
     box is at least three cutoffs across). The cell list needs the box (box_nm) to size itself; positions_nm
     (of all particles) refine the per-cell capacity; capacity / max_per_cell override the sizing."""
     schnet, model_metadata = model_at(model, dtype)
+    if n_molecules > 1 and (schnet.cutoff == float("inf") or not periodic):
+        warnings.warn(f"the SchNet force acts on {n_molecules} separate molecules at once; with "
+                      f"{'no cutoff' if schnet.cutoff == float('inf') else 'a non-periodic system'} every pair of "
+                      "them interacts through the model, which is only meaningful if it was trained on such "
+                      "clusters (a model of one molecule gives a spurious interaction). Use one force per molecule "
+                      "(atoms=) for independent copies.", stacklevel=3)
     schnet = inference_copy(schnet)
     if particle_indices is None:
         particle_indices = list(range(len(atomic_numbers)))
@@ -246,6 +254,21 @@ def build_module(model: ModelLike, atomic_numbers: Sequence[int], particle_indic
         "model": model_metadata,
     }
     return module, metadata
+
+
+def count_molecules(topology, indices) -> int:
+    """Connected components of the topology's bonds among `indices` (1 when it declares no bonds there: then
+    nothing is known about molecules)."""
+    import networkx as nx
+
+    chosen = set(int(k) for k in indices)
+    edges = [(a.index, b.index) for a, b in topology.bonds() if a.index in chosen and b.index in chosen]
+    if not edges:
+        return 1
+    graph = nx.Graph()
+    graph.add_nodes_from(chosen)
+    graph.add_edges_from(edges)
+    return nx.number_connected_components(graph)
 
 
 def _topology_atoms(topology, atoms: Sequence[int] | None):
@@ -315,9 +338,11 @@ def create_torch_force(model: ModelLike, topology_or_atomic_numbers, atoms: Sequ
     z, indices, n_particles, box_nm = _targets(topology_or_atomic_numbers, atoms)
     periodic = box_nm is not None if periodic is None else periodic
     box_nm = box_nm if box is None else _nm(box)
+    n_molecules = count_molecules(topology_or_atomic_numbers, indices) \
+        if hasattr(topology_or_atomic_numbers, "bonds") else 1
     module, _ = build_module(model, z, indices, n_particles, periodic, dtype, neighbor_list, box_nm,
                              None if positions is None else _nm(positions), capacity, max_per_cell,
-                             check_errors=not cuda_graphs)
+                             check_errors=not cuda_graphs, n_molecules=n_molecules)
     force = openmmtorch.TorchForce(module)
     force.setUsesPeriodicBoundaryConditions(periodic)
     force.setOutputsForces(False)
@@ -418,7 +443,8 @@ def export_model(model: ModelLike, structure, out: str | Path, atoms: Sequence[i
     periodic = box_nm is not None if periodic is None else periodic
     positions_nm = getattr(structure, "positions_nm", None)
     module, metadata = build_module(model, z, indices, n_particles, periodic, dtype, neighbor_list, box_nm,
-                                    positions_nm, capacity, max_per_cell, check_errors=not cuda_graphs)
+                                    positions_nm, capacity, max_per_cell, check_errors=not cuda_graphs,
+                                    n_molecules=count_molecules(topology, indices))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")

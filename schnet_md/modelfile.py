@@ -6,6 +6,8 @@ read with torch's weights-only loader, so opening a file someone shared cannot e
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 import os
 import pickle
@@ -18,7 +20,8 @@ from .model import SchNet, SchNetConfig
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 FORMAT = "schnet-md/model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2          # 2: a SHA-256 of the tensors guards against damaged bytes (1 had none)
+READABLE_VERSIONS = (1, 2)
 
 
 class ModelFileError(ValueError):
@@ -28,11 +31,23 @@ class ModelFileError(ValueError):
 PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
 
 
+def tensors_sha256(state_dict: dict) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of the tensors, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
 def model_at(model, precision: str = "float32") -> Tuple[SchNet, dict]:
     """(model in eval mode at `precision`, metadata) from a SchNet, a model file or a shipped name."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be 'float32' or 'float64', got {precision!r}")
     if isinstance(model, SchNet):
+        if model.readout.scale.dtype != PRECISIONS[precision]:
+            model = copy.deepcopy(model)   # Module.to() converts in place: leave the caller's model as it was
         return model.to(PRECISIONS[precision]).eval(), {}
     return load_model(model, dtype=PRECISIONS[precision])
 
@@ -48,6 +63,7 @@ def save_model(model: SchNet, path: str | os.PathLike, metadata: dict | None = N
         "state_dict": {k: v.detach().cpu().to(torch.float32) if v.is_floating_point() else v.detach().cpu()
                        for k, v in model.state_dict().items()},
     }
+    payload["tensors_sha256"] = tensors_sha256(payload["state_dict"])
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)
@@ -87,9 +103,17 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> T
                              f"{type(err).__name__}: {err}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ModelFileError(f"{path} is not a schnet-md model file (no '{FORMAT}' marker)")
-    if payload.get("format_version") != FORMAT_VERSION:
+    if payload.get("format_version") not in READABLE_VERSIONS:
         raise ModelFileError(f"{path} has model format version {payload.get('format_version')}; "
-                             f"this schnet-md reads version {FORMAT_VERSION}")
+                             f"this schnet-md reads versions {', '.join(map(str, READABLE_VERSIONS))}")
+    if payload["format_version"] >= 2:
+        try:
+            intact = payload.get("tensors_sha256") == tensors_sha256(payload["state_dict"])
+        except Exception:   # a state_dict that is not a dict of tensors
+            intact = False
+        if not intact:
+            raise ModelFileError(f"{path} is damaged: its weights do not match the checksum written with them "
+                                 "(a copy cut short or altered?); get the file again")
     try:
         config = SchNetConfig(**json.loads(payload["config"]))
         metadata = json.loads(payload["metadata"])

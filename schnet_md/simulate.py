@@ -14,13 +14,15 @@ A run folder holds everything needed to read or continue the run:
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import random
 import math
 import os
 import struct
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -35,6 +37,7 @@ from .modelfile import load_model
 from .structures import BondMap, read_structure, write_pdb
 
 PLATFORM_PREFERENCE = ("CUDA", "OpenCL", "CPU", "Reference")
+MAX_SEED = 2 ** 31 - 1          # OpenMM seeds are C ints; 0 means "pick one at random" to OpenMM
 BOLTZMANN_KJ_PER_MOL_K = unit.MOLAR_GAS_CONSTANT_R.value_in_unit(unit.kilojoule_per_mole / unit.kelvin)
 
 
@@ -66,6 +69,8 @@ class SimulationSettings:
             raise ValueError("time step and temperature must be positive, friction non-negative")
         if self.ensemble not in ("nvt", "nve"):
             raise ValueError("ensemble must be 'nvt' or 'nve'")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must lie in 0..{MAX_SEED} (0: choose one; the run records the seed it used)")
 
 
 @dataclass
@@ -230,10 +235,36 @@ class AtomicCheckpointReporter:
         save_checkpoint(simulation, self.path)
 
 
+def _digest(data: bytes) -> str:
+    return f"{len(data)} {hashlib.sha256(data).hexdigest()}"
+
+
 def save_checkpoint(simulation, path: Path) -> None:
+    """Write the checkpoint atomically with its size and SHA-256 beside it (PATH.sha256); the checkpoint it
+    replaces, if sound, becomes PATH's `.prev` twin, the fallback when the new one turns out damaged."""
+    data = simulation.context.createCheckpoint()
+    if checkpoint_is_sound(path):
+        os.replace(path, previous_checkpoint(path))
+        os.replace(path.with_name(path.name + ".sha256"), previous_checkpoint(path).with_name(
+            previous_checkpoint(path).name + ".sha256"))
     tmp = path.with_name(path.name + ".tmp")
-    simulation.saveCheckpoint(str(tmp))
+    tmp.write_bytes(data)
+    digest = path.with_name(path.name + ".sha256.tmp")
+    digest.write_text(_digest(data) + "\n")
     os.replace(tmp, path)
+    os.replace(digest, path.with_name(path.name + ".sha256"))
+
+
+def previous_checkpoint(path: Path) -> Path:
+    return path.with_name(path.stem + ".prev" + path.suffix)
+
+
+def checkpoint_is_sound(path: Path) -> bool:
+    """The checkpoint exists and matches the size and SHA-256 recorded when it was written."""
+    digest = path.with_name(path.name + ".sha256")
+    if not path.is_file() or not digest.is_file():
+        return False
+    return digest.read_text().strip() == _digest(path.read_bytes())
 
 
 def truncate_dcd(path: Path, n_frames: int) -> int:
@@ -275,7 +306,10 @@ def run_simulation(structure_path, model_path, out_dir, settings: SimulationSett
         raise ValueError(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
     structure = read_structure(structure_path)
     model, model_metadata = load_model(model_path)
+    if settings.seed == 0:   # OpenMM would pick a seed and not say which: pick it here and record it
+        settings = replace(settings, seed=random.SystemRandom().randint(1, MAX_SEED))
     out.mkdir(parents=True, exist_ok=True)
+    write_pdb(structure.topology, structure.positions_nm, out / "input.pdb")     # the structure as given
     force_file = export_model(model, structure, out / "force.pt", dtype=settings.precision)
     system = build_system(structure.topology, force_file)
     simulation, platform = make_simulation(structure.topology, system, settings)
@@ -283,6 +317,15 @@ def run_simulation(structure_path, model_path, out_dir, settings: SimulationSett
     if settings.minimize:
         simulation.minimizeEnergy()
     positions = simulation.context.getState(getPositions=True).getPositions(asNumpy=True)
+    if settings.minimize and settings.guard:
+        try:
+            BlowUpGuard(structure.topology, settings.bond_break_factor, settings.bond_form_factor).check(
+                0, positions.value_in_unit(unit.nanometer), structure.box_nm)
+        except SimulationError as err:
+            raise SimulationError(f"energy minimisation broke the molecule, so the run did not start: "
+                                  f"{str(err).split(': ', 1)[1]}. The model has a spurious minimum there (check it with "
+                                  f"more data, or run without --minimize); the input structure is in "
+                                  f"{out / 'input.pdb'}.") from None
     write_pdb(structure.topology, positions.value_in_unit(unit.nanometer), out / "topology.pdb")
     simulation.context.setVelocitiesToTemperature(settings.temperature_k * unit.kelvin, settings.seed)
     run_info = {
@@ -297,13 +340,17 @@ def run_simulation(structure_path, model_path, out_dir, settings: SimulationSett
 
 
 def resume_simulation(out_dir, steps: Optional[int] = None, platform: Optional[str] = None,
-                      progress: bool = True) -> SimulationResult:
-    """Continue the run in `out_dir` from its last checkpoint for `steps` more steps (default: the
-    original run's step count)."""
+                      progress: bool = True, log=None) -> SimulationResult:
+    """Continue the run in `out_dir` from its last sound checkpoint for `steps` more steps (default: the
+    original run's step count). A checkpoint whose size or checksum does not match what was recorded when it
+    was written is passed over for the previous one, and `log` says so."""
+    log = log or (lambda message: print(message, file=sys.stderr))
     out = Path(out_dir)
     info_path = out / "run.json"
     if not info_path.is_file():
         raise ValueError(f"{out} holds no run to resume (no run.json)")
+    if steps is not None and steps < 1:
+        raise ValueError(f"--steps must be at least 1 when resuming (got {steps})")
     info = json.loads(info_path.read_text())
     settings = SimulationSettings(**info["settings"])
     if platform:
@@ -312,14 +359,35 @@ def resume_simulation(out_dir, steps: Optional[int] = None, platform: Optional[s
     system = build_system(structure.topology, out / "force.pt")
     simulation, platform_name = make_simulation(structure.topology, system, settings)
     checkpoint = out / "checkpoint.chk"
-    if not checkpoint.is_file():
+    candidates = [c for c in (checkpoint, previous_checkpoint(checkpoint)) if c.is_file()]
+    if not candidates:
         raise ValueError(f"{out} has no checkpoint.chk to resume from")
-    simulation.loadCheckpoint(str(checkpoint))
+    loaded = None
+    for candidate in candidates:
+        if not checkpoint_is_sound(candidate):
+            log(f"warning: {candidate} does not match the size and checksum recorded when it was written "
+                "(damaged or cut short); trying the previous checkpoint")
+            continue
+        try:
+            simulation.loadCheckpoint(str(candidate))
+        except Exception as err:   # OpenMMException
+            written_on = info.get("platform")
+            hint = (f"; it was written on the {written_on} platform: resume with --platform {written_on}"
+                    if written_on and written_on != platform_name else "")
+            raise SimulationError(f"cannot load {candidate} on the {platform_name} platform ({err}){hint}") from None
+        loaded = candidate
+        break
+    if loaded is None:
+        raise SimulationError(f"no sound checkpoint in {out} (checked {', '.join(c.name for c in candidates)})")
+    if loaded != checkpoint:
+        log(f"resuming from the previous checkpoint {loaded.name} (step {simulation.currentStep})")
     done = simulation.currentStep
-    n_frames = truncate_dcd(out / "trajectory.dcd", done // settings.report_interval) \
-        if (out / "trajectory.dcd").exists() else 0
+    trajectory = out / "trajectory.dcd"
+    if done // settings.report_interval == 0 and trajectory.exists():
+        trajectory.unlink()          # no frame was due yet: whatever is there (an empty header) starts over
+    n_frames = truncate_dcd(trajectory, done // settings.report_interval) if trajectory.exists() else 0
     if n_frames != done // settings.report_interval:
-        raise SimulationError(f"{out / 'trajectory.dcd'} has {n_frames} frames but the checkpoint at step "
+        raise SimulationError(f"{trajectory} has {n_frames} frames but the checkpoint at step "
                               f"{done} needs {done // settings.report_interval}; the trajectory is damaged")
     if (out / "state.csv").exists():
         truncate_state_csv(out / "state.csv", done)
@@ -338,9 +406,11 @@ def _run(simulation, platform: str, out: Path, settings: SimulationSettings, ste
     simulation.reporters.extend([dcd, state, AtomicCheckpointReporter(out / "checkpoint.chk",
                                                                       settings.checkpoint_interval, guard)])
     bar = None
-    if progress:
+    log_lines = progress and not sys.stderr.isatty()   # a log file or batch queue: a line every 10% or minute
+    if progress and not log_lines:
         from tqdm import tqdm
-        bar = tqdm(total=steps, unit="step", file=sys.stderr, disable=None, desc="MD")
+        bar = tqdm(total=steps, unit="step", file=sys.stderr, desc="MD")
+    last_line = time.perf_counter()
     chunk = max(settings.report_interval, min(1000, max(steps // 100, 1)))
     start_step = simulation.currentStep
     started = time.perf_counter()
@@ -352,6 +422,14 @@ def _run(simulation, platform: str, out: Path, settings: SimulationSettings, ste
             remaining -= n
             if bar is not None:
                 bar.update(n)
+            done_here = steps - remaining
+            now = time.perf_counter()
+            if log_lines and (now - last_line >= 60 or done_here * 10 // steps > (done_here - n) * 10 // steps
+                              or remaining == 0):
+                ns_day = done_here * settings.timestep_fs * 1e-6 / max(now - started, 1e-9) * 86400
+                print(f"MD: step {simulation.currentStep} ({done_here}/{steps} this run, {100 * done_here / steps:.0f}%), "
+                      f"{ns_day:.3g} ns/day", file=sys.stderr, flush=True)
+                last_line = now
         if guard is not None:
             _guard_state(guard, simulation, simulation.context.getState(getPositions=True))
     except Exception as err:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
@@ -43,23 +44,46 @@ class Structure:
         return [Vec3(*map(float, p)) for p in self.positions_nm] * unit.nanometer
 
 
+OVERLAP_ANGSTROM = 0.5        # two atoms closer than this are one atom typed twice, not a molecule
+FARTHEST_ANGSTROM = 1.0e5     # coordinates beyond 10 µm are a unit mix-up or a broken file
+
+
 def read_structure(path: str | Path) -> Structure:
-    """Read PDB (.pdb), PDBx/mmCIF (.cif, .pdbx) or XYZ (.xyz, extended XYZ Lattice= honoured)."""
+    """Read PDB (.pdb), PDBx/mmCIF (.cif, .pdbx) or XYZ (.xyz, extended XYZ Lattice= honoured).
+
+    Residues whose file declares no bonds (a PDB ligand without CONECT records) get bonds from their
+    geometry (covalent radii, minimum image in a periodic box), so the topology - and the blow-up guard
+    that compares against it - knows the molecule's chemistry. Overlapping atoms, coordinates far out of
+    range and files cut short are refused."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"structure file {path} does not exist")
     suffix = path.suffix.lower()
+    if suffix == ".xyz":
+        structure = read_xyz(path)
+        check_geometry(structure)
+        return structure
+    if suffix == ".pdb":
+        _check_pdb_lines(path)
     try:
-        if suffix == ".xyz":
-            return read_xyz(path)
-        if suffix == ".pdb":
-            f = app.PDBFile(str(path))
-        elif suffix in (".cif", ".pdbx"):
-            f = app.PDBxFile(str(path))
-        else:
-            raise ValueError(f"{path}: unknown structure format {suffix!r} (use .pdb, .cif or .xyz)")
-    except (ValueError, IndexError, KeyError) as err:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if suffix == ".pdb":
+                f = app.PDBFile(str(path))
+            elif suffix in (".cif", ".pdbx"):
+                f = app.PDBxFile(str(path))
+            else:
+                raise ValueError(f"{path}: unknown structure format {suffix!r} (use .pdb, .cif or .xyz)")
+        duplicates = [str(w.message) for w in caught if "duplicate atom" in str(w.message)]
+        if duplicates:   # OpenMM's reader keeps one of two same-named atoms and only warns: the file is wrong
+            raise ValueError(f"{path}: {len(duplicates)} duplicated atom(s) (same name in one residue), e.g. "
+                             f"{duplicates[0].replace('WARNING: ', '')}")
+        for w in caught:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    except ValueError as err:
         raise ValueError(f"{path}: cannot read structure: {err}") from None
+    except Exception as err:   # OpenMM's readers raise assorted errors on damaged files
+        raise ValueError(f"{path}: cannot read structure ({type(err).__name__}: {err})") from None
     positions = np.array(f.getPositions(asNumpy=True).value_in_unit(unit.nanometer), dtype=np.float64)
     for atom in f.topology.atoms():
         if atom.element is None:
@@ -68,7 +92,56 @@ def read_structure(path: str | Path) -> Structure:
     if positions.shape[0] == 0:
         raise ValueError(f"{path}: no atoms")
     _check_finite(positions, path)
-    return Structure(f.topology, positions, str(path))
+    structure = Structure(f.topology, positions, str(path))
+    add_missing_bonds(structure)
+    check_geometry(structure)
+    return structure
+
+
+def _check_pdb_lines(path: Path) -> None:
+    """A PDB atom record ends its coordinates at column 54; a shorter one was cut off."""
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if line.startswith(("ATOM", "HETATM")) and len(line.rstrip()) < 54:
+            raise ValueError(f"{path}: line {number} is cut short ({len(line.rstrip())} characters; an atom record "
+                             "has its coordinates in columns 31-54): is the file complete?")
+
+
+def add_missing_bonds(structure: Structure) -> int:
+    """Give every residue whose atoms have no bonds at all the bonds its geometry implies; returns how many."""
+    top = structure.topology
+    bonded = set()
+    for a, b in top.bonds():
+        bonded.update((a.index, b.index))
+    box = structure.box_nm
+    added = 0
+    for residue in top.residues():
+        atoms = list(residue.atoms())
+        if len(atoms) < 2 or any(a.index in bonded for a in atoms):
+            continue
+        idx = np.array([a.index for a in atoms])
+        z = [a.element.atomic_number for a in atoms]
+        for i, j in infer_bonds(z, structure.positions_nm[idx] * 10.0, None if box is None else box * 10.0):
+            top.addBond(atoms[i], atoms[j])
+            added += 1
+    return added
+
+
+def check_geometry(structure: Structure) -> None:
+    r = structure.positions_nm * 10.0
+    far = np.abs(r).max()
+    if far > FARTHEST_ANGSTROM:
+        k = int(np.abs(r).max(axis=1).argmax())
+        raise ValueError(f"{structure.source}: atom {k + 1} sits {far:.3g} Å from the origin: a unit mix-up or a "
+                         "damaged file?")
+    if len(r) > 1:
+        from scipy.spatial import cKDTree
+
+        pairs = cKDTree(r).query_pairs(OVERLAP_ANGSTROM, output_type="ndarray")
+        if len(pairs):
+            i, j = (int(v) for v in pairs[0])
+            d = float(np.linalg.norm(r[i] - r[j]))
+            raise ValueError(f"{structure.source}: atoms {i + 1} and {j + 1} overlap ({d:.3f} Å apart; "
+                             f"{len(pairs)} such pair(s)): a duplicated atom?")
 
 
 def read_xyz(path: str | Path) -> Structure:
@@ -84,6 +157,10 @@ def read_xyz(path: str | Path) -> Structure:
     except (IndexError, ValueError):
         raise ValueError(f"{path}: not a valid XYZ file (atom count line, comment line, then "
                          "'Element x y z' lines)") from None
+    rest = [line for line in lines[2 + n:] if line.strip()]
+    if rest and not rest[0].split()[0].isdigit():
+        raise ValueError(f"{path}: the count line says {n} atoms, but more atom lines follow ({rest[0].strip()!r}); "
+                         "fix the count")
     numbers = [_elements.atomic_number(s) if not s.isdigit() else int(s) for s in symbols]
     _check_finite(xyz, path)
     box = None
@@ -106,21 +183,40 @@ def molecule_topology(atomic_numbers: Sequence[int], positions_angstrom: np.ndar
         counts[el.symbol] = counts.get(el.symbol, 0) + 1
         atoms.append(top.addAtom(f"{el.symbol}{counts[el.symbol]}", el, residue))
     if positions_angstrom is not None:
-        for i, j in infer_bonds(atomic_numbers, positions_angstrom):
+        box_angstrom = None if box_nm is None else np.asarray(box_nm) * 10.0
+        for i, j in infer_bonds(atomic_numbers, positions_angstrom, box_angstrom):
             top.addBond(atoms[i], atoms[j])
     if box_nm is not None:
         top.setPeriodicBoxVectors([Vec3(*map(float, v)) for v in box_nm] * unit.nanometer)
     return top
 
 
-def infer_bonds(atomic_numbers: Sequence[int], positions_angstrom: np.ndarray) -> List[Tuple[int, int]]:
-    """Pairs closer than BOND_TOLERANCE x the sum of their covalent radii."""
+def infer_bonds(atomic_numbers: Sequence[int], positions_angstrom: np.ndarray,
+                box_angstrom: Optional[np.ndarray] = None) -> List[Tuple[int, int]]:
+    """Pairs closer than BOND_TOLERANCE x the sum of their covalent radii (minimum image in a box, so a
+    molecule wrapped across the box edge keeps its bonds)."""
+    from scipy.spatial import cKDTree
+
     z = np.asarray(atomic_numbers)
+    r = np.asarray(positions_angstrom, dtype=np.float64)
     radii = np.array([COVALENT_RADII.get(int(v), 1.5) for v in z])
-    d = np.linalg.norm(positions_angstrom[:, None] - positions_angstrom[None], axis=-1)
-    bonded = d < BOND_TOLERANCE * (radii[:, None] + radii[None])
-    i, j = np.nonzero(np.triu(bonded, k=1))
-    return list(zip(i.tolist(), j.tolist()))
+    reach = BOND_TOLERANCE * 2 * radii.max()
+    box = None if box_angstrom is None else np.asarray(box_angstrom, dtype=np.float64)
+    if box is None:
+        candidates = cKDTree(r).query_pairs(reach, output_type="ndarray")
+    elif np.allclose(box, np.diag(np.diag(box))):
+        lengths = np.diag(box)
+        candidates = cKDTree(r % lengths, boxsize=lengths).query_pairs(reach, output_type="ndarray")
+    else:   # triclinic: every pair, by minimum image
+        i, j = np.triu_indices(len(r), k=1)
+        candidates = np.stack([i, j], axis=1)
+    if len(candidates) == 0:
+        return []
+    i, j = candidates[:, 0], candidates[:, 1]
+    d = np.linalg.norm(minimum_image_np(r[j] - r[i], box), axis=1)
+    bonded = d < BOND_TOLERANCE * (radii[i] + radii[j])
+    pairs = sorted((int(a), int(b)) if a < b else (int(b), int(a)) for a, b in zip(i[bonded], j[bonded]))
+    return pairs
 
 
 class BondMap:

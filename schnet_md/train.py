@@ -17,11 +17,16 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
+from torch import nn
 
-from . import __version__
+from . import __version__, parallel
 from .data import Dataset, batches
 from .model import SchNet, SchNetConfig, count_parameters
 from .modelfile import ModelFileError, save_model
+
+
+class TrainingError(RuntimeError):
+    """Training could not go on (diverged, damaged checkpoint); the files already written are kept."""
 
 
 @dataclass
@@ -39,6 +44,37 @@ class TrainSettings:
     early_stopping_patience: int = 0  # > 0: stop after this many epochs without improvement
     max_hours: float = 0.0            # > 0: stop after this much wall time (resume continues)
     device: str = "auto"              # "auto": CUDA when present, else CPU
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value, default = getattr(self, f.name), f.default
+            if isinstance(default, bool) or isinstance(default, str):
+                ok = isinstance(value, type(default))
+            elif isinstance(default, int):
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            else:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not ok:
+                kind = {str: "a string", int: "a whole number", float: "a number"}[type(default)]
+                raise ValueError(f"training setting {f.name} must be {kind}, got {value!r}")
+        checks = [(self.epochs >= 1, "epochs must be at least 1"),
+                  (self.batch_size >= 1, "batch_size must be at least 1"),
+                  (self.learning_rate >= 0, "learning_rate must be >= 0 (0 freezes the weights)"),
+                  (self.rho >= 0, "rho (the energy weight) must be >= 0"),
+                  (0 <= self.validation_fraction < 1, "validation_fraction must lie in [0, 1): some frames must be "
+                                                      "left to train on"),
+                  (0 <= self.seed < 2 ** 63, "seed must be a non-negative whole number"),
+                  (self.lr_patience >= 0, "lr_patience must be >= 0"),
+                  (0 < self.lr_factor < 1, "lr_factor must lie in (0, 1)"),
+                  (self.min_learning_rate >= 0, "min_learning_rate must be >= 0"),
+                  (0 <= self.ema_decay < 1, "ema_decay must lie in [0, 1)"),
+                  (self.early_stopping_patience >= 0, "early_stopping_patience must be >= 0"),
+                  (self.max_hours >= 0, "max_hours must be >= 0"),
+                  (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+                   "device must be auto, cpu, cuda or cuda:N")]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainSettings":
@@ -81,35 +117,70 @@ def split_indices(n_frames: int, validation_fraction: float, seed: int):
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
-def predict_batch(model: SchNet, batch: dict, create_graph: bool, need_forces: bool = True):
-    """Energies [n_mol] and forces [n_atoms, 3] (or None) of one batch (forces by autograd)."""
+def predict_batch(model: SchNet, batch: dict, create_graph: bool, need_forces: bool = True, forward=None):
+    """Energies [n_mol] and forces [n_atoms, 3] (or None) of one batch (forces by autograd). `forward` runs
+    the energy (a DistributedDataParallel wrapper of BatchEnergy in data-parallel training)."""
     positions = batch["positions"].requires_grad_(need_forces)
     species = model.species(batch["atomic_numbers"])
-    energies = model.batch_energy(species, positions, batch["pair_i"], batch["pair_j"],
-                                  batch["molecule"], batch["n_molecules"])
+    forward = forward or model.batch_energy
+    energies = forward(species, positions, batch["pair_i"], batch["pair_j"], batch["molecule"], batch["n_molecules"])
     if not need_forces:
         return energies, None
     (grad,) = torch.autograd.grad(energies.sum(), positions, create_graph=create_graph)
     return energies, -grad
 
 
-def evaluate_split(model: SchNet, data: Dataset, indices: np.ndarray, batch_size: int = 100) -> dict:
-    """MAE and RMSE of energies and force components, in the data's units."""
+class BatchEnergy(nn.Module):
+    """SchNet.batch_energy as a module's forward, so DistributedDataParallel sees (and synchronises) it."""
+
+    def __init__(self, model: SchNet):
+        super().__init__()
+        self.model = model
+
+    def forward(self, species, positions, i, j, molecule, n_molecules: int):
+        return self.model.batch_energy(species, positions, i, j, molecule, n_molecules)
+
+
+def evaluate_split(model: SchNet, data: Dataset, indices: np.ndarray, batch_size: int = 100,
+                   group: Optional[parallel.Group] = None) -> dict:
+    """MAE and RMSE of energies and force components, in the data's units. In data-parallel training each
+    rank evaluates its share of `indices` and the sums are added up, so every rank gets the same numbers."""
+    group = group or parallel.Group()
     parameter = next(model.parameters())
-    err_e, err_f = [], []
     has_forces = data.forces is not None
-    for batch in batches(data, indices, batch_size, parameter.dtype, parameter.device):
+    # sums of |dE|, dE^2, count; |dF|, dF^2, count - in float64
+    sums = torch.zeros(6, dtype=torch.float64, device=parameter.device)
+    for batch in batches(data, indices[group.rank::group.world], batch_size, parameter.dtype, parameter.device):
         with torch.set_grad_enabled(has_forces):
             energies, forces = predict_batch(model, batch, create_graph=False, need_forces=has_forces)
-        err_e.append((energies.detach() - batch["energies"]).double().cpu().numpy())
+        e = (energies.detach() - batch["energies"]).double()
+        sums[0:3] += torch.stack([e.abs().sum(), (e ** 2).sum(), torch.tensor(float(e.numel()), device=e.device)])
         if has_forces:
-            err_f.append((forces.detach() - batch["forces"]).double().cpu().numpy().ravel())
-    e = np.concatenate(err_e)
-    out = {"energy_mae": float(np.abs(e).mean()), "energy_rmse": float(np.sqrt((e ** 2).mean()))}
-    if err_f:
-        f = np.concatenate(err_f)
-        out.update(forces_mae=float(np.abs(f).mean()), forces_rmse=float(np.sqrt((f ** 2).mean())))
+            f = (forces.detach() - batch["forces"]).double().reshape(-1)
+            sums[3:6] += torch.stack([f.abs().sum(), (f ** 2).sum(), torch.tensor(float(f.numel()), device=f.device)])
+    sums = parallel.all_reduce_sum(group, sums).cpu().numpy()
+    out = {"energy_mae": float(sums[0] / sums[2]), "energy_rmse": float(np.sqrt(sums[1] / sums[2]))}
+    if has_forces:
+        out.update(forces_mae=float(sums[3] / sums[5]), forces_rmse=float(np.sqrt(sums[4] / sums[5])))
     return out
+
+
+def global_batches(data: Dataset, order: np.ndarray, batch_size: int, group: parallel.Group, device):
+    """The epoch's batches of `batch_size` frames (the global batch), each rank taking every world-th frame of
+    each. Yields (this rank's batch, weight, frames in the global batch, atoms in the global batch); a rank
+    left without frames (a short last batch) gets one frame with weight 0, so all ranks run every step."""
+    for start in range(0, len(order), batch_size):
+        frames = order[start:start + batch_size]
+        mine = frames[group.rank::group.world]
+        weight = 1.0
+        if len(mine) == 0:
+            mine, weight = frames[:1], 0.0
+        batch = next(batches(data, mine, len(mine), device=device))
+        yield batch, weight, len(frames), int(data.n_atoms[frames].sum())
+
+
+def _silent(_message: str) -> None:
+    pass
 
 
 def _device(name: str) -> torch.device:
@@ -119,11 +190,12 @@ def _device(name: str) -> torch.device:
 
 
 def train(data: Dataset, config: SchNetConfig, out_dir: str | Path, settings: TrainSettings,
-          resume: bool = False, log: Callable[[str], None] = print, validation: Optional[Dataset] = None) -> dict:
+          resume: bool = False, log: Callable[[str], None] = print, validation: Optional[Dataset] = None,
+          on_start: Optional[Callable[[], None]] = None) -> dict:
     """Train a SchNet on `data` (validated on `validation`, or on a random fraction of `data`);
-    returns the summary also written to OUT/metrics.json."""
+    returns the summary also written to OUT/metrics.json. `on_start` runs once everything is checked and
+    the first epoch is about to begin (the CLI records config.json there, so a refused run changes nothing)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if config.energy_unit != data.energy_unit:
         data = data.converted(config.energy_unit)          # the one conversion of labels into model units
     if validation is None:
@@ -133,12 +205,23 @@ def train(data: Dataset, config: SchNetConfig, out_dir: str | Path, settings: Tr
         train_idx, val_idx = np.arange(len(data)), np.arange(len(validation))
         val_data = validation.converted(config.energy_unit) if validation.energy_unit != config.energy_unit \
             else validation
+    if len(train_idx) < 1 or len(val_idx) < 1:
+        raise ValueError(f"{data.source}: {len(data)} frame(s) leave {len(train_idx)} to train on and {len(val_idx)} "
+                         "to validate on; at least one of each is needed (more data, or --validation-data)")
     device = _device(settings.device)
+    group = parallel.setup(device)
+    if group.active and device.type == "cuda":
+        device = torch.device("cuda", group.local_rank)
+    if not group.main:
+        log = _silent                       # one voice: rank 0 logs and writes every file
     torch.manual_seed(settings.seed)
     model = SchNet(config)
     model.species(torch.as_tensor(sorted(set(data.elements) | set(val_data.elements))))
-    fit_energy_statistics(data.subset(train_idx), model)
+    if group.main:
+        fit_energy_statistics(data.subset(train_idx), model)
     model.to(device)
+    for buffer in (model.readout.reference_energies, model.readout.shift, model.readout.scale):
+        parallel.broadcast_from_main(group, buffer)    # fitted once, on rank 0, and shared
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, factor=settings.lr_factor, patience=settings.lr_patience, min_lr=settings.min_learning_rate)
@@ -153,27 +236,51 @@ def train(data: Dataset, config: SchNetConfig, out_dir: str | Path, settings: Tr
     if resume:
         if not checkpoint_path.is_file():
             raise ModelFileError(f"cannot resume: {checkpoint_path} does not exist")
-        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        history = json.loads(state["history"])
-        best, best_epoch = float(state["best"]), int(state.get("best_epoch", -1))
-        first_epoch = int(state["epoch"]) + 1
+        try:
+            state = torch.load(checkpoint_path, map_location=device, weights_only=True)
+        except Exception as err:   # truncated or corrupt bytes raise all sorts of errors from the unpickler
+            raise ModelFileError(f"cannot resume: {checkpoint_path} is damaged ({type(err).__name__}: "
+                                 f"{str(err).splitlines()[0] if str(err) else ''}); the best model so far is "
+                                 f"{out / 'model.pt'}") from None
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            if ema is not None:
+                ema.load_state_dict(state["ema"])
+            history = json.loads(state["history"])
+            best, best_epoch = float(state["best"]), int(state.get("best_epoch", -1))
+            first_epoch = int(state["epoch"]) + 1
+        except (RuntimeError, KeyError, ValueError, TypeError) as err:
+            raise ModelFileError(f"cannot resume: {checkpoint_path} does not match this run's model and settings "
+                                 f"({str(err).splitlines()[0]})") from None
         log(f"resuming after epoch {first_epoch} (best validation loss {best:.5g})")
+    if first_epoch >= settings.epochs:
+        raise ValueError(f"{out} already finished {first_epoch} of {settings.epochs} epochs; give a larger --epochs "
+                         "to continue it")
+    if group.main:
+        out.mkdir(parents=True, exist_ok=True)
+        if on_start is not None:
+            on_start()
+    forward = None
+    if group.active:
+        from torch.nn.parallel import DistributedDataParallel
+
+        forward = DistributedDataParallel(BatchEnergy(model), device_ids=[device.index] if device.type == "cuda"
+                                          else None)
 
     has_forces = data.forces is not None
     log(f"training {count_parameters(model):,} parameters on {len(train_idx)} frames ({data.source}), validating "
         f"on {len(val_idx)} ({val_data.source if validation is not None else 'random split'}); energies in "
-        f"{config.energy_unit}; {'energies and forces' if has_forces else 'energies only'}; device {device}")
+        f"{config.energy_unit}; {'energies and forces' if has_forces else 'energies only'}; device {device}"
+        + (f"; {group.world} processes, global batch {settings.batch_size}" if group.active else ""))
     started = time.perf_counter()
     bar = None
-    if sys.stderr.isatty():
+    if sys.stderr.isatty() and group.main:
         from tqdm import tqdm
         bar = tqdm(total=settings.epochs, initial=first_epoch, unit="epoch", file=sys.stderr)
         log = bar.write
+    # (without a terminal every epoch still logs a line: progress for log files and batch queues)
     stop_reason = "epochs done"
     for epoch in range(first_epoch, settings.epochs):
         t0 = time.perf_counter()
@@ -181,23 +288,44 @@ def train(data: Dataset, config: SchNetConfig, out_dir: str | Path, settings: Tr
         generator = torch.Generator().manual_seed(settings.seed * 100_003 + epoch)
         order = train_idx[torch.randperm(len(train_idx), generator=generator).numpy()]
         total, n_batches = 0.0, 0
-        for batch in batches(data, order, settings.batch_size, device=device):
-            energies, forces = predict_batch(model, batch, create_graph=has_forces, need_forces=has_forces)
-            loss = ((energies - batch["energies"]) ** 2).mean()
+        batches_per_epoch = -(-len(order) // settings.batch_size)
+        last_line = time.perf_counter()
+        for batch, weight, n_frames, n_atoms in global_batches(data, order, settings.batch_size, group, device):
+            if bar is None and time.perf_counter() - last_line > 60:   # long epochs in a log file: a line a minute
+                log(f"epoch {epoch + 1}: batch {n_batches}/{batches_per_epoch}, mean loss so far "
+                    f"{total / max(n_batches, 1):.5g}")
+                last_line = time.perf_counter()
+            energies, forces = predict_batch(model, batch, create_graph=has_forces, need_forces=has_forces,
+                                             forward=forward)
+            # this rank's share of the global batch's loss (sums over its frames / the global counts); DDP
+            # averages gradients over ranks, so the share is scaled by the world size
+            loss = ((energies - batch["energies"]) ** 2).sum() / n_frames
             if has_forces:
-                loss = settings.rho * loss + ((forces - batch["forces"]) ** 2).sum(-1).mean()
+                loss = settings.rho * loss + ((forces - batch["forces"]) ** 2).sum() / n_atoms
+            loss = loss * (weight * group.world)
+            global_loss = parallel.all_reduce_sum(group, loss.detach().clone()) / group.world
+            if not torch.isfinite(global_loss):
+                kept = f"{out / 'model.pt'} keeps the best model (epoch {best_epoch + 1})" if best_epoch >= 0 \
+                    else "no model was saved"
+                raise TrainingError(f"training diverged: the loss became {float(global_loss)} at epoch {epoch + 1}, batch "
+                                    f"{n_batches + 1}; {kept}, {checkpoint_path} the state after the last finished "
+                                    "epoch. Try a smaller --lr.")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             if ema is not None:
                 ema.update_parameters(model)
-            total += float(loss.detach())
+            total += float(global_loss)
             n_batches += 1
         evaluated = ema.module if ema is not None else model
         evaluated.eval()
-        metrics = evaluate_split(evaluated, val_data, val_idx)
+        metrics = evaluate_split(evaluated, val_data, val_idx, group=group)
         val_loss = (settings.rho * metrics["energy_rmse"] ** 2 + 3 * metrics["forces_rmse"] ** 2) if has_forces \
             else metrics["energy_rmse"] ** 2
+        if not math.isfinite(val_loss):
+            raise TrainingError(f"training diverged: the validation loss became {val_loss} at epoch {epoch + 1}; "
+                                + (f"{out / 'model.pt'} keeps the best model (epoch {best_epoch + 1})"
+                                   if best_epoch >= 0 else "no model was saved") + ". Try a smaller --lr.")
         scheduler.step(val_loss)
         row = {"epoch": epoch, "train_loss": total / max(n_batches, 1), "validation_loss": val_loss,
                "learning_rate": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0,
@@ -205,16 +333,18 @@ def train(data: Dataset, config: SchNetConfig, out_dir: str | Path, settings: Tr
         history.append(row)
         if val_loss < best:
             best, best_epoch = val_loss, epoch
-            save_model(evaluated, out / "model.pt", _metadata(data, val_data, config, settings, len(train_idx),
-                                                              len(val_idx), epoch, metrics))
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best, "best_epoch": best_epoch,
-                 "history": json.dumps(history)}
-        if ema is not None:
-            state["ema"] = ema.state_dict()
-        tmp = checkpoint_path.with_name("checkpoint.pt.tmp")
-        torch.save(state, tmp)
-        tmp.replace(checkpoint_path)
+            if group.main:
+                save_model(evaluated, out / "model.pt", _metadata(data, val_data, config, settings, len(train_idx),
+                                                                  len(val_idx), epoch, metrics))
+        if group.main:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best, "best_epoch": best_epoch,
+                     "history": json.dumps(history)}
+            if ema is not None:
+                state["ema"] = ema.state_dict()
+            tmp = checkpoint_path.with_name("checkpoint.pt.tmp")
+            torch.save(state, tmp)
+            tmp.replace(checkpoint_path)
         force_part = f"  F MAE {metrics['forces_mae']:.4f}" if has_forces else ""
         log(f"epoch {epoch + 1:5d}/{settings.epochs}  loss {row['train_loss']:.5g}  val E MAE "
             f"{metrics['energy_mae']:.4f}{force_part} {config.energy_unit}(/Å)  lr {row['learning_rate']:.2g}"
@@ -226,7 +356,11 @@ def train(data: Dataset, config: SchNetConfig, out_dir: str | Path, settings: Tr
         if settings.early_stopping_patience and epoch - best_epoch >= settings.early_stopping_patience:
             stop_reason = f"early stop: no improvement for {settings.early_stopping_patience} epochs"
             break
-        if settings.max_hours and time.perf_counter() - started > settings.max_hours * 3600:
+        out_of_time = torch.tensor([float(bool(settings.max_hours) and
+                                          time.perf_counter() - started > settings.max_hours * 3600)])
+        out_of_time = out_of_time.to(device)
+        parallel.broadcast_from_main(group, out_of_time)               # every rank stops at the same epoch
+        if float(out_of_time) > 0:
             stop_reason = f"time budget of {settings.max_hours} h reached (resume continues)"
             break
     if bar is not None:
@@ -235,8 +369,10 @@ def train(data: Dataset, config: SchNetConfig, out_dir: str | Path, settings: Tr
     summary = {"history": history, "best_validation_loss": best, "best_epoch": best_epoch + 1,
                "stop_reason": stop_reason, "energy_unit": config.energy_unit, "n_train": len(train_idx),
                "n_validation": len(val_idx), "wall_seconds_this_run": time.perf_counter() - started,
-               "settings": asdict(settings), "model": config.to_dict()}
-    (out / "metrics.json").write_text(json.dumps(summary, indent=1))
+               "settings": asdict(settings), "model": config.to_dict(), "processes": group.world}
+    if group.main:
+        (out / "metrics.json").write_text(json.dumps(summary, indent=1))
+    parallel.barrier(group)
     return summary
 
 
@@ -279,6 +415,10 @@ def resolve_config(file: Optional[str | Path] = None, overrides: Optional[dict] 
     unknown = set(config["data"]) - set(DATA_DEFAULTS)
     if unknown:
         raise ValueError(f"unknown [data] key(s) {', '.join(sorted(unknown))}; known: {', '.join(DATA_DEFAULTS)}")
+    model_keys = {f.name for f in fields(SchNetConfig)} - {"elements", "energy_unit"}
+    unknown = set(config["model"]) - model_keys
+    if unknown:
+        raise ValueError(f"unknown [model] key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(model_keys))}")
     TrainSettings.from_dict(config["training"])   # validates the keys
     if not config["data"]["path"]:
         raise ValueError("no training data: give --data FILE or [data] path in the config file")
@@ -304,9 +444,16 @@ def train_from_config(config: dict, out_dir: str | Path, resume: bool = False,
     preset = model_values.pop("preset")
     unit = d["energy_unit"] or data.energy_unit
     elements = sorted(set(data.elements) | set(validation.elements if validation is not None else []))
-    model_config = config_from_preset(preset, elements, energy_unit=unit, **model_values)
+    try:
+        model_config = config_from_preset(preset, elements, energy_unit=unit, **model_values)
+    except TypeError as err:   # e.g. n_features = "64" in the config file
+        raise ValueError(f"[model] settings are not valid: {err}") from None
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config, indent=1))
+
+    def record_config():
+        tmp = out / "config.json.tmp"
+        tmp.write_text(json.dumps(config, indent=1))
+        tmp.replace(out / "config.json")
+
     return train(data, model_config, out, TrainSettings.from_dict(config["training"]), resume=resume, log=log,
-                 validation=validation)
+                 validation=validation, on_start=record_config)

@@ -133,3 +133,13 @@ def test_model_is_torchscript_compatible(ethanol):
     model = random_model()
     scripted = torch.jit.script(model)
     assert torch.allclose(scripted(z, r), model(z, r), rtol=1e-12)
+
+
+def test_model_at_leaves_the_callers_model_alone():
+    """Converting precision for an export must not convert the model the caller still holds."""
+    from schnet_md.modelfile import model_at
+
+    model = random_model(dtype=torch.float64)
+    converted, _ = model_at(model, "float32")
+    assert converted.readout.scale.dtype == torch.float32
+    assert model.readout.scale.dtype == torch.float64 and next(model.parameters()).dtype == torch.float64

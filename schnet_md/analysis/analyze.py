@@ -13,7 +13,7 @@ import numpy as np
 
 from ..structures import BondMap
 from .dihedrals import (CORE_HALF_WIDTH, STAGGERED, STATE_NAMES, assign_states, conformer_populations,
-                        dihedral_angles, rotatable_dihedrals, transitions)
+                        dihedral_angles, rotatable_dihedrals, transitions, backbone_phi_psi)
 from .load import LoadedTrajectory, load_trajectory
 
 
@@ -52,6 +52,9 @@ def analyze(loaded: LoadedTrajectory) -> dict:
             "state_populations": {labels[s]: float(np.mean(states[:, k] == s)) for s in range(len(labels))},
         })
     out["conformers"] = [{"states": c, "population": p} for c, p in conformer_populations(states)]
+    phi, psi, residues = backbone_phi_psi(traj)
+    out["backbone"] = [{"residue": r, "phi_deg": phi[:, k].tolist(), "psi_deg": psi[:, k].tolist()}
+                       for k, r in enumerate(residues)]
     out["dihedral_state_definition"] = {"centers_deg": list(STAGGERED), "core_half_width_deg": CORE_HALF_WIDTH}
 
     bond_map = BondMap(traj.topology.to_openmm())
@@ -119,6 +122,22 @@ def write_report(summary: dict, traj_time: np.ndarray, out_dir: str | Path) -> P
         plt.close(fig)
         pngs.append(("Rotatable heavy-atom dihedrals", "dihedrals.png"))
 
+    if summary.get("backbone"):
+        fig, axes = plt.subplots(1, len(summary["backbone"]), figsize=(4.2 * len(summary["backbone"]), 4), squeeze=False)
+        for ax, res in zip(axes[0], summary["backbone"]):
+            ax.scatter(res["phi_deg"], res["psi_deg"], s=3, alpha=0.5)
+            ax.set_xlim(-180, 180)
+            ax.set_ylim(-180, 180)
+            ax.set_xlabel("phi (°)")
+            ax.set_ylabel("psi (°)")
+            ax.set_title(res["residue"])
+            ax.axhline(0, color="grey", lw=0.5)
+            ax.axvline(0, color="grey", lw=0.5)
+        fig.tight_layout()
+        fig.savefig(out / "ramachandran.png", dpi=100)
+        plt.close(fig)
+        pngs.append(("Ramachandran plot (backbone phi/psi)", "ramachandran.png"))
+
     if "energy" in summary:
         e = summary["energy"]
         fig, ax = plt.subplots(2, 1, figsize=(8, 5), sharex=True)
@@ -162,6 +181,17 @@ def write_report(summary: dict, traj_time: np.ndarray, out_dir: str | Path) -> P
         lines.append(f"| {d['name']} | {d['n_transitions']} | {p['g+']:.2f} | {p['t']:.2f} | {p['g-']:.2f} |")
     if not dihedrals:
         lines.append("| (no rotatable heavy-atom dihedral) | | | | |")
+    if summary.get("backbone"):
+        lines += ["", "## Backbone", "", "Peptide backbone dihedrals (mdtraj's phi C-N-CA-C and psi N-CA-C-N; amide "
+                  "C-N bonds are planar and not counted as rotatable above):", "",
+                  "| residue | phi mean (°) | psi mean (°) | alpha-R (-160<phi<-20, -120<psi<50) | beta/PPII (phi<-40, psi>90) |",
+                  "|---|---|---|---|---|"]
+        for res in summary["backbone"]:
+            phi, psi = np.array(res["phi_deg"]), np.array(res["psi_deg"])
+            alpha = np.mean((phi > -160) & (phi < -20) & (psi > -120) & (psi < 50))
+            beta = np.mean((phi < -40) & (psi > 90))
+            lines.append(f"| {res['residue']} | {np.degrees(np.angle(np.mean(np.exp(1j * np.radians(phi))))):.0f} | "
+                         f"{np.degrees(np.angle(np.mean(np.exp(1j * np.radians(psi))))):.0f} | {alpha:.2f} | {beta:.2f} |")
     lines += ["", "Conformers (combined dihedral states) and populations:", ""]
     lines += [f"- `{c['states']}`: {c['population']:.3f}" for c in summary["conformers"][:10]]
     for title, png in pngs:
@@ -171,6 +201,6 @@ def write_report(summary: dict, traj_time: np.ndarray, out_dir: str | Path) -> P
     return out / "report.md"
 
 
-def analyze_to(spec, out_dir, top: Optional[str] = None) -> Path:
-    loaded = load_trajectory(spec, top)
+def analyze_to(spec, out_dir, top: Optional[str] = None, timestep_ps: Optional[float] = None) -> Path:
+    loaded = load_trajectory(spec, top, timestep_ps=timestep_ps, need_time=True)
     return write_report(analyze(loaded), loaded.traj.time, out_dir)

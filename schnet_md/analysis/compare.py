@@ -29,6 +29,16 @@ def js_divergence(a: np.ndarray, b: np.ndarray, bins: np.ndarray) -> float:
     return float(jensenshannon(p, q, base=2) ** 2)
 
 
+def bond_set(traj) -> set:
+    """Bonds (i < j) of a trajectory's first frame, from covalent radii (the topology's own bonds may be
+    missing or template-made, so the geometry decides, the same way for every input)."""
+    from ..structures import infer_bonds
+
+    z = [a.element.atomic_number for a in traj.topology.atoms]
+    box = None if traj.unitcell_vectors is None else traj.unitcell_vectors[0] * 10.0
+    return set(infer_bonds(z, traj.xyz[0] * 10.0, box))
+
+
 def compare(loaded: Sequence[LoadedTrajectory]) -> dict:
     if len(loaded) < 2:
         raise ValueError("compare needs at least two trajectories")
@@ -39,6 +49,16 @@ def compare(loaded: Sequence[LoadedTrajectory]) -> dict:
         if other != elements:
             raise ValueError(f"{item.label} is not the same molecule as {loaded[0].label} in the same atom order "
                              f"({len(other)} vs {len(elements)} atoms, elements {''.join(other)} vs {''.join(elements)})")
+        # same elements in the same order can still be another molecule (isomers): compare the bond graphs
+        ref_bonds, bonds = bond_set(ref), bond_set(item.traj)
+        if bonds != ref_bonds:
+            names = [f"{a.element.symbol}{a.index + 1}" for a in ref.topology.atoms]
+            only = sorted(ref_bonds - bonds)[:1] or sorted(bonds - ref_bonds)[:1]
+            i, j = only[0]
+            where = loaded[0].label if (i, j) in ref_bonds else item.label
+            raise ValueError(f"{item.label} and {loaded[0].label} are different molecules: their bonds differ "
+                             f"({len(ref_bonds ^ bonds)} bond(s), e.g. {names[i]}-{names[j]} only in {where}); compare "
+                             "compares one molecule's conformations")
     quads, names = rotatable_dihedrals(ref.topology, ref.xyz[0])
     heavy = ref.topology.select("not element H")
     pairs = np.array(list(combinations(heavy, 2)), dtype=np.int64).reshape(-1, 2)
@@ -47,7 +67,7 @@ def compare(loaded: Sequence[LoadedTrajectory]) -> dict:
     distances = [10 * mdtraj.compute_distances(item.traj, pairs) for item in loaded]
     d_max = max(float(d.max()) for d in distances) if len(pairs) else 1.0
     d_bins = np.arange(0.0, d_max + 0.1, 0.05)
-    out = {"trajectories": [{"label": x.label, "n_frames": x.traj.n_frames,
+    out = {"trajectories": [{"label": x.label, "n_frames": x.traj.n_frames, "time_unit": x.time_unit,
                              "time_ps": [float(x.traj.time[0]), float(x.traj.time[-1])]} for x in loaded],
            "dihedrals": [], "distances": {}}
     for k, name in enumerate(names):
@@ -97,7 +117,9 @@ def write_comparison(result: dict, out_dir: str | Path) -> Path:
 
     lines = ["# Trajectory comparison", "", "Reference (first): " + labels[0], ""]
     lines += ["| trajectory | frames | time (ps) |", "|---|---|---|"]
-    lines += [f"| {t['label']} | {t['n_frames']} | {t['time_ps'][0]:.3f}–{t['time_ps'][1]:.3f} |"
+    lines += [f"| {t['label']} | {t['n_frames']} | "
+              + (f"{t['time_ps'][0]:.3f}–{t['time_ps'][1]:.3f} |" if t.get("time_unit", "ps") == "ps"
+                 else "unknown (a bare file without --timestep) |")
               for t in result["trajectories"]]
     lines += ["", "Jensen-Shannon divergence against the first trajectory (base 2: 0 identical, 1 disjoint):", "",
               "| distribution | " + " | ".join(labels[1:]) + " |", "|---|" + "---|" * (len(labels) - 1)]
@@ -115,5 +137,7 @@ def write_comparison(result: dict, out_dir: str | Path) -> Path:
 
 
 def compare_to(specs: List[str], out_dir, top=None, labels=None) -> Path:
+    if labels is not None and len(labels) != len(specs):
+        raise ValueError(f"--labels names {len(labels)} trajectories but {len(specs)} were given")
     loaded = [load_trajectory(s, top, None if not labels else labels[k]) for k, s in enumerate(specs)]
     return write_comparison(compare(loaded), out_dir)

@@ -36,6 +36,8 @@ def rotatable_dihedrals(topology: mdtraj.Topology, xyz: np.ndarray | None = None
         g.remove_edge(b, c)
         if nx.has_path(g, b, c):
             continue   # ring bond
+        if _is_amide(graph, b, c):
+            continue   # C(=O)-N: partial double bond, planar (peptide backbones are followed as phi/psi)
         if b.index > c.index:
             b, c = c, b
         # compare atoms by index: a copied topology's bond graph may hold other Atom objects for the same atoms
@@ -52,6 +54,31 @@ def rotatable_dihedrals(topology: mdtraj.Topology, xyz: np.ndarray | None = None
         names.append("-".join(topology.atom(k).name for k in quad))
     order = sorted(range(len(quads)), key=lambda k: quads[k][1:3])
     return np.array([quads[k] for k in order], dtype=np.int64).reshape(-1, 4), [names[k] for k in order]
+
+
+def _is_amide(graph, b, c) -> bool:
+    """b-c is a carbonyl carbon bonded to nitrogen (either order): C has a one-neighbour O, the other is N."""
+    for carbon, other in ((b, c), (c, b)):
+        if carbon.element.symbol == "C" and other.element.symbol == "N" and any(
+                n.element.symbol == "O" and graph.degree(n) == 1 for n in graph.neighbors(carbon)):
+            return True
+    return False
+
+
+def backbone_phi_psi(traj: mdtraj.Trajectory):
+    """mdtraj's backbone phi and psi of the residues that have both: (phi deg [frames, r], psi deg, labels);
+    empty arrays for anything that is not a peptide."""
+    phi_idx, phi = mdtraj.compute_phi(traj)
+    psi_idx, psi = mdtraj.compute_psi(traj)
+    if len(phi_idx) == 0 or len(psi_idx) == 0:
+        return np.zeros((traj.n_frames, 0)), np.zeros((traj.n_frames, 0)), []
+    # phi (C_prev, N, CA, C) and psi (N, CA, C, N_next) belong to the residue of their CA (atom 2 / 1)
+    phi_of = {int(q[2]): k for k, q in enumerate(phi_idx)}
+    psi_of = {int(q[1]): k for k, q in enumerate(psi_idx)}
+    shared = sorted(set(phi_of) & set(psi_of))
+    labels = [str(traj.topology.atom(ca).residue) for ca in shared]
+    return (np.degrees(phi[:, [phi_of[ca] for ca in shared]]), np.degrees(psi[:, [psi_of[ca] for ca in shared]]),
+            labels)
 
 
 def _angle(xyz: np.ndarray, i: int, j: int, k: int) -> float:

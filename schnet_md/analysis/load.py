@@ -27,12 +27,19 @@ class LoadedTrajectory:
     state: Optional[dict] = None          # columns of state.csv as arrays, one row per frame
     run_info: dict = field(default_factory=dict)
     reference_energies_ev: Optional[np.ndarray] = None
+    time_unit: str = "ps"                  # "frame" when a bare file gave no time step
 
 
-def load_trajectory(spec: str | Path, top: Optional[str | Path] = None, label: Optional[str] = None) -> LoadedTrajectory:
+def load_trajectory(spec: str | Path, top: Optional[str | Path] = None, label: Optional[str] = None,
+                    timestep_ps: Optional[float] = None, need_time: bool = False) -> LoadedTrajectory:
+    """A run folder, a trajectory file with its topology, or iso17x:MOL. A bare file's time axis comes
+    from timestep_ps (ps between frames) or, beside a run.json, from the run's settings; need_time makes a
+    missing time step an error instead of a frame-number axis."""
     spec_s = str(spec)
     if spec_s.startswith("iso17x:"):
         parts = spec_s.split(":")
+        if len(parts) < 2 or not parts[1].isdigit():
+            raise ValueError(f"{spec_s!r}: use iso17x:MOL with MOL an isomer number (e.g. iso17x:128)")
         return load_iso17x(int(parts[1]), Path(parts[2]) if len(parts) > 2 else DEFAULT_ISO17X, label)
     path = Path(spec)
     if path.is_dir():
@@ -42,7 +49,20 @@ def load_trajectory(spec: str | Path, top: Optional[str | Path] = None, label: O
     if top is None:
         raise ValueError(f"{path} needs a topology (--top FILE.pdb)")
     traj = _load(path, top)
-    return LoadedTrajectory(traj, label or path.stem)
+    if timestep_ps is None and (path.parent / "run.json").is_file():
+        settings = json.loads((path.parent / "run.json").read_text()).get("settings", {})
+        if "timestep_fs" in settings and "report_interval" in settings:
+            timestep_ps = settings["timestep_fs"] * settings["report_interval"] / 1000.0
+    if timestep_ps is not None:
+        if not timestep_ps > 0:
+            raise ValueError(f"--timestep must be positive (ps between frames), got {timestep_ps}")
+        traj.time = np.arange(traj.n_frames) * float(timestep_ps)
+    elif need_time:
+        raise ValueError(f"{path} carries no reliable time step: give --timestep PS (picoseconds between frames), "
+                         "or analyse the run folder")
+    else:
+        traj.time = np.arange(traj.n_frames, dtype=float)
+    return LoadedTrajectory(traj, label or path.stem, time_unit="ps" if timestep_ps is not None else "frame")
 
 
 # What mdtraj's DCD reader (VMD's dcdplugin, C code) prints to stdout on every open; nothing else is dropped.
