@@ -119,8 +119,8 @@ def main() -> None:
     for r in rows:
         q = r["profile"]
         lines.append(f"| {r['name']} | {q['assemble_ms']:.1f} | {q['step_ms']:.1f} | {100 * q['assemble_fraction']:.1f}% |")
-    lines += ["", "Batch assembly (slicing frames, building each batch's intra-molecular pair list) is the share above "
-              "of a step; the rest is the model. On a GPU the model part shrinks by orders of magnitude and assembly "
+    lines += ["", "Batch assembly (slicing frames, building each batch's intra-molecular pair list) takes the share above "
+              "of a step on the CPU, so it needs no optimising here; the rest is the model. On a GPU the model part shrinks by orders of magnitude and assembly "
               "(on the CPU) would dominate: that is where to optimise (prebuilt pair lists, a DataLoader with workers) "
               "once GPU training is measured."]
     Path(args.out).write_text("\n".join(lines) + "\n")

@@ -266,6 +266,22 @@ def _bench(args) -> int:
     return 0
 
 
+def _check(args) -> int:
+    from .check import CheckSettings, check, format_report, write_json
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    settings = CheckSettings(temperature_k=args.temperature, md_steps=args.steps, platform=args.platform,
+                             seed=args.seed)
+    report = check(args.model, args.structure, settings, log=lambda m: print(m, file=sys.stderr))
+    print(format_report(report))
+    if args.json:
+        write_json(report, args.json)
+    return 0 if report["passed"] else 2
+
+
 def _doctor(args) -> int:
     from .doctor import diagnose, format_report
 
@@ -454,6 +470,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, help="torch CPU threads")
     b.add_argument("--json", help="also write the results here")
     b.set_defaults(func=_bench)
+
+    ck = sub.add_parser("check", help="robustness checks before production MD (minimisation, bond and molecule "
+                                      "scans, hot MD); exit 2 if any fails",
+                        description="Minimise, stretch every bond (0.9-2.5x) and the whole molecule (1-2x), and run "
+                                    "Langevin MD at 300 K and --temperature with the blow-up guard. Prints a verdict; "
+                                    "exit status 0 passed, 2 failed.")
+    ck.add_argument("model", help=f"model file or shipped model name ({SHIPPED})")
+    ck.add_argument("structure", help="PDB, PDBx/mmCIF or XYZ file of the molecule")
+    ck.add_argument("--temperature", type=float, default=500.0, help="K, the hot MD check (300 K always runs)")
+    ck.add_argument("--steps", type=int, default=2000, help="MD steps per temperature (0.5 fs)")
+    ck.add_argument("--platform", default="CPU", choices=["CUDA", "OpenCL", "CPU", "Reference"])
+    ck.add_argument("--seed", type=int, default=1)
+    ck.add_argument("--threads", type=int, help="torch threads")
+    ck.add_argument("--json", help="write the full report (every scan energy) here")
+    ck.set_defaults(func=_check)
 
     d = sub.add_parser("doctor", help="check that this installation runs SchNet in OpenMM (versions, platforms, "
                                       "export, serialisation)",

@@ -1,0 +1,47 @@
+"""`schnet-md check`: the robustness suite finds the shipped ethanol model's spurious minimum (issue #15: a
+plain minimizeEnergy() tears ethanol apart) and passes a model that minimises cleanly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import SYSTEMS
+from schnet_md.check import CheckSettings, check, format_report
+
+FAST = CheckSettings(md_steps=200, scan_points=9, temperature_k=500.0)
+
+
+@pytest.fixture(scope="module")
+def ethanol_report():
+    return check("ethanol", SYSTEMS / "ethanol" / "ethanol.pdb", FAST, log=lambda _: None)
+
+
+def test_check_finds_the_ethanol_models_spurious_minimum(ethanol_report):
+    r = ethanol_report
+    assert not r["passed"]
+    assert not r["minimisation"]["passed"] and r["minimisation"]["broken"]
+    assert r["minimisation"]["largest_bond_change"] > 1.0          # a bond more than doubled
+    assert not r["molecule_scan"]["passed"]                          # stretching the molecule lowers the energy
+    assert r["molecule_scan"]["lowest_below_relaxed_kcal_mol"] > 10.0
+    assert "FAILED" in format_report(r)
+
+
+def test_check_passes_a_model_that_minimises_cleanly():
+    r = check("alanine-dipeptide", SYSTEMS / "alanine-dipeptide" / "alanine-dipeptide.pdb", FAST, log=lambda _: None)
+    assert r["minimisation"]["passed"], format_report(r)
+    assert r["minimisation"]["largest_bond_change"] < 0.1
+    assert all(m["passed"] for m in r["md"]), format_report(r)
+    assert len(r["bond_scans"]["bonds"]) == 21
+
+
+def test_cli_exit_status_and_json(tmp_path, capsys):
+    from schnet_md.cli import main
+
+    code = main(["check", "ethanol", str(SYSTEMS / "ethanol" / "ethanol.pdb"), "--steps", "100",
+                 "--json", str(tmp_path / "check.json")])
+    assert code == 2
+    report = json.loads((tmp_path / "check.json").read_text())
+    assert report["passed"] is False and "bond_scans" in report
+    assert "verdict: FAILED" in capsys.readouterr().out
