@@ -50,7 +50,7 @@ def _train(args) -> int:
                  "max_frames": args.max_frames, "energy_unit": args.energy_unit,
                  "validation_path": args.validation_data, "validation_split": args.validation_split},
         "model": {"preset": args.preset, "n_features": args.features, "n_interactions": args.interactions,
-                  "cutoff": args.cutoff},
+                  "cutoff": args.cutoff, "init": args.init},
         "training": {"epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": args.lr,
                      "lr_patience": args.lr_patience, "rho": args.rho,
                      "validation_fraction": args.validation_fraction, "seed": args.seed,
@@ -84,6 +84,7 @@ def _train(args) -> int:
         for (table, key), value in asked.items():
             base[table][key] = value
         config = resolve_config(None, base)
+        config.pop("_size_defaults", None)       # the recorded run's settings, as they were
     else:
         existing = [name for name in ("model.pt", "checkpoint.pt") if (out / name).exists()]
         if existing and not args.overwrite:
@@ -167,7 +168,8 @@ def _simulate(args) -> int:
             steps=1000 if args.steps is None else args.steps, timestep_fs=args.timestep, temperature_k=args.temperature,
             friction_per_ps=args.friction, report_interval=args.report_interval,
             checkpoint_interval=args.checkpoint_interval, minimize=args.minimize, seed=args.seed,
-            platform=args.platform, precision=args.precision, guard=not args.no_guard)
+            platform=args.platform, precision=args.precision, guard=not args.no_guard,
+            disagreement_warn=args.disagreement_warn, disagreement_stop=args.disagreement_stop)
         result = run_simulation(args.structure, args.model, args.out, settings)
     seed = json.loads((result.out_dir / "run.json").read_text())["settings"]["seed"]
     print(f"trajectory: {result.trajectory}  ({result.n_frames} frames)")
@@ -323,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--energy-unit", help="model energy unit (default: the data's): kcal/mol, eV, kJ/mol, ...")
     t.add_argument("--out", required=True, help="output folder (model.pt, checkpoint.pt, metrics.json, config.json)")
     t.add_argument("--preset", choices=["schnet2017", "schnet2018"])
+    t.add_argument("--init", help="fine-tune from this model (file or shipped name): its architecture, weights and "
+                                  "energy statistics (e.g. committee members: --init BASE --seed k)")
     t.add_argument("--features", type=int, help="override F (feature width)")
     t.add_argument("--interactions", type=int, help="override the number of interaction blocks")
     t.add_argument("--cutoff", type=float, help="override the cutoff (Å; cosine)")
@@ -377,7 +381,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("simulate", help="run MD in OpenMM with the model",
                        description="Langevin MD (LangevinMiddleIntegrator) of STRUCTURE with MODEL in OpenMM.")
     s.add_argument("structure", nargs="?", help="PDB, PDBx/mmCIF or XYZ file")
-    s.add_argument("--model", help=f"model file written by `schnet-md train`, or a shipped model name ({SHIPPED})")
+    s.add_argument("--model", help=f"model file written by `schnet-md train`, or a shipped model name ({SHIPPED}); "
+                                   "several files joined by commas make a committee (mean force; state.csv reports "
+                                   "their force disagreement)")
+    s.add_argument("--disagreement-warn", type=float, default=200.0,
+                   help="committee force disagreement (kJ/mol/nm) that earns a warning")
+    s.add_argument("--disagreement-stop", type=float, default=0.0,
+                   help="committee force disagreement (kJ/mol/nm) that stops the run (0: never)")
     s.add_argument("--out", help="output folder (refused if it already holds a run)")
     s.add_argument("--steps", type=int, help="steps to run (default 1000; with --resume: further steps, default "
                                              "the run's own count)")

@@ -141,6 +141,21 @@ class OpenMMSchNet(nn.Module):
 ModelLike = Union[SchNet, str, os.PathLike]
 
 
+class CommitteeMean(nn.Module):
+    """The mean energy (kJ/mol) of several OpenMMSchNet members: a committee's force is its mean force."""
+
+    def __init__(self, members: List[OpenMMSchNet]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.n_members = len(members)
+
+    def forward(self, positions: Tensor, boxvectors: Optional[Tensor] = None) -> Tensor:
+        total = torch.zeros((), dtype=torch.float64, device=positions.device)
+        for member in self.members:
+            total = total + member(positions, boxvectors)
+        return total / self.n_members
+
+
 def inference_copy(model: SchNet) -> SchNet:
     """A copy of `model` for MD: the same energies and forces, less work per step.
 
@@ -196,13 +211,24 @@ def build_module(model: ModelLike, atomic_numbers: Sequence[int], particle_indic
                  n_particles: int | None = None, periodic: bool = False, dtype: str = "float32",
                  neighbor_list: str = "auto", box_nm=None, positions_nm=None, capacity: int | None = None,
                  max_per_cell: int | None = None, check_errors: bool = True,
-                 n_molecules: int = 1) -> Tuple[torch.jit.ScriptModule, dict]:
+                 n_molecules: int = 1, script: bool = True) -> Tuple[torch.jit.ScriptModule, dict]:
     """Script an OpenMMSchNet; returns (module, metadata). Atomic numbers are those of the particles
     the model acts on, in the order of `particle_indices` (default: all particles 0..n-1).
 
     neighbor_list: "all_pairs", "cells", or "auto" (cells for periodic systems of at least 200 atoms whose
     box is at least three cutoffs across). The cell list needs the box (box_nm) to size itself; positions_nm
-    (of all particles) refine the per-cell capacity; capacity / max_per_cell override the sizing."""
+    (of all particles) refine the per-cell capacity; capacity / max_per_cell override the sizing.
+
+    A list of models is a committee: the module returns the mean of their energies (so the forces are the
+    mean forces); see schnet_md.committee."""
+    if isinstance(model, (list, tuple)):
+        members = [build_module(m, atomic_numbers, particle_indices, n_particles, periodic, dtype, neighbor_list,
+                                box_nm, positions_nm, capacity, max_per_cell, check_errors, n_molecules, script=False)
+                   for m in model]
+        metadata = dict(members[0][1], committee_size=len(members),
+                        committee=[mm.get("model", {}) for _, mm in members])
+        mean = CommitteeMean([module for module, _ in members])
+        return (torch.jit.script(mean) if script else mean), metadata
     schnet, model_metadata = model_at(model, dtype)
     if n_molecules > 1 and (schnet.cutoff == float("inf") or not periodic):
         warnings.warn(f"the SchNet force acts on {n_molecules} separate molecules at once; with "
@@ -230,8 +256,10 @@ def build_module(model: ModelLike, atomic_numbers: Sequence[int], particle_indic
                                                              len(particle_indices), ml_positions)
         cell_capacity = max_per_cell or cell_capacity
         pair_capacity = capacity or pair_capacity
-    module = torch.jit.script(OpenMMSchNet(schnet, atomic_numbers, particle_indices, n_particles, periodic,
-                                           neighbor_list, cells, cell_capacity, pair_capacity, check_errors))
+    module = OpenMMSchNet(schnet, atomic_numbers, particle_indices, n_particles, periodic, neighbor_list, cells,
+                          cell_capacity, pair_capacity, check_errors)
+    if script:
+        module = torch.jit.script(module)
     metadata = {
         "format": "schnet-md/openmm-force",
         "format_version": EXPORT_FORMAT_VERSION,

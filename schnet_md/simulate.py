@@ -33,6 +33,7 @@ from openmm import unit
 
 from . import __version__
 from .export import export_model, load_exported, molecule_bonds, openmm_torch, torchscript_message
+from .committee import ForceDisagreement, committee_members, is_committee
 from .modelfile import load_model
 from .structures import BondMap, read_structure, write_pdb
 
@@ -61,6 +62,8 @@ class SimulationSettings:
     guard: bool = True               # stop on broken/formed bonds or non-finite values (BlowUpGuard)
     bond_break_factor: float = 1.5   # a bond is broken beyond this x the sum of covalent radii
     bond_form_factor: float = 1.1    # a non-bonded pair closer than this x the sum has formed a bond
+    disagreement_warn: float = 200.0  # committee force disagreement (kJ/mol/nm) that earns a warning
+    disagreement_stop: float = 0.0    # ... that stops the run (0: never)
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.report_interval < 1 or self.checkpoint_interval < 1:
@@ -180,9 +183,12 @@ class StateCSVReporter:
                "speed_ns_day"]
 
     def __init__(self, path: Path, interval: int, n_dof: int, timestep_fs: float, append: bool,
-                 guard: Optional[BlowUpGuard] = None):
+                 guard: Optional[BlowUpGuard] = None, disagreement=None, warn: float = 0.0, stop: float = 0.0):
         self.interval = interval
         self.guard = guard
+        self.disagreement, self.warn, self.stop, self.warned = disagreement, warn, stop, False
+        if disagreement is not None:
+            self.COLUMNS = self.COLUMNS + ["force_disagreement_kj_mol_nm"]
         self.n_dof = n_dof
         self.timestep_fs = timestep_fs
         new = not append or not path.exists()
@@ -195,6 +201,12 @@ class StateCSVReporter:
     def describeNextReport(self, simulation):
         steps = self.interval - simulation.currentStep % self.interval
         return {"steps": steps, "periodic": None, "include": ["energy", "positions"]}
+
+    def _disagreement(self, simulation, state) -> Optional[float]:
+        if self.disagreement is None:
+            return None
+        box = state.getPeriodicBoxVectors(asNumpy=True).value_in_unit(unit.nanometer)
+        return self.disagreement(state.getPositions(asNumpy=True).value_in_unit(unit.nanometer), box)
 
     def report(self, simulation, state):
         now = time.perf_counter()
@@ -209,9 +221,20 @@ class StateCSVReporter:
             ns = (step - self._last[0]) * self.timestep_fs * 1e-6
             speed = f"{ns / (now - self._last[1]) * 86400:.4g}"
         self._last = (step, now)
-        self._writer.writerow([step, f"{state.getTime().value_in_unit(unit.picosecond):.6f}", f"{pot:.6f}",
-                               f"{kin:.6f}", f"{pot + kin:.6f}", f"{temperature:.3f}", speed])
+        sigma = self._disagreement(simulation, state)
+        row = [step, f"{state.getTime().value_in_unit(unit.picosecond):.6f}", f"{pot:.6f}",
+               f"{kin:.6f}", f"{pot + kin:.6f}", f"{temperature:.3f}", speed]
+        self._writer.writerow(row + ([] if sigma is None else [f"{sigma:.4f}"]))
         self._fh.flush()
+        if sigma is not None:
+            if self.stop and sigma > self.stop:
+                raise SimulationError(f"the committee disagrees by {sigma:.0f} kJ/mol/nm at step {step} (stop "
+                                      f"threshold {self.stop:g}): the run has left what the models know")
+            if self.warn and sigma > self.warn and not self.warned:
+                print(f"warning: at step {step} the committee disagrees by {sigma:.0f} kJ/mol/nm (warning threshold "
+                      f"{self.warn:g}): the models are extrapolating; see force_disagreement_kj_mol_nm in state.csv",
+                      file=sys.stderr, flush=True)
+                self.warned = True
         _guard_state(self.guard, simulation, state)
 
     def close(self):
@@ -305,12 +328,16 @@ def run_simulation(structure_path, model_path, out_dir, settings: SimulationSett
     if (out / "run.json").exists():
         raise ValueError(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
     structure = read_structure(structure_path)
-    model, model_metadata = load_model(model_path)
+    members = committee_members(model_path)
+    model, model_metadata = load_model(members[0])
+    for other in members[1:]:
+        load_model(other)                     # every member readable before anything is written
     if settings.seed == 0:   # OpenMM would pick a seed and not say which: pick it here and record it
         settings = replace(settings, seed=random.SystemRandom().randint(1, MAX_SEED))
     out.mkdir(parents=True, exist_ok=True)
     write_pdb(structure.topology, structure.positions_nm, out / "input.pdb")     # the structure as given
-    force_file = export_model(model, structure, out / "force.pt", dtype=settings.precision)
+    force_file = export_model(members if len(members) > 1 else model, structure, out / "force.pt",
+                              dtype=settings.precision)
     system = build_system(structure.topology, force_file)
     simulation, platform = make_simulation(structure.topology, system, settings)
     simulation.context.setPositions(structure.openmm_positions())
@@ -336,7 +363,8 @@ def run_simulation(structure_path, model_path, out_dir, settings: SimulationSett
     }
     (out / "run.json").write_text(json.dumps(run_info, indent=1))
     save_checkpoint(simulation, out / "checkpoint.chk")
-    return _run(simulation, platform, out, settings, settings.steps, append=False, progress=progress)
+    return _run(simulation, platform, out, settings, settings.steps, append=False, progress=progress,
+                committee=model_path if len(members) > 1 else None)
 
 
 def resume_simulation(out_dir, steps: Optional[int] = None, platform: Optional[str] = None,
@@ -392,17 +420,23 @@ def resume_simulation(out_dir, steps: Optional[int] = None, platform: Optional[s
     if (out / "state.csv").exists():
         truncate_state_csv(out / "state.csv", done)
     more = settings.steps if steps is None else steps
-    return _run(simulation, platform_name, out, settings, more, append=True, progress=progress)
+    committee = info.get("model") if is_committee(info.get("model", "")) else None
+    return _run(simulation, platform_name, out, settings, more, append=True, progress=progress, committee=committee)
 
 
 def _run(simulation, platform: str, out: Path, settings: SimulationSettings, steps: int, append: bool,
-         progress: bool) -> SimulationResult:
+         progress: bool, committee=None) -> SimulationResult:
     n_dof = 3 * simulation.system.getNumParticles()
     trajectory = out / "trajectory.dcd"
     dcd = app.DCDReporter(str(trajectory), settings.report_interval, append=append and trajectory.exists())
     guard = BlowUpGuard(simulation.topology, settings.bond_break_factor, settings.bond_form_factor) \
         if settings.guard else None
-    state = StateCSVReporter(out / "state.csv", settings.report_interval, n_dof, settings.timestep_fs, append, guard)
+    disagreement = None
+    if committee is not None:
+        z = [a.element.atomic_number for a in simulation.topology.atoms()]
+        disagreement = ForceDisagreement(committee, z, box=simulation.topology.getPeriodicBoxVectors() is not None)
+    state = StateCSVReporter(out / "state.csv", settings.report_interval, n_dof, settings.timestep_fs, append, guard,
+                             disagreement, settings.disagreement_warn, settings.disagreement_stop)
     simulation.reporters.extend([dcd, state, AtomicCheckpointReporter(out / "checkpoint.chk",
                                                                       settings.checkpoint_interval, guard)])
     bar = None

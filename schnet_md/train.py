@@ -191,7 +191,7 @@ def _device(name: str) -> torch.device:
 
 def train(data: Dataset, config: SchNetConfig, out_dir: str | Path, settings: TrainSettings,
           resume: bool = False, log: Callable[[str], None] = print, validation: Optional[Dataset] = None,
-          on_start: Optional[Callable[[], None]] = None) -> dict:
+          on_start: Optional[Callable[[], None]] = None, init_state: Optional[dict] = None) -> dict:
     """Train a SchNet on `data` (validated on `validation`, or on a random fraction of `data`);
     returns the summary also written to OUT/metrics.json. `on_start` runs once everything is checked and
     the first epoch is about to begin (the CLI records config.json there, so a refused run changes nothing)."""
@@ -217,7 +217,9 @@ def train(data: Dataset, config: SchNetConfig, out_dir: str | Path, settings: Tr
     torch.manual_seed(settings.seed)
     model = SchNet(config)
     model.species(torch.as_tensor(sorted(set(data.elements) | set(val_data.elements))))
-    if group.main:
+    if init_state is not None:                # fine-tuning: the base model's weights and statistics
+        model.load_state_dict(init_state)
+    elif group.main:
         fit_energy_statistics(data.subset(train_idx), model)
     model.to(device)
     for buffer in (model.readout.reference_energies, model.readout.shift, model.readout.scale):
@@ -406,23 +408,41 @@ def resolve_config(file: Optional[str | Path] = None, overrides: Optional[dict] 
         except (OSError, tomllib.TOMLDecodeError) as err:
             raise ValueError(f"cannot read config file {file}: {err}") from None
     layers.append(overrides or {})
+    explicit = set()
     for layer in layers:
         unknown = set(layer) - set(config)
         if unknown:
             raise ValueError(f"unknown config table(s) {', '.join(sorted(unknown))}; use [data], [model], [training]")
         for table, values in layer.items():
             config[table].update({k: v for k, v in values.items() if v is not None})
+            if table == "training":
+                explicit |= {k for k, v in values.items() if v is not None}
     unknown = set(config["data"]) - set(DATA_DEFAULTS)
     if unknown:
         raise ValueError(f"unknown [data] key(s) {', '.join(sorted(unknown))}; known: {', '.join(DATA_DEFAULTS)}")
-    model_keys = {f.name for f in fields(SchNetConfig)} - {"elements", "energy_unit"}
+    model_keys = ({f.name for f in fields(SchNetConfig)} - {"elements", "energy_unit"}) | {"init"}
     unknown = set(config["model"]) - model_keys
     if unknown:
         raise ValueError(f"unknown [model] key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(model_keys))}")
     TrainSettings.from_dict(config["training"])   # validates the keys
     if not config["data"]["path"]:
         raise ValueError("no training data: give --data FILE or [data] path in the config file")
+    config["_size_defaults"] = sorted(set(SIZE_DEFAULT_KEYS) - explicit)   # chosen once the data is read
     return config
+
+
+SIZE_DEFAULT_KEYS = ("batch_size", "lr_patience", "ema_decay", "epochs")
+
+
+def size_defaults(n_train: int) -> dict:
+    """The settings behind the project's published numbers (benchmarks/accuracy.py), by training-set size:
+    the (r)MD17 protocol up to 5,000 frames, QM9's up to 60,000, iso17x's beyond. Long epochs budgets are
+    meant to be cut by --max-hours or early stopping."""
+    if n_train <= 5000:
+        return dict(batch_size=16, lr_patience=25, ema_decay=0.99, epochs=5000)
+    if n_train <= 60000:
+        return dict(batch_size=32, lr_patience=10, ema_decay=0.999, epochs=2000)
+    return dict(batch_size=32, lr_patience=3, ema_decay=0.999, epochs=200)
 
 
 def train_from_config(config: dict, out_dir: str | Path, resume: bool = False,
@@ -442,12 +462,31 @@ def train_from_config(config: dict, out_dir: str | Path, resume: bool = False,
         validation = read_data(d["path"], "iso17x", split=d["validation_split"])   # iso17x's own split
     model_values = dict(config["model"])
     preset = model_values.pop("preset")
+    init = model_values.pop("init", None)
     unit = d["energy_unit"] or data.energy_unit
     elements = sorted(set(data.elements) | set(validation.elements if validation is not None else []))
     try:
         model_config = config_from_preset(preset, elements, energy_unit=unit, **model_values)
     except TypeError as err:   # e.g. n_features = "64" in the config file
         raise ValueError(f"[model] settings are not valid: {err}") from None
+    init_state = None
+    if init:
+        from .modelfile import load_model
+
+        base, _ = load_model(init)
+        missing = sorted(set(elements) - set(base.config.elements))
+        if missing:
+            raise ValueError(f"--init {init} was trained for elements {base.config.elements}; the data also has "
+                             f"{missing}")
+        model_config, init_state = base.config, base.state_dict()
+    auto = config.pop("_size_defaults", [])
+    if auto:
+        n_train = len(data) if validation is not None else \
+            len(data) - max(1, int(round(config["training"]["validation_fraction"] * len(data))))
+        chosen = {k: v for k, v in size_defaults(n_train).items() if k in auto}
+        config["training"].update(chosen)
+        log(f"settings for {n_train} training frames (benchmarks/accuracy.py's protocol): "
+            + ", ".join(f"{k} {v}" for k, v in chosen.items()))
     out = Path(out_dir)
 
     def record_config():
@@ -456,4 +495,4 @@ def train_from_config(config: dict, out_dir: str | Path, resume: bool = False,
         tmp.replace(out / "config.json")
 
     return train(data, model_config, out, TrainSettings.from_dict(config["training"]), resume=resume, log=log,
-                 validation=validation, on_start=record_config)
+                 validation=validation, on_start=record_config, init_state=init_state)
