@@ -130,17 +130,28 @@ def molecule_scan(context, relaxed_nm, e_relaxed: float, points: int) -> dict:
 
 
 def md(model, structure_path, temperature: float, steps: int, platform: str, seed: int) -> dict:
+    """Langevin MD with the guard; a committee (comma-joined files) also reports its force disagreement."""
+    import csv
+
     from .simulate import SimulationError, SimulationSettings, run_simulation
 
     with tempfile.TemporaryDirectory() as tmp:
         settings = SimulationSettings(steps=steps, temperature_k=temperature, report_interval=10,
-                                      checkpoint_interval=max(steps, 1), platform=platform, seed=seed)
+                                      checkpoint_interval=max(steps, 1), platform=platform, seed=seed,
+                                      disagreement_warn=0.0)
+        result = {"passed": True, "temperature_k": temperature, "steps": steps}
         try:
             run_simulation(structure_path, model, Path(tmp) / "run", settings, progress=False)
-            return {"passed": True, "temperature_k": temperature, "steps": steps}
         except SimulationError as err:
-            return {"passed": False, "temperature_k": temperature, "steps": steps,
-                    "stopped": str(err).splitlines()[0]}
+            result.update(passed=False, stopped=str(err).splitlines()[0])
+        state = Path(tmp) / "run" / "state.csv"
+        if state.is_file():
+            sigma = [float(r["force_disagreement_kj_mol_nm"]) for r in csv.DictReader(open(state))
+                     if r.get("force_disagreement_kj_mol_nm")]
+            if sigma:
+                result["force_disagreement_kj_mol_nm"] = {"mean": float(np.mean(sigma)), "max": float(np.max(sigma)),
+                                                          "along_run": sigma}
+        return result
 
 
 def check(model, structure_path, settings: Optional[CheckSettings] = None, log=print) -> dict:
@@ -148,10 +159,13 @@ def check(model, structure_path, settings: Optional[CheckSettings] = None, log=p
     from .modelfile import model_at
     from .structures import read_structure
 
+    from .committee import committee_members
+
     settings = settings or CheckSettings()
-    schnet, _ = model_at(model, "float64")
+    members = committee_members(model) if isinstance(model, str) else [model]
+    schnet, _ = model_at(members[0] if len(members) == 1 else members[0], "float64")
     structure = read_structure(structure_path)
-    context = _context(schnet, structure, settings.platform)
+    context = _context(members if len(members) > 1 else schnet, structure, settings.platform)
     report = {"model": str(model), "structure": str(structure_path), "settings": settings.__dict__}
     log("minimisation ...")
     report["minimisation"], relaxed = minimisation(context, structure, settings.minimizer_iterations)
@@ -165,7 +179,8 @@ def check(model, structure_path, settings: Optional[CheckSettings] = None, log=p
     report["md"] = []
     for temperature in sorted({300.0, float(settings.temperature_k)}):
         log(f"MD at {temperature:g} K ...")
-        report["md"].append(md(model if not hasattr(model, "config") else schnet, structure_path, temperature,
+        report["md"].append(md(",".join(members) if len(members) > 1 else
+                               (model if not hasattr(model, "config") else schnet), structure_path, temperature,
                                settings.md_steps, settings.platform, settings.seed))
     parts = [report["minimisation"]["passed"], report["bond_scans"]["passed"], report["molecule_scan"]["passed"],
              *[m["passed"] for m in report["md"]]]
@@ -188,8 +203,11 @@ def format_report(report: dict) -> str:
              f"  [{mark(s['passed'])}] molecule scan (1-2x): lowest point {s['lowest_below_relaxed_kcal_mol']:.2f} "
              "kcal/mol below the relaxed minimum"]
     for r in report["md"]:
+        sigma = r.get("force_disagreement_kj_mol_nm")
         lines.append(f"  [{mark(r['passed'])}] MD {r['steps']} steps at {r['temperature_k']:g} K"
-                     + (f": {r['stopped']}" if not r["passed"] else ""))
+                     + (f": {r['stopped']}" if not r["passed"] else "")
+                     + (f"; committee force disagreement mean {sigma['mean']:.0f}, max {sigma['max']:.0f} kJ/mol/nm"
+                        if sigma else ""))
     lines.append("verdict: " + ("passed" if report["passed"] else "FAILED: do not run production MD with this "
                                 "model here (refine it on the failing geometries)"))
     return "\n".join(lines)

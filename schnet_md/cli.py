@@ -284,6 +284,29 @@ def _check(args) -> int:
     return 0 if report["passed"] else 2
 
 
+def _refine(args) -> int:
+    from .data import read_data
+    from .refine import RefineSettings, refine
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    data = read_data(args.data, args.format, labels=args.labels, split=args.split)
+    if args.max_frames:
+        data = data.subset(range(min(args.max_frames, len(data))))
+    test = read_data(args.test, labels=args.labels, split=args.test_split) if args.test else None
+    settings = RefineSettings(method=args.method, temperatures=args.temperatures, md_steps=args.md_steps,
+                              members=args.members, member_epochs=args.member_epochs, frames_per_round=args.frames,
+                              epochs=args.epochs, rounds=args.rounds, check_steps=args.check_steps, seed=args.seed)
+    record = refine(args.model, args.structure, data, args.out, settings, test=test,
+                    log=lambda m: print(m, file=sys.stderr, flush=True))
+    final = record["final_check"]
+    print(f"rounds: {len(record['rounds'])}; final model {record['final_model']}; check "
+          f"{'passed' if final['passed'] else 'still fails'}; record {Path(args.out) / 'rounds.json'}")
+    return 0 if final["passed"] else 2
+
+
 def _doctor(args) -> int:
     from .doctor import diagnose, format_report
 
@@ -495,6 +518,36 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--threads", type=int, help="torch threads")
     ck.add_argument("--json", help="write the full report (every scan energy) here")
     ck.set_defaults(func=_check)
+
+    rf = sub.add_parser("refine", help="make a model robust: check, committee MD, label what it gets wrong, "
+                                       "fine-tune, repeat",
+                        description="Rounds of: schnet-md check; a committee of fine-tuned copies runs MD at the target "
+                                    "temperatures; the frames where it disagrees most and the geometries the failed "
+                                    "checks visited are labelled with GFN2-xTB (tblite) and added to the training data; "
+                                    "the model is fine-tuned. Stops when the check passes (exit 0) or after --rounds "
+                                    "(exit 2). Resumable; OUT/rounds.json records every round.")
+    rf.add_argument("model", help=f"model file or shipped model name ({SHIPPED})")
+    rf.add_argument("structure", help="the molecule to make it robust for")
+    rf.add_argument("--data", required=True, help="the model's training data (its labels' method must be --method's)")
+    rf.add_argument("--format", choices=["auto", "rmd17", "iso17x", "qm9", "ase"], default="auto")
+    rf.add_argument("--labels", choices=["new", "old"], default="new")
+    rf.add_argument("--split", default="train", help="iso17x split of --data")
+    rf.add_argument("--max-frames", type=int, help="use only the first N frames of --data")
+    rf.add_argument("--test", help="a test set: errors before and after each round go to rounds.json")
+    rf.add_argument("--test-split", default="test_within", help="iso17x split of --test")
+    rf.add_argument("--out", required=True)
+    rf.add_argument("--method", default="GFN2-xTB", help="reference method for new labels (tblite)")
+    rf.add_argument("--temperatures", type=float, nargs="+", default=[300.0, 500.0], help="K")
+    rf.add_argument("--md-steps", type=int, default=2000)
+    rf.add_argument("--members", type=int, default=3)
+    rf.add_argument("--member-epochs", type=int, default=3)
+    rf.add_argument("--frames", type=int, default=40, help="frames labelled per round")
+    rf.add_argument("--epochs", type=int, default=20, help="fine-tuning epochs per round")
+    rf.add_argument("--rounds", type=int, default=3)
+    rf.add_argument("--check-steps", type=int, default=2000)
+    rf.add_argument("--seed", type=int, default=1)
+    rf.add_argument("--threads", type=int)
+    rf.set_defaults(func=_refine)
 
     d = sub.add_parser("doctor", help="check that this installation runs SchNet in OpenMM (versions, platforms, "
                                       "export, serialisation)",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -214,6 +214,22 @@ def _detect_format(path: Path) -> str:
             return "qm9"
         raise DataError(f"{path}: npz keys {sorted(keys)} match no known format (rMD17, iso17x, QM9)")
     return "ase"
+
+
+def concatenate(datasets: Sequence[Dataset], source: str = "") -> Dataset:
+    """Frames of several data sets in one, in the first one's energy unit (forces needed in all or none)."""
+    unit = datasets[0].energy_unit
+    parts = [d if d.energy_unit == unit else d.converted(unit) for d in datasets]
+    if len({d.forces is None for d in parts}) != 1:
+        raise DataError("cannot join data sets with and without forces")
+    offsets = [np.zeros(1, dtype=np.int64)]
+    for d in parts:
+        offsets.append(d.offsets[1:] + offsets[-1][-1])
+    digest = hashlib.sha256("".join(d.sha256 for d in parts).encode()).hexdigest()
+    return Dataset(np.concatenate([d.atomic_numbers for d in parts]), np.concatenate([d.positions for d in parts]),
+                   np.concatenate(offsets), np.concatenate([d.energies for d in parts]),
+                   None if parts[0].forces is None else np.concatenate([d.forces for d in parts]), unit,
+                   source or " + ".join(d.source for d in parts), digest)
 
 
 def _from_frames(z, r, e, f, energy_unit, source, sha, name) -> Dataset:

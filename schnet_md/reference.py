@@ -1,4 +1,5 @@
-"""Reference labels for new molecules: GFN2-xTB energies and forces (tblite), and reference MD sampling.
+"""Reference labels for new molecules: GFN2-xTB energies and forces (tblite) or DFT at rMD17's level of theory
+(PBE/def2-SVP through PySCF, method "PBE/def2-SVP"), and reference MD sampling (xTB).
 
 Both write the rMD17 npz format the trainer reads (`nuclear_charges`, `coords` Å, `energies` kcal/mol,
 `forces` kcal/mol/Å, `old_indices` = frame numbers): tblite speaks eV, and the writer converts once.
@@ -39,6 +40,38 @@ def xtb_energy_forces(numbers, positions_angstrom, method: str = "GFN2-xTB", cha
     return float(atoms.get_potential_energy()), np.array(atoms.get_forces())
 
 
+DFT_METHODS = {"PBE/def2-SVP": ("pbe", "def2-svp")}     # rMD17's level of theory
+EV_PER_HARTREE = energy_factor("Hartree", "eV")
+BOHR_PER_ANGSTROM = 1.0 / 0.529177210903
+
+
+def dft_energy_forces(numbers, positions_angstrom, method: str = "PBE/def2-SVP", charge: int = 0):
+    """(energy eV, forces eV/Å) of one structure by Kohn-Sham DFT in PySCF: tight SCF, a dense grid (rMD17 used
+    'very tight SCF, dense grid'), no density fitting."""
+    try:
+        from pyscf import dft, gto
+    except ImportError:
+        raise ImportError("DFT labels need PySCF: pip install 'schnet-md[dft]'") from None
+    xc, basis = DFT_METHODS[method]
+    mol = gto.M(atom=[(int(z), tuple(map(float, r))) for z, r in zip(numbers, positions_angstrom)], unit="Angstrom",
+                basis=basis, charge=charge, spin=(int(sum(numbers)) - charge) % 2, verbose=0)
+    mf = dft.RKS(mol) if mol.spin == 0 else dft.UKS(mol)
+    mf.xc = xc
+    mf.grids.level = 5
+    mf.conv_tol = 1e-10
+    energy = mf.kernel()
+    if not mf.converged:
+        raise RuntimeError("SCF did not converge")
+    gradient = mf.nuc_grad_method().kernel()                  # Hartree/Bohr
+    return float(energy) * EV_PER_HARTREE, -np.asarray(gradient) * EV_PER_HARTREE * BOHR_PER_ANGSTROM
+
+
+def _energy_forces(numbers, r, method, charge, calc):
+    if method in DFT_METHODS:
+        return dft_energy_forces(numbers, r, method, charge)
+    return xtb_energy_forces(numbers, r, method, charge, calc)
+
+
 def _worker_init() -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
 
@@ -47,14 +80,15 @@ def _label_chunk(task):
     from ase.calculators.calculator import CalculationFailed
 
     numbers, coords, method, charge, out = task
-    calc = _xtb_calculator(method, charge)
+    calc = None if method in DFT_METHODS else _xtb_calculator(method, charge)
     energies, forces = [], []
     for r in coords:
         try:
-            e, f = xtb_energy_forces(numbers, r, method, charge, calc)
+            e, f = _energy_forces(numbers, r, method, charge, calc)
         except (CalculationFailed, RuntimeError):   # e.g. SCF not converged on a broken geometry: flag the frame
             e, f = float("nan"), np.full((len(numbers), 3), np.nan)
-            calc = _xtb_calculator(method, charge)    # no stale wavefunction guess for the next frame
+            if calc is not None:
+                calc = _xtb_calculator(method, charge)    # no stale wavefunction guess for the next frame
         energies.append(e)
         forces.append(f)
     tmp = Path(str(out) + ".tmp.npz")

@@ -88,3 +88,13 @@ def test_train_init_fine_tunes_from_the_base(tmp_path, capsys):
     original, _ = load_model(base)
     for key, value in original.state_dict().items():
         assert torch.equal(value, tuned.state_dict()[key]), key     # lr 0: the base, weights and statistics
+
+
+def test_check_reports_the_committee_disagreement_along_md(members):
+    from schnet_md.check import CheckSettings, check, format_report
+
+    report = check(",".join(members), ETHANOL, CheckSettings(md_steps=100, scan_points=5, temperature_k=400),
+                   log=lambda _: None)
+    sigma = [m["force_disagreement_kj_mol_nm"] for m in report["md"]]
+    assert len(sigma) == 2 and all(s["max"] >= s["mean"] > 0 and len(s["along_run"]) == 10 for s in sigma)
+    assert "committee force disagreement" in format_report(report)

@@ -104,3 +104,22 @@ def test_cli_label(tmp_path):
     assert main(["label", str(SYSTEMS / "ethanol" / "ethanol.pdb"), "--out", str(tmp_path / "l.npz"),
                  "--workers", "1"]) == 0
     assert len(read_rmd17(tmp_path / "l.npz")) == 1
+
+
+def test_pyscf_labels_reproduce_rmd17_up_to_a_constant():
+    """PBE/def2-SVP in PySCF against rMD17's own labels (same functional and basis, ORCA): energies agree up to
+    a constant offset, forces agree. Two ethanol frames, ~10 s each."""
+    pytest.importorskip("pyscf")
+    from conftest import shared_file
+    from schnet_md.data import read_rmd17
+    from schnet_md.reference import KCAL_PER_EV, dft_energy_forces
+
+    data = read_rmd17(shared_file("rmd17/rmd17_ethanol_train_01.npz"))
+    offsets, worst_force = [], 0.0
+    for k in (0, 500):
+        z, r, e_ref, f_ref = data.frame(k)
+        e, f = dft_energy_forces(z, r)
+        offsets.append(e * KCAL_PER_EV - e_ref)
+        worst_force = max(worst_force, float(np.abs(f * KCAL_PER_EV - f_ref).max()))
+    assert abs(offsets[0] - offsets[1]) < 0.05          # kcal/mol: the same surface, shifted
+    assert worst_force < 0.1                            # kcal/mol/Å

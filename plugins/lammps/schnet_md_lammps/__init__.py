@@ -83,7 +83,9 @@ def toolchain() -> dict:
 def plugin_dir() -> Path:
     """Where the plugin for this source and these library versions lives (built or not)."""
     tools = toolchain()
-    key = hashlib.sha256(SOURCE.read_bytes() + tools["versions"].encode()).hexdigest()[:16]
+    # the libraries' folders too: the plugin is linked to them by rpath, so another environment needs its own build
+    where = f"{tools['torch_lib']}|{tools['lammps_lib']}|{tools['mpi_lib']}"
+    key = hashlib.sha256(SOURCE.read_bytes() + tools["versions"].encode() + where.encode()).hexdigest()[:16]
     root = Path(os.environ.get("SCHNET_MD_CACHE", Path.home() / ".cache" / "schnet-md"))
     return root / "lammps-plugin" / key
 

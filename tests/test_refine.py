@@ -1,0 +1,37 @@
+"""`schnet-md refine` runs a whole round end to end on real data: check, committee, committee MD, frame
+choice, GFN2-xTB labels, fine-tuning, the record; and a second call resumes instead of redoing the round."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import SYSTEMS, shared_file
+
+pytest.importorskip("tblite")
+
+
+def test_one_refinement_round_on_an_iso17x_isomer(tmp_path, capsys):
+    from schnet_md.cli import main
+
+    folder = shared_file("iso17x/iso17x.npz").parent
+    args = ["refine", "iso17x", str(SYSTEMS / "c7o2h10_63" / "c7o2h10_63.pdb"), "--data", str(folder),
+            "--max-frames", "120", "--test", str(folder), "--out", str(tmp_path / "refine"),
+            "--temperatures", "500", "--md-steps", "100", "--members", "2", "--member-epochs", "1",
+            "--frames", "6", "--epochs", "1", "--rounds", "1", "--check-steps", "60", "--threads", "1"]
+    code = main(args)
+    assert code in (0, 2)
+    record = json.loads((tmp_path / "refine" / "rounds.json").read_text())
+    assert len(record["rounds"]) == 1
+    r = record["rounds"][0]
+    assert 1 <= r["frames_added"] <= 6 and r["frames_from_md"] + r["frames_from_failed_checks"] >= r["frames_added"]
+    labels = np.load(r["labels"])
+    assert labels["energies"].shape[0] == r["frames_added"] and np.isfinite(labels["forces"]).all()
+    assert r["test_before"]["n_frames"] == r["test_after"]["n_frames"] > 0
+    assert "final_check" in record and (tmp_path / "refine" / "round1" / "model" / "model.pt").is_file()
+    # resumed: the finished round is not redone
+    before = (tmp_path / "refine" / "round1" / "model" / "model.pt").stat().st_mtime
+    assert main(args) in (0, 2)
+    assert (tmp_path / "refine" / "round1" / "model" / "model.pt").stat().st_mtime == before
