@@ -456,7 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("input", help="structure file, run folder, or trajectory file (with --top)")
     lb.add_argument("--top", help="topology for a bare trajectory file")
     lb.add_argument("--out", required=True, help="output .npz")
-    lb.add_argument("--method", default="GFN2-xTB", help="tblite method (GFN2-xTB, GFN1-xTB)")
+    lb.add_argument("--method", default="GFN2-xTB",
+                    help="GFN2-xTB or GFN1-xTB (tblite), or PBE/def2-SVP (PySCF, rMD17's level of theory)")
     lb.add_argument("--charge", type=int, default=0)
     lb.add_argument("--workers", type=int, default=0, help="processes (default: one per core)")
     lb.set_defaults(func=_label)
@@ -523,7 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "fine-tune, repeat",
                         description="Rounds of: schnet-md check; a committee of fine-tuned copies runs MD at the target "
                                     "temperatures; the frames where it disagrees most and the geometries the failed "
-                                    "checks visited are labelled with GFN2-xTB (tblite) and added to the training data; "
+                                    "checks visited are labelled with the reference method (GFN2-xTB, or PBE/def2-SVP in "
+                                    "PySCF for rMD17-trained models) and added to the training data; "
                                     "the model is fine-tuned. Stops when the check passes (exit 0) or after --rounds "
                                     "(exit 2). Resumable; OUT/rounds.json records every round.")
     rf.add_argument("model", help=f"model file or shipped model name ({SHIPPED})")
@@ -536,7 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
     rf.add_argument("--test", help="a test set: errors before and after each round go to rounds.json")
     rf.add_argument("--test-split", default="test_within", help="iso17x split of --test")
     rf.add_argument("--out", required=True)
-    rf.add_argument("--method", default="GFN2-xTB", help="reference method for new labels (tblite)")
+    rf.add_argument("--method", default="GFN2-xTB",
+                    help="reference method for new labels: GFN2-xTB (tblite) or PBE/def2-SVP (PySCF; rMD17's level)")
     rf.add_argument("--temperatures", type=float, nargs="+", default=[300.0, 500.0], help="K")
     rf.add_argument("--md-steps", type=int, default=2000)
     rf.add_argument("--members", type=int, default=3)

@@ -149,7 +149,7 @@ def refine(model, structure_path, data, out_dir, settings: Optional[RefineSettin
         chosen_md = np.argsort(-scores)[:n_md]
         frames = np.concatenate([failed[:n_failed], md[chosen_md]]) if n_md else failed[:n_failed]
         log(f"round {k}: labelling {len(frames)} frames with {settings.method}")
-        labels = label_frames(z, frames, folder / "labels.npz", method=settings.method, workers=1)
+        labels = label_frames(z, frames, folder / "labels.npz", method=settings.method)
         labelled.append(read_rmd17(labels))
         combined = concatenate([data, *labelled], source=f"{data.source} + {len(labelled)} refinement round(s)")
         log(f"round {k}: fine-tuning on {len(combined)} frames")
