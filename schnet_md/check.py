@@ -163,7 +163,7 @@ def check(model, structure_path, settings: Optional[CheckSettings] = None, log=p
 
     settings = settings or CheckSettings()
     members = committee_members(model) if isinstance(model, str) else [model]
-    schnet, _ = model_at(members[0] if len(members) == 1 else members[0], "float64")
+    schnet, _ = model_at(members[0], "float64")
     structure = read_structure(structure_path)
     context = _context(members if len(members) > 1 else schnet, structure, settings.platform)
     report = {"model": str(model), "structure": str(structure_path), "settings": settings.__dict__}

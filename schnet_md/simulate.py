@@ -16,8 +16,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import random
 import math
+import random
 import os
 import struct
 import sys
@@ -267,15 +267,18 @@ def save_checkpoint(simulation, path: Path) -> None:
     replaces, if sound, becomes PATH's `.prev` twin, the fallback when the new one turns out damaged."""
     data = simulation.context.createCheckpoint()
     if checkpoint_is_sound(path):
-        os.replace(path, previous_checkpoint(path))
-        os.replace(path.with_name(path.name + ".sha256"), previous_checkpoint(path).with_name(
-            previous_checkpoint(path).name + ".sha256"))
-    tmp = path.with_name(path.name + ".tmp")
+        previous = previous_checkpoint(path)
+        os.replace(path, previous)
+        os.replace(_digest_file(path), _digest_file(previous))
+    tmp, digest_tmp = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".sha256.tmp")
     tmp.write_bytes(data)
-    digest = path.with_name(path.name + ".sha256.tmp")
-    digest.write_text(_digest(data) + "\n")
+    digest_tmp.write_text(_digest(data) + "\n")
     os.replace(tmp, path)
-    os.replace(digest, path.with_name(path.name + ".sha256"))
+    os.replace(digest_tmp, _digest_file(path))
+
+
+def _digest_file(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
 
 
 def previous_checkpoint(path: Path) -> Path:
@@ -284,7 +287,7 @@ def previous_checkpoint(path: Path) -> Path:
 
 def checkpoint_is_sound(path: Path) -> bool:
     """The checkpoint exists and matches the size and SHA-256 recorded when it was written."""
-    digest = path.with_name(path.name + ".sha256")
+    digest = _digest_file(path)
     if not path.is_file() or not digest.is_file():
         return False
     return digest.read_text().strip() == _digest(path.read_bytes())

@@ -98,3 +98,14 @@ def test_check_reports_the_committee_disagreement_along_md(members):
     sigma = [m["force_disagreement_kj_mol_nm"] for m in report["md"]]
     assert len(sigma) == 2 and all(s["max"] >= s["mean"] > 0 and len(s["along_run"]) == 10 for s in sigma)
     assert "committee force disagreement" in format_report(report)
+
+
+def test_disagreement_unit_matches_openmm_forces(members):
+    """sigma_F in kJ/mol/nm equals the spread of the members' forces as OpenMM reports them (an independent
+    path through the export's nm/kJ boundary), so a wrong conversion factor fails here."""
+    from schnet_md.committee import ForceDisagreement
+
+    s = read_structure(ETHANOL)
+    forces = np.stack([energy_forces(create_torch_force(m, s.topology, dtype="float64"), s)[1] for m in members])
+    expected = np.sqrt(((forces - forces.mean(0)) ** 2).sum(-1).mean(0)).max()
+    assert ForceDisagreement(members, s.atomic_numbers)(s.positions_nm) == pytest.approx(expected, rel=1e-6)
