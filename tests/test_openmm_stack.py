@@ -19,7 +19,7 @@ from openmm import unit
 from conftest import ROOT, SYSTEMS, isolated, random_model
 from schnet_md.export import create_torch_force, openmm_torch
 from schnet_md.modelfile import save_model
-from schnet_md.structures import molecule_topology, read_structure
+from schnet_md.structures import read_structure
 
 KJ = unit.kilojoule_per_mole
 KJ_NM = KJ / unit.nanometer
@@ -146,15 +146,10 @@ def test_metadynamics_biases_alanine_dipeptide_phi_with_the_shipped_model(tmp_pa
 def test_openmmml_interpolation_uses_the_torchforce_and_serializes(tmp_path):
     from openmmml import MLPotential
 
-    from test_openmmml import mm_system
+    from test_openmmml import ethanol_with_argon
 
     model_file = save_model(random_model(elements=(1, 6, 8, 18), dtype=torch.float32), tmp_path / "model.pt")
-    s = read_structure(SYSTEMS / "ethanol" / "ethanol.pdb")
-    n = s.n_atoms
-    z = s.atomic_numbers.tolist() + [18, 18]
-    positions = np.vstack([s.positions_nm, [[0.45, 0.0, 0.0], [-0.45, 0.1, 0.0]]])
-    topology = molecule_topology(z, positions * 10)
-    mm = mm_system(topology, n)
+    n, z, positions, topology, mm = ethanol_with_argon()
     mixed = MLPotential("schnet", modelPath=str(model_file)).createMixedSystem(topology, mm, list(range(n)),
                                                                               interpolate=True)
     xml = openmm.XmlSerializer.serialize(mixed)

@@ -84,15 +84,19 @@ def mm_system(topology, n_ethanol_atoms):
     return system
 
 
-@isolated   # interpolation clones the TorchForce: a crash on a mismatched stack must not end the run
-def test_mixed_system_removes_ml_bonded_terms_and_interpolates(model_file):
+def ethanol_with_argon():
+    """Ethanol (the ML region) plus two argon atoms nearby, and its MM system: (n_ml, z, positions nm, topology, mm)."""
     s = read_structure(SYSTEMS / "ethanol" / "ethanol.pdb")
     n = s.n_atoms
-    # ethanol plus two argon atoms nearby
     z = s.atomic_numbers.tolist() + [18, 18]
     positions = np.vstack([s.positions_nm, [[0.45, 0.0, 0.0], [-0.45, 0.1, 0.0]]])
     topology = molecule_topology(z, positions * 10)
-    mm = mm_system(topology, n)
+    return n, z, positions, topology, mm_system(topology, n)
+
+
+@isolated   # interpolation clones the TorchForce: a crash on a mismatched stack must not end the run
+def test_mixed_system_removes_ml_bonded_terms_and_interpolates(model_file):
+    n, z, positions, topology, mm = ethanol_with_argon()
     ml_atoms = list(range(n))
     potential = MLPotential("schnet", modelPath=str(model_file))
     mixed = potential.createMixedSystem(topology, mm, ml_atoms, interpolate=True)
