@@ -10,6 +10,10 @@ they stopped; each evaluation is stored in benchmarks/accuracy/ROW.json with the
 training time and command, so the report is rebuilt from recorded runs only.
 
     python benchmarks/accuracy.py annotate ROW [--load TEXT] [--note TEXT] [--paused-minutes M]
+    python benchmarks/accuracy.py refined NAME REFINE_DIR --command "schnet-md refine ..." [--load TEXT]
+
+`refined` records a `schnet-md refine` run of a shipped model (its rounds.json: frames added, test errors before
+and after each round, checks) in benchmarks/accuracy/refine_NAME.json; the report gives before and after.
 
 records what the train command cannot know about its own session (the last one, or --session K): other jobs
 sharing the machine (`load`), why it was stopped (`note`), and minutes it spent paused with SIGSTOP inside
@@ -192,6 +196,69 @@ def _hardware(session: dict) -> str:
     return session["hardware"] + (f" ({session['load']})" if session.get("load") else "")
 
 
+def cmd_refined(name: str, folder: str, command: str, load: str | None) -> None:
+    record = json.loads((Path(folder) / "rounds.json").read_text())
+    started = min((p.stat().st_mtime for p in Path(folder).rglob("*")), default=None)
+    record.update(name=name, command=command, hardware=hardware() + (f" ({load})" if load else ""),
+                  recorded=str(datetime.date.today()), wall_hours=(time.time() - started) / 3600 if started else None)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"refine_{name}.json").write_text(json.dumps(record, indent=1))
+    print(f"{RESULTS / f'refine_{name}.json'}: {len(record['rounds'])} round(s)")
+
+
+def _round_tests(entry: dict) -> dict:
+    """{test set: (before, after)} of one round, from either record layout."""
+    if "test" in entry:
+        return {k: (v["before"], v["after"]) for k, v in entry["test"].items()}
+    if "test_before" in entry:
+        return {entry["test_before"]["data"]: (entry["test_before"], entry["test_after"])}
+    return {}
+
+
+def refine_section() -> list:
+    records = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("refine_*.json"))]
+    lines = ["", "## Shipped models after `schnet-md refine` (issue #15; kcal/mol, kcal/mol/Å)", "",
+             "Each round: the checks, committee MD, new reference labels where the committee disagrees and where "
+             "the checks failed, fine-tuning (best epoch on the model's own validation set). Test sets are the "
+             "model's original splits; \"before\" is the model as shipped before refinement.", "",
+             "| model | test set | energy MAE before | after | forces MAE before | after | rounds | frames added | "
+             "checks after |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        if not r["rounds"]:
+            continue
+        first, last = _round_tests(r["rounds"][0]), _round_tests(r["rounds"][-1])
+        final = r.get("final_check", {})
+        checks = "all pass" if final.get("passed") else "fail: " + ", ".join(sorted({
+            k for v in final.values() if isinstance(v, dict) for k, ok in v.items()
+            if k != "passed" and (ok is False or (isinstance(ok, list) and not all(ok)))}))
+        for test_set, (before, _) in first.items():
+            after = last[test_set][1]
+            lines.append(f"| {r['name']} | {test_set} | {_fmt(before['energy_mae_kcal_mol'], 3)} | "
+                         f"{_fmt(after['energy_mae_kcal_mol'], 3)} | {_fmt(before['forces_mae_kcal_mol'], 3)} | "
+                         f"{_fmt(after['forces_mae_kcal_mol'], 3)} | {len(r['rounds'])} | "
+                         f"{sum(e['frames_added'] for e in r['rounds'])} | {checks} |")
+    for r in records:
+        lines += ["", f"`{r['name']}`: {r['recorded']}, {r['hardware']}, {r['settings']['method']} labels, "
+                      f"{r.get('wall_hours') or 0:.1f} h wall: `{r['command']}`", "",
+                  "| round | checks failed before | frames (failed checks + MD) | max σ_F in MD (kJ/mol/nm) | "
+                  "new labels: forces MAE before → after | test forces MAE before → after |", "|---|---|---|---|---|---|"]
+        for e in r["rounds"]:
+            failed = sorted({k for v in e["check_before"].values() for k, ok in
+                             (v.items() if isinstance(v, dict) else [])
+                             if k != "passed" and (ok is False or (isinstance(ok, list) and not all(ok)))}) \
+                if all(isinstance(v, dict) for v in e["check_before"].values()) else \
+                sorted(k for k, ok in e["check_before"].items() if ok is False or (isinstance(ok, list) and not all(ok)))
+            new = (f"{e['labelled_before']['forces_mae_kcal_mol']:.2f} → {e['labelled_after']['forces_mae_kcal_mol']:.2f}"
+                   if "labelled_before" in e else "–")
+            tests = "; ".join(f"{b['forces_mae_kcal_mol']:.3f} → {a['forces_mae_kcal_mol']:.3f}"
+                              for b, a in _round_tests(e).values()) or "–"
+            sigma = e.get("max_md_disagreement_kj_mol_nm")
+            lines.append(f"| {e['round']} | {', '.join(failed) or 'none'} | {e['frames_added']} "
+                         f"({e['frames_from_failed_checks']} + {e['frames_from_md']}) | "
+                         f"{'–' if sigma is None else f'{sigma:.0f}'} | {new} | {tests} |")
+    return lines if records else []
+
+
 def cmd_annotate(name: str, index: int, load: str | None, note: str | None, paused_minutes: float | None) -> None:
     """Amend one session record of ROW in its run folder, and the same session in its recorded evaluation
     if that has it (an evaluation made before the session does not)."""
@@ -266,6 +333,7 @@ def cmd_report() -> None:
         lines.append(f"| {n} | not run yet | – | – |" if r is None else
                      f"| {r['n_train']} | {r['epochs_run']} / {_hours(r)} | {_at_stop(r)} | "
                      f"{_fmt(r['tests']['test']['energy_mae_kcal_mol'])} |")
+    lines += refine_section()
     lines += ["", "## Runs", ""]
     for name, r in results.items():
         for s in r["sessions"]:
@@ -293,6 +361,11 @@ def main() -> None:
     a.add_argument("--load", help="what else ran on the machine during the session")
     a.add_argument("--note", help="e.g. why the session was stopped")
     a.add_argument("--paused-minutes", type=float, help="minutes paused (SIGSTOP) inside kept epochs")
+    rf = sub.add_parser("refined")
+    rf.add_argument("name")
+    rf.add_argument("folder")
+    rf.add_argument("--command", dest="command_text", required=True, help="the refine command, quoted")
+    rf.add_argument("--load", help="what else ran on the machine")
     sub.add_parser("report")
     sub.add_parser("list")
     args = p.parse_args()
@@ -304,6 +377,8 @@ def main() -> None:
         cmd_evaluate(args.row)
     elif args.command == "annotate":
         cmd_annotate(args.row, args.session, args.load, args.note, args.paused_minutes)
+    elif args.command == "refined":
+        cmd_refined(args.name, args.folder, args.command_text, args.load)
     elif args.command == "report":
         cmd_report()
     else:

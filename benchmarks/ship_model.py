@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import shutil
 from pathlib import Path
@@ -20,6 +21,47 @@ from schnet_md.evaluate import evaluate, format_table
 from schnet_md.model import count_parameters
 from schnet_md.modelfile import MODELS_DIR, load_model
 
+ROOT = Path(__file__).resolve().parent.parent
+
+
+
+def refinement_section(folder: Path) -> list:
+    record = json.loads((folder / "rounds.json").read_text())
+    lines = ["## Refinement (`schnet-md refine`)", "",
+             f"Refined from the earlier shipped model with {record['settings']['method']} labels on "
+             f"{', '.join(Path(s).stem for s in record['structures'])}; every round's record is in "
+             "`benchmarks/accuracy/refine_*.json` and `benchmarks/accuracy.md`.", "",
+             "| round | frames added (failed checks + MD) | test forces MAE before → after (kcal/mol/Å) |",
+             "|---|---|---|"]
+    for e in record["rounds"]:
+        tests = e["test"].values() if "test" in e else \
+            [{"before": e["test_before"], "after": e["test_after"]}] if "test_before" in e else []
+        errors = "; ".join(f"{t['before']['forces_mae_kcal_mol']:.3f} → {t['after']['forces_mae_kcal_mol']:.3f}"
+                           for t in tests) or "–"
+        lines.append(f"| {e['round']} | {e['frames_added']} ({e['frames_from_failed_checks']} + {e['frames_from_md']}) "
+                     f"| {errors} |")
+    return lines + [""]
+
+
+def robustness_section(name: str, structures: list) -> list:
+    from schnet_md.check import CheckSettings, check, format_report, write_json
+
+    lines = ["## Robustness (`schnet-md check`)", "",
+             "Minimisation, bond scans (each bond 0.9-2.5x), a whole-molecule scan (1-2x) and 2,000 steps of "
+             f"Langevin MD at 300 K and 500 K with the blow-up guard; CPU, {datetime.date.today()}; full reports in "
+             "`benchmarks/checks/`. A failed check means: do not minimise or run hot MD with this model there "
+             "without refining it (`schnet-md refine`).", ""]
+    checks = ROOT / "benchmarks" / "checks"
+    for structure in structures:
+        report = check(str(MODELS_DIR / name / "model.pt"), structure, CheckSettings(temperature_k=500.0),
+                       log=lambda _: None)
+        report["model"] = name
+        text = format_report(report)
+        stem = f"{name}-{Path(structure).stem}"
+        write_json(report, checks / f"{stem}.json")
+        (checks / f"{stem}.txt").write_text(text + "\n")
+        lines += ["```", text, "```", ""]
+    return lines
 
 
 def main() -> None:
@@ -32,6 +74,10 @@ def main() -> None:
     p.add_argument("--train", help="the rMD17 training file: test frames it shares (by old_indices) are refused")
     p.add_argument("--command", required=True, help="the training command, quoted")
     p.add_argument("--status", help="a line on the model's status (e.g. interim, not converged)")
+    p.add_argument("--check", nargs="*", default=[], metavar="STRUCTURE",
+                   help="run `schnet-md check` on these structures (500 K); the card gets the verdicts, "
+                        "benchmarks/checks/ the full reports")
+    p.add_argument("--refined", help="the `schnet-md refine` folder the model comes from: the card lists its rounds")
     args = p.parse_args()
 
     run = Path(args.run_dir)
@@ -82,8 +128,14 @@ def main() -> None:
     ]
     for r in results:
         card += [f"{r['data']}, {r['n_frames']} frames:", "", "```", format_table(r), "```", ""]
+    if args.refined:
+        card += refinement_section(Path(args.refined))
+    if args.check:
+        card += robustness_section(args.name, args.check)
     card += ["Regenerate this card: `python benchmarks/ship_model.py RUN_DIR --name "
-             f"{args.name} --test {' '.join(args.test)} --command ...`", ""]
+             f"{args.name} --test {' '.join(args.test)}"
+             + (f" --check {' '.join(args.check)}" if args.check else "")
+             + (" --refined REFINE_DIR" if args.refined else "") + " --command ...`", ""]
     (dest / "MODEL_CARD.md").write_text("\n".join(card))
     print((dest / "MODEL_CARD.md").read_text())
 

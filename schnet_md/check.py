@@ -88,7 +88,8 @@ def minimisation(context, structure, iterations: int) -> dict:
             "largest_bond_change_bond": (f"{names[bonds.bonds[worst, 0]]}-{names[bonds.bonds[worst, 1]]}"
                                          if worst >= 0 else None),
             "broken": [f"{names[i]}-{names[j]} {d:.2f} Å" for i, j, d, _ in broken],
-            "formed": [f"{names[i]}-{names[j]} {d:.2f} Å" for i, j, d in formed]}, relaxed
+            "formed": [f"{names[i]}-{names[j]} {d:.2f} Å" for i, j, d in formed],
+            "relaxed_positions_angstrom": r1.tolist()}, relaxed
 
 
 def bond_scans(context, structure, relaxed_nm, e_relaxed: float, points: int) -> dict:

@@ -285,6 +285,8 @@ def _check(args) -> int:
 
 
 def _refine(args) -> int:
+    import numpy as np
+
     from .data import read_data
     from .refine import RefineSettings, refine
 
@@ -293,17 +295,25 @@ def _refine(args) -> int:
 
         torch.set_num_threads(args.threads)
     data = read_data(args.data, args.format, labels=args.labels, split=args.split)
-    if args.max_frames:
-        data = data.subset(range(min(args.max_frames, len(data))))
-    test = read_data(args.test, labels=args.labels, split=args.test_split) if args.test else None
+    if args.max_frames and args.max_frames < len(data):      # evenly spaced: every molecule of a multi-molecule set
+        data = data.subset(np.unique(np.linspace(0, len(data) - 1, args.max_frames).round().astype(np.int64)))
+    test = [read_data(args.test, labels=args.labels, split=split) for split in args.test_split] if args.test else None
+    if test and args.test_frames:
+        test = [t.subset(np.unique(np.linspace(0, len(t) - 1, args.test_frames).round().astype(np.int64)))
+                if args.test_frames < len(t) else t for t in test]
+    validation = read_data(args.validation_data, labels=args.labels, split=args.validation_split) \
+        if args.validation_data else None
     settings = RefineSettings(method=args.method, temperatures=args.temperatures, md_steps=args.md_steps,
                               members=args.members, member_epochs=args.member_epochs, frames_per_round=args.frames,
-                              epochs=args.epochs, rounds=args.rounds, check_steps=args.check_steps, seed=args.seed)
-    record = refine(args.model, args.structure, data, args.out, settings, test=test,
+                              epochs=args.epochs, learning_rate=args.learning_rate, rounds=args.rounds,
+                              check_steps=args.check_steps, seed=args.seed)
+    record = refine(args.model, args.structure, data, args.out, settings, test=test, validation=validation,
                     log=lambda m: print(m, file=sys.stderr, flush=True))
     final = record["final_check"]
+    worse = [r["round"] for r in record["rounds"] if r.get("test_not_worse") is False]   # said, not hidden
     print(f"rounds: {len(record['rounds'])}; final model {record['final_model']}; check "
-          f"{'passed' if final['passed'] else 'still fails'}; record {Path(args.out) / 'rounds.json'}")
+          f"{'passed' if final['passed'] else 'still fails'}; record {Path(args.out) / 'rounds.json'}"
+          + (f"; test errors got worse in round(s) {worse}" if worse else ""))
     return 0 if final["passed"] else 2
 
 
@@ -529,14 +539,21 @@ def build_parser() -> argparse.ArgumentParser:
                                     "the model is fine-tuned. Stops when the check passes (exit 0) or after --rounds "
                                     "(exit 2). Resumable; OUT/rounds.json records every round.")
     rf.add_argument("model", help=f"model file or shipped model name ({SHIPPED})")
-    rf.add_argument("structure", help="the molecule to make it robust for")
+    rf.add_argument("structure", nargs="+", help="the molecule(s) to make it robust for (a round passes when "
+                                                 "every one passes the check)")
     rf.add_argument("--data", required=True, help="the model's training data (its labels' method must be --method's)")
     rf.add_argument("--format", choices=["auto", "rmd17", "iso17x", "qm9", "ase"], default="auto")
     rf.add_argument("--labels", choices=["new", "old"], default="new")
     rf.add_argument("--split", default="train", help="iso17x split of --data")
-    rf.add_argument("--max-frames", type=int, help="use only the first N frames of --data")
+    rf.add_argument("--max-frames", type=int, help="fine-tune on N evenly spaced frames of --data (for large sets "
+                                                    "such as iso17x: every isomer stays in)")
+    rf.add_argument("--validation-data", help="the model's validation set: each round's best epoch is chosen on it "
+                                              "(default: 5%% of --data)")
+    rf.add_argument("--validation-split", default="validation", help="iso17x split of --validation-data")
     rf.add_argument("--test", help="a test set: errors before and after each round go to rounds.json")
-    rf.add_argument("--test-split", default="test_within", help="iso17x split of --test")
+    rf.add_argument("--test-frames", type=int, help="evaluate N evenly spaced frames of each test set (default: all)")
+    rf.add_argument("--test-split", nargs="+", default=["test_within"],
+                    help="iso17x split(s) of --test (e.g. test_within test_other)")
     rf.add_argument("--out", required=True)
     rf.add_argument("--method", default="GFN2-xTB",
                     help="reference method for new labels: GFN2-xTB (tblite) or PBE/def2-SVP (PySCF; rMD17's level)")
@@ -544,8 +561,11 @@ def build_parser() -> argparse.ArgumentParser:
     rf.add_argument("--md-steps", type=int, default=2000)
     rf.add_argument("--members", type=int, default=3)
     rf.add_argument("--member-epochs", type=int, default=3)
-    rf.add_argument("--frames", type=int, default=40, help="frames labelled per round")
-    rf.add_argument("--epochs", type=int, default=20, help="fine-tuning epochs per round")
+    rf.add_argument("--frames", type=int, default=40, help="committee-MD frames labelled per round, shared by the "
+                                                          "structures (the failed checks' geometries come on top)")
+    rf.add_argument("--epochs", type=int, default=150, help="fine-tuning epochs per round (best epoch chosen on "
+                                                           "held-out original data)")
+    rf.add_argument("--learning-rate", type=float, default=1e-4, help="start of each round's fine-tuning")
     rf.add_argument("--rounds", type=int, default=3)
     rf.add_argument("--check-steps", type=int, default=2000)
     rf.add_argument("--seed", type=int, default=1)

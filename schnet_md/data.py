@@ -32,6 +32,7 @@ class Dataset:
     energy_unit: str
     source: str = ""
     sha256: str = ""
+    weights: Optional[np.ndarray] = None  # [n_frames] loss weight of each frame (None: all 1)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -57,13 +58,24 @@ class Dataset:
         return Dataset(self.atomic_numbers[atom_index], self.positions[atom_index],
                        np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), self.energies[indices],
                        None if self.forces is None else self.forces[atom_index],
-                       self.energy_unit, self.source, self.sha256)
+                       self.energy_unit, self.source, self.sha256,
+                       None if self.weights is None else self.weights[indices])
 
     def converted(self, energy_unit: str) -> "Dataset":
         """The same frames with energies (and forces) in another unit."""
         f = units.energy_factor(self.energy_unit, energy_unit)
         return Dataset(self.atomic_numbers, self.positions, self.offsets, self.energies * f,
-                       None if self.forces is None else self.forces * f, energy_unit, self.source, self.sha256)
+                       None if self.forces is None else self.forces * f, energy_unit, self.source, self.sha256,
+                       self.weights)
+
+    def weighted(self, weights) -> "Dataset":
+        """The same frames with per-frame loss weights (e.g. refinement frames far from the data)."""
+        weights = np.asarray(weights, dtype=np.float64).reshape(-1)
+        if weights.shape != (len(self),) or not np.isfinite(weights).all() or (weights < 0).any():
+            raise DataError(f"{self.source}: need {len(self)} finite, non-negative frame weights")
+        digest = hashlib.sha256(self.sha256.encode() + weights.tobytes()).hexdigest()  # weights change training
+        return Dataset(self.atomic_numbers, self.positions, self.offsets, self.energies, self.forces,
+                       self.energy_unit, self.source, digest, weights)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -226,10 +238,12 @@ def concatenate(datasets: Sequence[Dataset], source: str = "") -> Dataset:
     for d in parts:
         offsets.append(d.offsets[1:] + offsets[-1][-1])
     digest = hashlib.sha256("".join(d.sha256 for d in parts).encode()).hexdigest()
+    weights = None if all(d.weights is None for d in parts) else \
+        np.concatenate([np.ones(len(d)) if d.weights is None else d.weights for d in parts])
     return Dataset(np.concatenate([d.atomic_numbers for d in parts]), np.concatenate([d.positions for d in parts]),
                    np.concatenate(offsets), np.concatenate([d.energies for d in parts]),
                    None if parts[0].forces is None else np.concatenate([d.forces for d in parts]), unit,
-                   source or " + ".join(d.source for d in parts), digest)
+                   source or " + ".join(d.source for d in parts), digest, weights)
 
 
 def _from_frames(z, r, e, f, energy_unit, source, sha, name) -> Dataset:
@@ -282,6 +296,7 @@ def batches(data: Dataset, indices: np.ndarray, batch_size: int, dtype: torch.dt
             "positions": torch.as_tensor(part.positions, dtype=dtype, device=device),
             "energies": torch.as_tensor(part.energies, dtype=dtype, device=device),
             "forces": None if part.forces is None else torch.as_tensor(part.forces, dtype=dtype, device=device),
+            "weights": None if part.weights is None else torch.as_tensor(part.weights, dtype=dtype, device=device),
             "molecule": torch.repeat_interleave(torch.arange(len(counts), device=device),
                                                 torch.as_tensor(counts, device=device)),
             "n_molecules": len(counts),

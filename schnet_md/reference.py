@@ -20,7 +20,7 @@ import numpy as np
 from .units import energy_factor
 
 KCAL_PER_EV = energy_factor("eV", "kcal/mol")
-CHUNK = 50   # frames per resumable unit of labelling work
+CHUNK = 50   # most frames per resumable unit of labelling work (fewer when that leaves a worker idle)
 
 
 def _xtb_calculator(method: str = "GFN2-xTB", charge: int = 0, multiplicity: int = 1):
@@ -108,13 +108,22 @@ def label_frames(numbers: Sequence[int], coords_angstrom: np.ndarray, out: str |
         raise ValueError("coordinates contain NaN or infinite values")
     parts = Path(str(out) + ".parts")
     parts.mkdir(parents=True, exist_ok=True)
-    (parts / "job.json").write_text(json.dumps({"method": method, "charge": charge, "n_frames": len(coords)}))
+    workers = workers or max(1, (os.cpu_count() or 1))
+    job = {"method": method, "charge": charge, "n_frames": len(coords),
+           "chunk": max(1, min(CHUNK, -(-len(coords) // workers)))}      # every worker gets work
+    if (parts / "job.json").is_file():
+        done = json.loads((parts / "job.json").read_text())
+        if {k: done.get(k) for k in ("method", "charge", "n_frames")} != {k: job[k] for k in ("method", "charge",
+                                                                                             "n_frames")}:
+            raise ValueError(f"{parts} holds part of another labelling job ({done}); remove it or choose another OUT")
+        job["chunk"] = int(done.get("chunk", CHUNK))                     # resume with the chunks already cut
+    (parts / "job.json").write_text(json.dumps(job))
+    chunk = job["chunk"]
     tasks = []
-    for k, start in enumerate(range(0, len(coords), CHUNK)):
+    for k, start in enumerate(range(0, len(coords), chunk)):
         part = parts / f"chunk{k:05d}.npz"
         if not part.exists():
-            tasks.append((list(map(int, numbers)), coords[start:start + CHUNK], method, charge, part))
-    workers = workers or max(1, (os.cpu_count() or 1))
+            tasks.append((list(map(int, numbers)), coords[start:start + chunk], method, charge, part))
     if tasks:
         if workers == 1:
             _worker_init()
@@ -124,7 +133,7 @@ def label_frames(numbers: Sequence[int], coords_angstrom: np.ndarray, out: str |
             with mp.get_context("spawn").Pool(min(workers, len(tasks)), initializer=_worker_init) as pool:
                 for _ in pool.imap_unordered(_label_chunk, tasks):
                     pass
-    chunks = [np.load(parts / f"chunk{k:05d}.npz") for k in range((len(coords) + CHUNK - 1) // CHUNK)]
+    chunks = [np.load(parts / f"chunk{k:05d}.npz") for k in range((len(coords) + chunk - 1) // chunk)]
     energies = np.concatenate([c["energies_ev"] for c in chunks])
     forces = np.concatenate([c["forces_ev"] for c in chunks])
     indices = np.arange(len(coords)) if indices is None else np.asarray(indices)

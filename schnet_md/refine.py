@@ -1,49 +1,62 @@
 """`schnet-md refine`: the loop that makes a model robust where MD and minimisers take it (issue #15).
 
-Each round:
-  1. `check` the current model on the structure (minimisation, bond and molecule scans, hot MD); a round that
-     passes ends the loop;
+Each round, for every structure given:
+  1. `check` the current model (minimisation, bond and molecule scans, hot MD); a round where every
+     structure passes ends the loop;
   2. a committee: the current model fine-tuned a few epochs with different seeds (`members`);
   3. candidate frames: Langevin MD with the committee at each target temperature (frames up to where the
-     blow-up guard stopped a run included), plus the geometries the failed checks visited: stretched bonds,
-     the stretched molecule, the minimiser's path;
-  4. the frames where the committee disagrees most (sigma_F), and the failed checks' geometries, are labelled
-     with the reference method (GFN2-xTB through tblite: the labels of iso17x and the ML/MM data);
-  5. the current model is fine-tuned on the original data plus every frame labelled so far;
-  6. errors on the original test set before and after, and the frames added, go to OUT/rounds.json.
-Rounds are resumable: a finished round is skipped, labelling resumes frame by frame.
+     blow-up guard stopped a run included), plus the geometries the failed checks visited: every failing
+     bond stretched over the scan's range, the stretched molecule;
+  4. the failed checks' geometries, and the MD frames where the committee disagrees most (sigma_F), are
+     labelled with the reference method (GFN2-xTB through tblite, or PBE/def2-SVP through PySCF). Another
+     program's energies differ from the data's by a constant (PySCF vs rMD17's ORCA), so a few frames of the
+     data with the structure's composition are labelled too, and the mean difference is taken off;
+  5. the current model is fine-tuned on the original data plus every frame labelled so far. Labelled frames
+     far from the data (forces much larger than the data's) get a smaller loss weight, (F_data / F_frame)^2,
+     so their force errors count relative to their size: the model must learn their shape (a stretched bond
+     costs energy), not spend its capacity fitting them to the data's accuracy. The best epoch is chosen on a
+     held-out part of the ORIGINAL data, so accuracy where the model was already good is what guards it;
+  6. errors on the original test set before and after, on the new labels, and the frames added go to
+     OUT/rounds.json.
+Rounds are resumable: a finished round is skipped, labelling resumes chunk by chunk.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 
 from .check import CheckSettings, check
+
+STRETCH_FACTORS = (1.15, 1.3, 1.5, 1.8, 2.1, 2.5)     # bond lengths labelled along a failing scan (0.9-2.5x)
+MOLECULE_SCALES = (1.05, 1.1, 1.2, 1.4, 1.7, 2.0)     # the molecule scan's range (1-2x)
+MINIMISER_PATH = (0.1, 0.25, 0.5, 0.75, 1.0)          # from the start to where a failed minimisation ended
+TEST_TOLERANCE = 1.02                                 # "not worse": within 2 % of the errors before
 
 
 @dataclass
 class RefineSettings:
     method: str = "GFN2-xTB"
     temperatures: List[float] = field(default_factory=lambda: [300.0, 500.0])
-    md_steps: int = 2000              # committee MD per temperature and round (0.5 fs)
+    md_steps: int = 2000              # committee MD per temperature, structure and round (0.5 fs)
     members: int = 3                  # committee size for choosing frames
     member_epochs: int = 3            # fine-tuning epochs that make each member
-    frames_per_round: int = 40
-    epochs: int = 20                  # fine-tuning epochs of the refined model, each round
-    learning_rate: float = 2e-4
+    frames_per_round: int = 40        # committee-MD frames labelled per round (failed-check geometries come on top)
+    epochs: int = 150                 # fine-tuning epochs of the refined model, each round
+    learning_rate: float = 1e-4       # start of the refined model's fine-tuning (halved on plateaus, to 1e-6)
+    member_learning_rate: float = 2e-4
     rounds: int = 3
     check_steps: int = 2000
     seed: int = 1
     platform: str = "CPU"
 
 
-def _fine_tune(model_path, data, out: Path, epochs: int, seed: int, lr: float, log) -> Path:
+def _train(model_path, data, out: Path, log, validation=None, **settings) -> Path:
     from .modelfile import load_model
     from .train import TrainSettings, train
 
@@ -52,9 +65,17 @@ def _fine_tune(model_path, data, out: Path, epochs: int, seed: int, lr: float, l
     if out.exists():
         shutil.rmtree(out)              # an unfinished fine-tuning starts over
     base, _ = load_model(model_path)
-    train(data, base.config, out, TrainSettings(epochs=epochs, batch_size=16, learning_rate=lr, seed=seed,
-                                                  ema_decay=0.99), log=log, init_state=base.state_dict())
+    train(data, base.config, out, TrainSettings(batch_size=16, ema_decay=0.99, **settings), log=log,
+          init_state=base.state_dict(), validation=validation)
     return out / "model.pt"
+
+
+def frame_weights(labelled, reference_rms_force: float) -> np.ndarray:
+    """(F_ref / F_rms of the frame)^2, at most 1: a frame with forces k times the data's counts like one whose
+    errors are k times smaller."""
+    f = labelled.forces.reshape(-1, 3)
+    rms = np.sqrt(np.add.reduceat((f ** 2).sum(axis=1), labelled.offsets[:-1]) / (3 * labelled.n_atoms))
+    return np.minimum(1.0, (reference_rms_force / np.maximum(rms, 1e-12)) ** 2)
 
 
 def _md_frames(members: List[str], structure_path, temperature: float, steps: int, platform: str, seed: int,
@@ -78,7 +99,8 @@ def _md_frames(members: List[str], structure_path, temperature: float, steps: in
 
 
 def _check_geometries(report: dict, structure) -> np.ndarray:
-    """Å geometries the failed checks went to: stretched failing bonds, the stretched molecule."""
+    """Å geometries the failed checks went to: failing bonds stretched over the scan's range, the stretched
+    molecule, and the straight path from the start to where a failed minimisation ended."""
     from .structures import BondMap
 
     r = structure.positions_nm * 10.0
@@ -89,88 +111,179 @@ def _check_geometries(report: dict, structure) -> np.ndarray:
         for (i, j), row in zip(bonds.bonds.tolist(), report["bond_scans"]["bonds"]):
             if row["largest_fall_kcal_mol"] <= 1.0 and row["lowest_below_relaxed_kcal_mol"] <= 1.0:
                 continue
-            a, b = (i, j) if degree[j] <= degree[i] else (j, i)
-            for f in (1.15, 1.3, 1.5):
+            a, b = (i, j) if degree[j] <= degree[i] else (j, i)     # the end the scan moves
+            for f in STRETCH_FACTORS:
                 x = r.copy()
                 x[b] = r[a] + f * (r[b] - r[a])
                 frames.append(x)
     if not report["molecule_scan"]["passed"] or not report["minimisation"]["passed"]:
         centre = r.mean(axis=0)
-        frames += [centre + s * (r - centre) for s in (1.05, 1.1, 1.2)]
+        frames += [centre + s * (r - centre) for s in MOLECULE_SCALES]
+    if not report["minimisation"]["passed"] and "relaxed_positions_angstrom" in report["minimisation"]:
+        end = np.asarray(report["minimisation"]["relaxed_positions_angstrom"])   # the minimiser's path, roughly
+        frames += [r + t * (end - r) for t in MINIMISER_PATH]
     return np.array(frames).reshape(-1, len(r), 3)
 
 
-def refine(model, structure_path, data, out_dir, settings: Optional[RefineSettings] = None, test=None,
-           log: Callable[[str], None] = print) -> dict:
-    """Run refinement rounds until `check` passes or `settings.rounds` are done; returns the record."""
+def _energy_offset(data, numbers, method: str, folder: Path, n: int = 3) -> dict:
+    """Mean (E_method - E_data) over `n` data frames with the same composition as `numbers`, in the data's
+    energy unit: the constant that puts new labels on the data's energy zero."""
+    from .data import read_rmd17
+    from .reference import label_frames
+
+    composition = np.bincount(numbers, minlength=119)
+    same = [k for k in range(len(data)) if np.array_equal(
+        np.bincount(data.frame(k)[0], minlength=119), composition)]
+    if not same:
+        raise ValueError("the data hold no frame with the structure's composition, so new labels cannot be put on "
+                         "its energy zero; add such frames or refine with structures the data know")
+    picks = sorted({same[i] for i in np.linspace(0, len(same) - 1, min(n, len(same))).round().astype(int)})
+    differences = []
+    by_order: dict = {}                              # one label job per atom order (usually one)
+    for k in picks:
+        by_order.setdefault(tuple(data.frame(k)[0].tolist()), []).append(k)
+    for i, (order, ks) in enumerate(by_order.items()):
+        labels = label_frames(np.array(order), np.array([data.frame(k)[1] for k in ks]), folder / f"offset{i}.npz",
+                              method=method)
+        done = read_rmd17(labels).converted(data.energy_unit)
+        frame_of = dict(zip(np.load(labels)["old_indices"].tolist(), done.energies.tolist()))
+        differences += [frame_of[m] - data.energies[k] for m, k in enumerate(ks) if m in frame_of]
+    if not differences:
+        raise RuntimeError(f"{method} failed on every frame meant to align its energy zero with the data's")
+    diff = np.array(differences)
+    return {"frames": picks, "offset": float(diff.mean()), "spread": float(np.ptp(diff)), "unit": data.energy_unit}
+
+
+def _summary(report: dict) -> dict:
+    return {"passed": report["passed"]} | {key: report[key]["passed"] for key in
+                                           ("minimisation", "bond_scans", "molecule_scan")} | \
+        {"md": [m["passed"] for m in report["md"]]}
+
+
+def refine(model, structures: Sequence, data, out_dir, settings: Optional[RefineSettings] = None, test=None,
+           log: Callable[[str], None] = print, validation=None) -> dict:
+    """Run refinement rounds until `check` passes on every structure or `settings.rounds` are done; returns
+    the record (also OUT/rounds.json). `validation`: the model's own validation set (else 5 % of `data`);
+    `test`: one test set or a list (errors before and after each round)."""
     from .committee import ForceDisagreement
     from .data import concatenate, read_rmd17
+    from .elements import formula
     from .evaluate import evaluate
     from .modelfile import load_model
     from .reference import label_frames
     from .structures import read_structure
+    from .train import split_indices
 
     settings = settings or RefineSettings()
+    tests = [] if test is None else (list(test) if isinstance(test, (list, tuple)) else [test])
+    structures = [str(s) for s in ([structures] if isinstance(structures, (str, Path)) else structures)]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     record_path = out / "rounds.json"
     record = json.loads(record_path.read_text()) if record_path.is_file() else \
-        {"model": str(model), "structure": str(structure_path), "data": data.source, "settings": asdict(settings),
+        {"model": str(model), "structures": structures, "data": data.source,
+         "validation": validation.source if validation is not None else "5 % of the data", "settings": asdict(settings),
          "rounds": []}
-    if record["settings"] != asdict(settings) or record["model"] != str(model):
-        raise ValueError(f"{out} holds a refinement of {record['model']} with other settings; use another --out")
-    structure = read_structure(structure_path)
-    z = structure.atomic_numbers
+    if record["settings"] != asdict(settings) or record["model"] != str(model) or \
+            record.get("structures") != structures:
+        raise ValueError(f"{out} holds a refinement of {record['model']} with other settings or structures; "
+                         "use another --out")
+    molecules = {path: read_structure(path) for path in structures}
     check_settings = CheckSettings(temperature_k=max(settings.temperatures), md_steps=settings.check_steps,
                                    platform=settings.platform, seed=settings.seed)
+    # the held-out original frames that choose each fine-tuning's best epoch, and the force scale of the data
+    if validation is None:
+        train_idx, val_idx = split_indices(len(data), 0.05, settings.seed)
+        original_train, original_val = data.subset(train_idx), data.subset(val_idx)
+    else:
+        original_train, original_val = data, validation.converted(data.energy_unit)
+    rms_force = float(np.sqrt(np.mean(data.forces ** 2)))
+    offsets = record.setdefault("energy_offsets", {})
+    for path, molecule in molecules.items():       # the reference's energy zero against the data's, per formula
+        name = formula(molecule.atomic_numbers)
+        if name not in offsets:
+            log(f"aligning {settings.method} energies with the data's on {name}")
+            offsets[name] = _energy_offset(data, molecule.atomic_numbers, settings.method, out / "offset" / name)
+            record_path.write_text(json.dumps(record, indent=1))
+
+    def on_data_zero(labels_path):
+        d = read_rmd17(labels_path).converted(data.energy_unit)
+        return replace(d, energies=d.energies - offsets[formula(d.frame(0)[0])]["offset"])
+
     current = str(model) if not record["rounds"] else record["rounds"][-1]["model"]
-    labelled = [read_rmd17(r["labels"]) for r in record["rounds"] if r.get("labels")]
+    labelled = [on_data_zero(p) for r in record["rounds"] for p in r["labels"]]
     quiet = lambda _: None  # noqa: E731
     for k in range(len(record["rounds"]) + 1, settings.rounds + 1):
         folder = out / f"round{k}"
         folder.mkdir(exist_ok=True)
-        log(f"round {k}: checking {current}")
-        report = check(current, structure_path, check_settings, log=quiet)
-        if report["passed"]:
+        log(f"round {k}: checking {current} on {len(structures)} structure(s)")
+        reports = {path: check(current, path, check_settings, log=quiet) for path in structures}
+        if all(r["passed"] for r in reports.values()):
             record["passed_after_round"] = k - 1
             break
         log(f"round {k}: committee of {settings.members}")
-        members = [str(_fine_tune(current, data, folder / f"member{m}", settings.member_epochs, settings.seed + m,
-                                  settings.learning_rate, quiet)) for m in range(settings.members)]
-        log(f"round {k}: committee MD at {', '.join(f'{t:g} K' for t in settings.temperatures)}")
-        md = [_md_frames(members, structure_path, t, settings.md_steps, settings.platform, settings.seed + k, folder)
-              for t in settings.temperatures]
-        md = np.concatenate([m for m in md if len(m)]) if any(len(m) for m in md) else np.zeros((0, len(z), 3))
-        failed = _check_geometries(report, structure)
-        sigma = ForceDisagreement(members, z)
-        scores = np.array([sigma(x / 10.0) for x in md]) if len(md) else np.zeros(0)
-        n_failed = min(len(failed), settings.frames_per_round // 2)
-        n_md = min(len(md), settings.frames_per_round - n_failed)
-        chosen_md = np.argsort(-scores)[:n_md]
-        frames = np.concatenate([failed[:n_failed], md[chosen_md]]) if n_md else failed[:n_failed]
-        log(f"round {k}: labelling {len(frames)} frames with {settings.method}")
-        labels = label_frames(z, frames, folder / "labels.npz", method=settings.method)
-        labelled.append(read_rmd17(labels))
-        combined = concatenate([data, *labelled], source=f"{data.source} + {len(labelled)} refinement round(s)")
-        log(f"round {k}: fine-tuning on {len(combined)} frames")
-        refined = _fine_tune(current, combined, folder / "model", settings.epochs, settings.seed,
-                             settings.learning_rate, quiet)
-        entry = {"round": k, "check_before": {key: report[key]["passed"] for key in
-                                              ("minimisation", "bond_scans", "molecule_scan")} |
-                 {"md": [m["passed"] for m in report["md"]]},
-                 "frames_added": int(len(labelled[-1])), "frames_from_md": int(n_md),
-                 "frames_from_failed_checks": int(n_failed),
-                 "max_md_disagreement_kj_mol_nm": float(scores.max()) if len(scores) else None,
-                 "labels": str(labels), "model": str(refined)}
-        if test is not None:
-            entry["test_before"] = evaluate(load_model(current)[0], test)
-            entry["test_after"] = evaluate(load_model(refined)[0], test)
+        members = [str(_train(current, data, folder / f"member{m}", quiet, epochs=settings.member_epochs,
+                              seed=settings.seed + m, learning_rate=settings.member_learning_rate))
+                   for m in range(settings.members)]
+        per_md = max(1, settings.frames_per_round // len(structures))
+        entry = {"round": k, "check_before": {path: _summary(r) for path, r in reports.items()},
+                 "frames_added": 0, "frames_from_md": 0, "frames_from_failed_checks": 0,
+                 "max_md_disagreement_kj_mol_nm": None, "labels": []}
+        for n, path in enumerate(structures):
+            z = molecules[path].atomic_numbers
+            where = folder / Path(path).stem if len(structures) > 1 else folder
+            where.mkdir(exist_ok=True)
+            log(f"round {k}: committee MD of {Path(path).name} at "
+                f"{', '.join(f'{t:g} K' for t in settings.temperatures)}")
+            md = [_md_frames(members, path, t, settings.md_steps, settings.platform, settings.seed + 1000 * k + n,
+                             where) for t in settings.temperatures]
+            md = np.concatenate([m for m in md if len(m)]) if any(len(m) for m in md) else np.zeros((0, len(z), 3))
+            sigma = ForceDisagreement(members, z)
+            scores = np.array([sigma(x / 10.0) for x in md]) if len(md) else np.zeros(0)
+            chosen = np.argsort(-scores)[:min(len(md), per_md)]
+            failed = _check_geometries(reports[path], molecules[path])
+            frames = np.concatenate([failed, md[chosen]])
+            if not len(frames):
+                continue
+            log(f"round {k}: labelling {len(frames)} frames of {Path(path).name} with {settings.method}")
+            labels = label_frames(z, frames, where / "labels.npz", method=settings.method)
+            labelled.append(on_data_zero(labels))
+            entry["labels"].append(str(labels))
+            entry["frames_added"] += int(len(labelled[-1]))
+            entry["frames_from_md"] += int(len(chosen))
+            entry["frames_from_failed_checks"] += int(len(failed))
+            if len(scores):
+                entry["max_md_disagreement_kj_mol_nm"] = max(entry["max_md_disagreement_kj_mol_nm"] or 0.0,
+                                                             float(scores.max()))
+        new = concatenate(labelled, source=f"{len(labelled)} refinement label set(s)")
+        new = new.weighted(frame_weights(new, rms_force))
+        combined = concatenate([original_train, new], source=f"{data.source} + {new.source}")
+        log(f"round {k}: fine-tuning on {len(combined)} frames ({len(new)} labelled here, weights "
+            f"{new.weights.min():.2g}-{new.weights.max():.2g}), validated on {len(original_val)} original ones")
+        refined = _train(current, combined, folder / "model", quiet, validation=original_val,
+                         epochs=settings.epochs, seed=settings.seed, learning_rate=settings.learning_rate,
+                         lr_patience=10, min_learning_rate=1e-6)
+        entry["model"] = str(refined)
+        entry["labelled_before"] = evaluate(load_model(current)[0], new)
+        entry["labelled_after"] = evaluate(load_model(refined)[0], new)
+        if tests:
+            entry["test"] = {t.source: {"before": evaluate(load_model(current)[0], t),
+                                        "after": evaluate(load_model(refined)[0], t)} for t in tests}
+            entry["test_not_worse"] = bool(all(m["after"][q] <= TEST_TOLERANCE * m["before"][q]
+                                               for m in entry["test"].values()
+                                               for q in ("energy_mae_kcal_mol", "forces_mae_kcal_mol")))
+            for name, m in entry["test"].items():
+                log(f"round {k}: {name}: energy MAE {m['before']['energy_mae_kcal_mol']:.3f} -> "
+                    f"{m['after']['energy_mae_kcal_mol']:.3f} kcal/mol, forces MAE "
+                    f"{m['before']['forces_mae_kcal_mol']:.3f} -> {m['after']['forces_mae_kcal_mol']:.3f} kcal/mol/Å")
+            if not entry["test_not_worse"]:
+                log(f"round {k}: warning: test errors got worse (more than {100 * (TEST_TOLERANCE - 1):.0f} %)")
         record["rounds"].append(entry)
         record_path.write_text(json.dumps(record, indent=1))
         current = str(refined)
-    final = check(current, structure_path, check_settings, log=quiet)
+    final = {path: check(current, path, check_settings, log=quiet) for path in structures}
     record["final_model"] = current
-    record["final_check"] = {"passed": final["passed"]} | {key: final[key]["passed"] for key in
-                                                            ("minimisation", "bond_scans", "molecule_scan")}
+    record["final_check"] = {"passed": all(r["passed"] for r in final.values())} | \
+        {path: _summary(r) for path, r in final.items()}
     record_path.write_text(json.dumps(record, indent=1))
     return record

@@ -1,5 +1,6 @@
 """Training on energies and forces: loss = rho |E - Ê|^2 + mean_i |F_i - F̂_i|^2 (paper: rho = 0.01).
-Without forces in the data (QM9) the loss is |E - Ê|^2.
+Without forces in the data (QM9) the loss is |E - Ê|^2. A data set with frame weights (`Dataset.weighted`)
+scales each frame's terms by its weight.
 
 Writes OUT/model.pt (the best model on the validation set), OUT/checkpoint.pt (the whole state after
 the last finished epoch: `resume=True` continues exactly), OUT/metrics.json and OUT/config.json.
@@ -96,13 +97,16 @@ def fit_energy_statistics(data: Dataset, model: SchNet) -> None:
     frame_of_atom = np.repeat(np.arange(len(data)), data.n_atoms)
     for z in np.unique(data.atomic_numbers):
         np.add.at(counts[:, species[int(z)]], frame_of_atom[data.atomic_numbers == z], 1.0)
-    reference, *_ = np.linalg.lstsq(counts, data.energies, rcond=None)
+    w = np.ones(len(data)) if data.weights is None else data.weights     # weighted frames count as in the loss
+    root = np.sqrt(w)
+    reference, *_ = np.linalg.lstsq(counts * root[:, None], data.energies * root, rcond=None)
     per_atom = (data.energies - counts @ reference) / data.n_atoms
-    shift = float(per_atom.mean())
+    shift = float(np.average(per_atom, weights=w))
     if data.forces is not None and np.any(data.forces):
-        scale = float(np.sqrt(np.mean(data.forces ** 2)))
+        w_atom = np.repeat(w, data.n_atoms)
+        scale = float(np.sqrt(np.average((data.forces ** 2).mean(axis=1), weights=w_atom)))
     else:
-        scale = float(per_atom.std()) or 1.0
+        scale = float(np.sqrt(np.average((per_atom - shift) ** 2, weights=w))) or 1.0
     readout = model.readout
     with torch.no_grad():
         readout.reference_energies.copy_(torch.as_tensor(reference, dtype=readout.reference_energies.dtype))
@@ -301,9 +305,14 @@ def train(data: Dataset, config: SchNetConfig, out_dir: str | Path, settings: Tr
                                              forward=forward)
             # this rank's share of the global batch's loss (sums over its frames / the global counts); DDP
             # averages gradients over ranks, so the share is scaled by the world size
-            loss = ((energies - batch["energies"]) ** 2).sum() / n_frames
+            frame_weight = batch["weights"]        # None: every frame counts once
+            e2 = (energies - batch["energies"]) ** 2
+            loss = (e2 if frame_weight is None else frame_weight * e2).sum() / n_frames
             if has_forces:
-                loss = settings.rho * loss + ((forces - batch["forces"]) ** 2).sum() / n_atoms
+                f2 = ((forces - batch["forces"]) ** 2).sum(dim=1)
+                if frame_weight is not None:
+                    f2 = frame_weight[batch["molecule"]] * f2
+                loss = settings.rho * loss + f2.sum() / n_atoms
             loss = loss * (weight * group.world)
             global_loss = parallel.all_reduce_sum(group, loss.detach().clone()) / group.world
             if not torch.isfinite(global_loss):

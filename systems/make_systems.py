@@ -16,6 +16,9 @@ from schnet_md.units import NM_PER_ANGSTROM
 
 HERE = Path(__file__).resolve().parent
 STUDY_ISOMERS = (63, 128, 7)   # known, known, unknown: the most rotatable bonds (see benchmarks/iso17_md.py)
+# five more for the robustness targets of `iso17x` (issue #15): the next known (22, 81, 94) and unknown (105, 8)
+# isomers by number of rotatable heavy-atom dihedrals, the lower isomer id first on ties
+ROBUSTNESS_ISOMERS = (22, 81, 94, 105, 8)
 
 
 def write_system(name: str, numbers, positions_angstrom, source: str) -> None:
@@ -41,9 +44,10 @@ def main() -> None:
                          f"PBE/def2-SVP MD snapshot, coordinates in Å.")
     with np.load(data / "iso17x" / "iso17x.npz") as f, np.load(data / "iso17x" / "splits.npz") as s:
         known = set(s["known_mols"].tolist())
-        # the first isomer of each split, and the isomers of the ISO17-style MD study (benchmarks/iso17_md.py),
-        # chosen for their rotatable bonds
-        for mol in sorted({int(np.sort(s["known_mols"])[0]), int(np.sort(s["unknown_mols"])[0]), *STUDY_ISOMERS}):
+        # the first isomer of each split, the isomers of the ISO17-style MD study (benchmarks/iso17_md.py) and of
+        # the robustness targets, chosen for their rotatable bonds
+        for mol in sorted({int(np.sort(s["known_mols"])[0]), int(np.sort(s["unknown_mols"])[0]), *STUDY_ISOMERS,
+                           *ROBUSTNESS_ISOMERS}):
             split, key = ("known", "known_mols") if mol in known else ("unknown", "unknown_mols")
             frame = int(np.nonzero((f["mol"] == mol) & f["eq"])[0][0])
             write_system(f"c7o2h10_{mol}", f["Z"][frame], f["R"][frame].astype(np.float64),

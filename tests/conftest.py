@@ -13,6 +13,7 @@ from schnet_md.model import SchNet, config_from_preset
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
 SYSTEMS = ROOT / "systems"
+FIXTURES = ROOT / "tests" / "fixtures"
 
 
 def shared_file(relative: str) -> Path:

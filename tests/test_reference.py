@@ -123,3 +123,21 @@ def test_pyscf_labels_reproduce_rmd17_up_to_a_constant():
         worst_force = max(worst_force, float(np.abs(f * KCAL_PER_EV - f_ref).max()))
     assert abs(offsets[0] - offsets[1]) < 0.05          # kcal/mol: the same surface, shifted
     assert worst_force < 0.1                            # kcal/mol/Å
+
+
+def test_a_small_job_is_cut_so_every_worker_has_work_and_resumes_with_its_chunks(tmp_path, ethanol):
+    """3 frames on 2 workers: chunks of 2 (not one 50-frame chunk on one worker); a rerun keeps the cut, and a
+    different job in the same place is refused instead of mixing labels."""
+    z, r = ethanol
+    frames = np.stack([r, r + 0.01, r - 0.01])
+    out = tmp_path / "l.npz"
+    label_frames(z, frames, out, workers=2)
+    job = json.loads((tmp_path / "l.npz.parts" / "job.json").read_text())
+    assert job["chunk"] == 2 and len(list((tmp_path / "l.npz.parts").glob("chunk*.npz"))) == 2
+    first = read_rmd17(out).energies
+    (tmp_path / "l.npz.parts" / "chunk00001.npz").unlink()          # as if stopped before the last chunk
+    label_frames(z, frames, out, workers=1)
+    assert json.loads((tmp_path / "l.npz.parts" / "job.json").read_text())["chunk"] == 2
+    assert np.allclose(read_rmd17(out).energies, first, atol=1e-6)
+    with pytest.raises(ValueError, match="another labelling job"):
+        label_frames(z, frames[:2], out, workers=2)

@@ -18,7 +18,8 @@ def test_one_refinement_round_on_an_iso17x_isomer(tmp_path, capsys):
 
     folder = shared_file("iso17x/iso17x.npz").parent
     args = ["refine", "iso17x", str(SYSTEMS / "c7o2h10_63" / "c7o2h10_63.pdb"), "--data", str(folder),
-            "--max-frames", "120", "--test", str(folder), "--out", str(tmp_path / "refine"),
+            "--max-frames", "120", "--test", str(folder), "--test-split", "test_within", "test_other",
+            "--test-frames", "200", "--out", str(tmp_path / "refine"),
             "--temperatures", "500", "--md-steps", "100", "--members", "2", "--member-epochs", "1",
             "--frames", "6", "--epochs", "1", "--rounds", "1", "--check-steps", "60", "--threads", "1"]
     code = main(args)
@@ -26,10 +27,15 @@ def test_one_refinement_round_on_an_iso17x_isomer(tmp_path, capsys):
     record = json.loads((tmp_path / "refine" / "rounds.json").read_text())
     assert len(record["rounds"]) == 1
     r = record["rounds"][0]
-    assert 1 <= r["frames_added"] <= 6 and r["frames_from_md"] + r["frames_from_failed_checks"] >= r["frames_added"]
-    labels = np.load(r["labels"])
+    assert 1 <= r["frames_from_md"] <= 6 and r["frames_from_md"] + r["frames_from_failed_checks"] >= r["frames_added"] >= 1
+    labels = np.load(r["labels"][0])
     assert labels["energies"].shape[0] == r["frames_added"] and np.isfinite(labels["forces"]).all()
-    assert r["test_before"]["n_frames"] == r["test_after"]["n_frames"] > 0
+    # GFN2-xTB through tblite is iso17x's own labelling: the energy zeros agree
+    offset = record["energy_offsets"]["C7H10O2"]
+    assert abs(offset["offset"]) < 1e-3 and len(offset["frames"]) == 3
+    assert set(r["test"]) == {"iso17x.npz [test_within]", "iso17x.npz [test_other]"}
+    assert all(m["before"]["n_frames"] == m["after"]["n_frames"] > 0 for m in r["test"].values())
+    assert isinstance(r["test_not_worse"], bool) and r["labelled_after"]["n_frames"] == r["frames_added"]
     assert "final_check" in record and (tmp_path / "refine" / "round1" / "model" / "model.pt").is_file()
     # resumed: the finished round is not redone
     before = (tmp_path / "refine" / "round1" / "model" / "model.pt").stat().st_mtime

@@ -96,3 +96,33 @@ def test_cli_evaluate_reports_both_units(tmp_path, capsys):
     m = json.loads((tmp_path / "m.json").read_text())
     # 1 kcal/mol = 43.364 meV: the two columns must agree through that factor
     assert m["forces_mae_meV"] == pytest.approx(m["forces_mae_kcal_mol"] * 43.3641, rel=1e-4)
+
+
+def test_frame_weights_scale_each_frames_loss(tmp_path, ethanol_frames):
+    """Weights of one are no weights; a frame with wrong labels and weight zero changes nothing (the refine
+    loop down-weights far-from-data frames this way)."""
+    from dataclasses import replace
+
+    from schnet_md.data import concatenate
+
+    config = config_from_preset("schnet2017", ethanol_frames.elements, **SMALL)
+    validation = ethanol_frames.subset(range(40, 60))
+    base = ethanol_frames.subset(range(40))
+    settings = TrainSettings(epochs=2, batch_size=41, learning_rate=1e-3)   # one batch per epoch: one order
+
+    def history(data, name):
+        return train(data, config, tmp_path / name, settings, log=quiet, validation=validation)["history"]
+
+    plain = history(base, "plain")
+    ones = history(base.weighted(np.ones(len(base))), "ones")
+    assert [h["validation_loss"] for h in ones] == [h["validation_loss"] for h in plain]
+    broken = base.subset([0])
+    broken = replace(broken, energies=broken.energies + 1e4, forces=broken.forces + 1e3)
+    with_broken = concatenate([base, broken]).weighted(np.r_[np.ones(len(base)), 0.0])
+    # the loss sums over 41 frames instead of 40: gradients scale by 40/41, and Adam barely notices a scale
+    muted = history(with_broken, "muted")
+    assert np.allclose([h["validation_loss"] for h in muted], [h["validation_loss"] for h in plain], rtol=1e-3)
+    counted = history(concatenate([base, broken]), "counted")       # the same frame counted does change it
+    assert counted[-1]["validation_loss"] > 1.05 * plain[-1]["validation_loss"]
+    with pytest.raises(DataError, match="weights"):
+        base.weighted(np.full(len(base), -1.0))
