@@ -61,6 +61,15 @@ def dft_energy_forces(numbers, positions_angstrom, method: str = "PBE/def2-SVP",
     mf.conv_tol = 1e-10
     energy = mf.kernel()
     if not mf.converged:
+        # stretched bonds (what refinement labels) defeat plain DIIS now and then; a level shift, then second-order
+        # SCF from there, reach the same self-consistent solution
+        mf.level_shift = 0.3
+        mf.max_cycle = 200
+        energy = mf.kernel(dm0=mf.make_rdm1())
+        if not mf.converged:
+            mf = mf.newton()
+            energy = mf.kernel(dm0=mf.make_rdm1())
+    if not mf.converged:
         raise RuntimeError("SCF did not converge")
     gradient = mf.nuc_grad_method().kernel()                  # Hartree/Bohr
     return float(energy) * EV_PER_HARTREE, -np.asarray(gradient) * EV_PER_HARTREE * BOHR_PER_ANGSTROM

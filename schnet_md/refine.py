@@ -12,9 +12,11 @@ Each round, for every structure given:
      program's energies differ from the data's by a constant (PySCF vs rMD17's ORCA), so a few frames of the
      data with the structure's composition are labelled too, and the mean difference is taken off;
   5. the current model is fine-tuned on the original data plus every frame labelled so far. Labelled frames
-     far from the data (forces much larger than the data's) get a smaller loss weight, (F_data / F_frame)^2,
-     so their force errors count relative to their size: the model must learn their shape (a stretched bond
-     costs energy), not spend its capacity fitting them to the data's accuracy. The best epoch is chosen on a
+     far from the data get a smaller loss weight, 1/k^2 for a frame k times further out than the data's band
+     (RMS force 2x the data's, energy 3 standard deviations from its mean), so their errors count relative to
+     their size: the model must
+     learn their shape (a stretched bond costs energy), not spend its capacity fitting them to the data's
+     accuracy (unweighted, they wrecked the test errors). The best epoch is chosen on a
      held-out part of the ORIGINAL data, so accuracy where the model was already good is what guards it;
   6. errors on the original test set before and after, on the new labels, and the frames added go to
      OUT/rounds.json.
@@ -36,6 +38,7 @@ from .check import CheckSettings, check
 STRETCH_FACTORS = (1.15, 1.3, 1.5, 1.8, 2.1, 2.5)     # bond lengths labelled along a failing scan (0.9-2.5x)
 MOLECULE_SCALES = (1.05, 1.1, 1.2, 1.4, 1.7, 2.0)     # the molecule scan's range (1-2x)
 MINIMISER_PATH = (0.1, 0.25, 0.5, 0.75, 1.0)          # from the start to where a failed minimisation ended
+FORCE_BAND, ENERGY_BAND = 2.0, 3.0                   # frames inside these bands count fully (frame_weights)
 TEST_TOLERANCE = 1.02                                 # "not worse": within 2 % of the errors before
 
 
@@ -70,12 +73,29 @@ def _train(model_path, data, out: Path, log, validation=None, **settings) -> Pat
     return out / "model.pt"
 
 
-def frame_weights(labelled, reference_rms_force: float) -> np.ndarray:
-    """(F_ref / F_rms of the frame)^2, at most 1: a frame with forces k times the data's counts like one whose
-    errors are k times smaller."""
+def frame_weights(labelled, rms_force: float, energy_spread: dict) -> np.ndarray:
+    """Loss weight of each new frame: errors count relative to how far the frame lies from the data. Frames
+    like the data's (RMS force within 2x the data's, energy within 3 standard deviations of the data's mean for
+    the formula) weigh 1; beyond, a frame k times further out weighs 1/k^2. Energies: the data's zero and unit."""
+    from .elements import formula
+
     f = labelled.forces.reshape(-1, 3)
     rms = np.sqrt(np.add.reduceat((f ** 2).sum(axis=1), labelled.offsets[:-1]) / (3 * labelled.n_atoms))
-    return np.minimum(1.0, (reference_rms_force / np.maximum(rms, 1e-12)) ** 2)
+    weights = np.minimum(1.0, (FORCE_BAND * rms_force / np.maximum(rms, 1e-12)) ** 2)
+    for k in range(len(labelled)):
+        mean, std = energy_spread[formula(labelled.frame(k)[0])]
+        weights[k] = min(weights[k], (ENERGY_BAND * std / max(abs(labelled.energies[k] - mean), 1e-12)) ** 2)
+    return weights
+
+
+def energy_spread(data) -> dict:
+    """{formula: (mean, standard deviation)} of the data's energies."""
+    from .elements import formula
+
+    groups: dict = {}
+    for k in range(len(data)):
+        groups.setdefault(formula(data.frame(k)[0]), []).append(data.energies[k])
+    return {key: (float(np.mean(e)), float(np.std(e)) or 1.0) for key, e in groups.items()}
 
 
 def _md_frames(members: List[str], structure_path, temperature: float, steps: int, platform: str, seed: int,
@@ -198,6 +218,7 @@ def refine(model, structures: Sequence, data, out_dir, settings: Optional[Refine
     else:
         original_train, original_val = data, validation.converted(data.energy_unit)
     rms_force = float(np.sqrt(np.mean(data.forces ** 2)))
+    spread = energy_spread(data)
     offsets = record.setdefault("energy_offsets", {})
     for path, molecule in molecules.items():       # the reference's energy zero against the data's, per formula
         name = formula(molecule.atomic_numbers)
@@ -217,32 +238,50 @@ def refine(model, structures: Sequence, data, out_dir, settings: Optional[Refine
         folder = out / f"round{k}"
         folder.mkdir(exist_ok=True)
         log(f"round {k}: checking {current} on {len(structures)} structure(s)")
-        reports = {path: check(current, path, check_settings, log=quiet) for path in structures}
+        check_file = folder / "checks.json"          # a resumed round keeps its checks
+        if check_file.is_file():
+            reports = json.loads(check_file.read_text())
+        else:
+            reports = {path: check(current, path, check_settings, log=quiet) for path in structures}
+            check_file.write_text(json.dumps(reports))
         if all(r["passed"] for r in reports.values()):
             record["passed_after_round"] = k - 1
             break
-        log(f"round {k}: committee of {settings.members}")
-        members = [str(_train(current, data, folder / f"member{m}", quiet, epochs=settings.member_epochs,
-                              seed=settings.seed + m, learning_rate=settings.member_learning_rate))
-                   for m in range(settings.members)]
-        per_md = max(1, settings.frames_per_round // len(structures))
+        members: List[str] = []
         entry = {"round": k, "check_before": {path: _summary(r) for path, r in reports.items()},
                  "frames_added": 0, "frames_from_md": 0, "frames_from_failed_checks": 0,
                  "max_md_disagreement_kj_mol_nm": None, "labels": []}
+        per_md = max(1, settings.frames_per_round // len(structures))
         for n, path in enumerate(structures):
             z = molecules[path].atomic_numbers
             where = folder / Path(path).stem if len(structures) > 1 else folder
             where.mkdir(exist_ok=True)
-            log(f"round {k}: committee MD of {Path(path).name} at "
-                f"{', '.join(f'{t:g} K' for t in settings.temperatures)}")
-            md = [_md_frames(members, path, t, settings.md_steps, settings.platform, settings.seed + 1000 * k + n,
-                             where) for t in settings.temperatures]
-            md = np.concatenate([m for m in md if len(m)]) if any(len(m) for m in md) else np.zeros((0, len(z), 3))
-            sigma = ForceDisagreement(members, z)
-            scores = np.array([sigma(x / 10.0) for x in md]) if len(md) else np.zeros(0)
-            chosen = np.argsort(-scores)[:min(len(md), per_md)]
-            failed = _check_geometries(reports[path], molecules[path])
-            frames = np.concatenate([failed, md[chosen]])
+            chosen_file = where / "frames.npz"      # the frames chosen for labelling: a resumed round keeps them
+            if not chosen_file.is_file():
+                if not members:
+                    log(f"round {k}: committee of {settings.members}")
+                    members = [str(_train(current, data, folder / f"member{m}", quiet, epochs=settings.member_epochs,
+                                          seed=settings.seed + m, learning_rate=settings.member_learning_rate))
+                               for m in range(settings.members)]
+                log(f"round {k}: committee MD of {Path(path).name} at "
+                    f"{', '.join(f'{t:g} K' for t in settings.temperatures)}")
+                md = [_md_frames(members, path, t, settings.md_steps, settings.platform,
+                                 settings.seed + 1000 * k + n, where) for t in settings.temperatures]
+                md = np.concatenate([m for m in md if len(m)]) if any(len(m) for m in md) else \
+                    np.zeros((0, len(z), 3))
+                sigma = ForceDisagreement(members, z)
+                scores = np.array([sigma(x / 10.0) for x in md]) if len(md) else np.zeros(0)
+                chosen = np.argsort(-scores)[:min(len(md), per_md)]
+                failed = _check_geometries(reports[path], molecules[path])
+                np.savez(chosen_file, frames=np.concatenate([failed, md[chosen]]), from_failed_checks=len(failed),
+                         from_md=len(chosen), max_sigma=scores.max() if len(scores) else np.nan)
+            chosen = np.load(chosen_file)
+            frames = chosen["frames"]
+            entry["frames_from_md"] += int(chosen["from_md"])
+            entry["frames_from_failed_checks"] += int(chosen["from_failed_checks"])
+            if np.isfinite(chosen["max_sigma"]):
+                entry["max_md_disagreement_kj_mol_nm"] = max(entry["max_md_disagreement_kj_mol_nm"] or 0.0,
+                                                             float(chosen["max_sigma"]))
             if not len(frames):
                 continue
             log(f"round {k}: labelling {len(frames)} frames of {Path(path).name} with {settings.method}")
@@ -250,15 +289,10 @@ def refine(model, structures: Sequence, data, out_dir, settings: Optional[Refine
             labelled.append(on_data_zero(labels))
             entry["labels"].append(str(labels))
             entry["frames_added"] += int(len(labelled[-1]))
-            entry["frames_from_md"] += int(len(chosen))
-            entry["frames_from_failed_checks"] += int(len(failed))
-            if len(scores):
-                entry["max_md_disagreement_kj_mol_nm"] = max(entry["max_md_disagreement_kj_mol_nm"] or 0.0,
-                                                             float(scores.max()))
         new = concatenate(labelled, source=f"{len(labelled)} refinement label set(s)")
-        new = new.weighted(frame_weights(new, rms_force))
+        new = new.weighted(frame_weights(new, rms_force, spread))
         combined = concatenate([original_train, new], source=f"{data.source} + {new.source}")
-        log(f"round {k}: fine-tuning on {len(combined)} frames ({len(new)} labelled here, weights "
+        log(f"round {k}: fine-tuning on {len(combined)} frames ({len(new)} labelled so far, weights "
             f"{new.weights.min():.2g}-{new.weights.max():.2g}), validated on {len(original_val)} original ones")
         refined = _train(current, combined, folder / "model", quiet, validation=original_val,
                          epochs=settings.epochs, seed=settings.seed, learning_rate=settings.learning_rate,

@@ -41,3 +41,27 @@ def test_one_refinement_round_on_an_iso17x_isomer(tmp_path, capsys):
     before = (tmp_path / "refine" / "round1" / "model" / "model.pt").stat().st_mtime
     assert main(args) in (0, 2)
     assert (tmp_path / "refine" / "round1" / "model" / "model.pt").stat().st_mtime == before
+
+
+def test_frames_far_from_the_data_weigh_less_in_proportion():
+    """Inside the data's band (2x its RMS force, 3 standard deviations of energy) a frame counts fully; k times
+    further out it weighs 1/k^2, so its errors count relative to its size."""
+    from dataclasses import replace
+
+    from conftest import shared_file
+    from schnet_md.data import read_rmd17
+    from schnet_md.refine import energy_spread, frame_weights
+
+    data = read_rmd17(shared_file("rmd17/rmd17_ethanol_train_01.npz"))
+    rms = float(np.sqrt(np.mean(data.forces ** 2)))
+    spread = energy_spread(data)
+    mean, std = spread["C2H6O"]
+    frames = data.subset([0, 1, 2])
+    forces = frames.forces.copy()
+    unit = lambda f: f / np.sqrt(np.mean(f ** 2))  # noqa: E731
+    forces[0:9] = 0.5 * rms * unit(forces[0:9])                                   # frame 0: calm
+    forces[9:18] = 4.0 * rms * unit(forces[9:18])                                  # frame 1: RMS force 4x the data's
+    forces[18:27] = 0.5 * rms * unit(forces[18:27])
+    energies = np.array([mean, mean, mean + 6 * std])                             # frame 2: 6 sigma out
+    w = frame_weights(replace(frames, energies=energies, forces=forces), rms, spread)
+    assert w[0] == 1.0 and np.isclose(w[1], 0.25) and np.isclose(w[2], 0.25)
