@@ -7,7 +7,10 @@ minimiser follows the model's gradient wherever it leads, hot MD samples stretch
                  change by more than 25 %;
   bond scans     each bond stretched (one end moved along the bond, 0.9x to 2.5x its length): the energy may
                  not fall below the relaxed minimum, and past the equilibrium length it may not fall by more
-                 than 1 kcal/mol anywhere (a falling curve is a spurious minimum or a negative barrier);
+                 than 1 kcal/mol anywhere (a falling curve is a spurious minimum or a negative barrier); a scan
+                 is judged only until the moving atom runs into a third atom (closer than the formed-bond
+                 limit) or through one of its own partners (that bond at half its length), where the true
+                 energy rises and falls again too;
   molecule scan  every coordinate scaled about the centroid (1x to 2x): never below the relaxed minimum;
   MD             Langevin MD at 300 K and at the given temperature with the blow-up guard (no bond broken or
                  formed, finite energies).
@@ -110,12 +113,27 @@ def bond_scans(context, structure, relaxed_nm, e_relaxed: float, points: int) ->
             x[b] = relaxed_nm[a] + f * vector
             frames.append(x)
         e = _energies_kcal(context, frames)
-        beyond = e[factors >= 1.0]
+        # a stretch that drives the moving atom into a third one is a collision, not a dissociation: the true
+        # energy rises and falls again there, so the scan is judged only up to that point
+        others = np.ones(len(names), dtype=bool) if bonds.bonded is None else ~bonds.bonded[b]   # not b's partners
+        others[[a, b]] = False
+        reach = np.array([np.min(np.linalg.norm(x[others] - x[b], axis=1) * 10.0 /
+                                 (bonds.radii[others] + bonds.radii[b])) if others.any() else np.inf
+                          for x in frames])
+        partners = [c for c in np.flatnonzero(bonds.bonded[b]) if c not in (a, b)] if bonds.bonded is not None else []
+        squeeze = np.array([min([np.linalg.norm(x[c] - x[b]) / np.linalg.norm(relaxed_nm[c] - relaxed_nm[b])
+                                 for c in partners], default=np.inf) for x in frames])
+        collided = (reach < bonds.form_factor) | (squeeze < 0.5)     # ... or pushed through its own partner
+        judged = np.ones(len(factors), dtype=bool)
+        if collided.any():
+            judged[int(np.argmax(collided)):] = False
+        beyond = e[(factors >= 1.0) & judged]
         drop = float(np.max(np.maximum.accumulate(beyond) - beyond)) if len(beyond) else 0.0
-        below = float(e_relaxed - e.min())
+        below = float(e_relaxed - e[judged].min()) if judged.any() else 0.0
         worst_drop, worst_below = max(worst_drop, drop), max(worst_below, below)
         rows.append({"bond": f"{names[a]}-{names[b]}", "largest_fall_kcal_mol": drop,
-                     "lowest_below_relaxed_kcal_mol": below, "energies_kcal_mol": e.tolist()})
+                     "lowest_below_relaxed_kcal_mol": below, "energies_kcal_mol": e.tolist(),
+                     "judged_to_factor": float(factors[judged][-1]) if judged.any() else None})
     ok = worst_drop <= SCAN_DROP_KCAL and worst_below <= SCAN_DROP_KCAL
     return {"passed": bool(ok), "factors": factors.tolist(), "largest_fall_kcal_mol": worst_drop,
             "lowest_below_relaxed_kcal_mol": worst_below, "bonds": rows}
