@@ -563,7 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
     rf.add_argument("--member-epochs", type=int, default=3)
     rf.add_argument("--frames", type=int, default=40, help="committee-MD frames labelled per round, shared by the "
                                                           "structures (the failed checks' geometries come on top)")
-    rf.add_argument("--epochs", type=int, default=150, help="fine-tuning epochs per round (best epoch chosen on "
+    rf.add_argument("--epochs", type=int, default=250, help="fine-tuning epochs per round (best epoch chosen on "
                                                            "held-out original data)")
     rf.add_argument("--learning-rate", type=float, default=1e-4, help="start of each round's fine-tuning")
     rf.add_argument("--rounds", type=int, default=3)

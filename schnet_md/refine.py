@@ -50,7 +50,7 @@ class RefineSettings:
     members: int = 3                  # committee size for choosing frames
     member_epochs: int = 3            # fine-tuning epochs that make each member
     frames_per_round: int = 40        # committee-MD frames labelled per round (failed-check geometries come on top)
-    epochs: int = 150                 # fine-tuning epochs of the refined model, each round
+    epochs: int = 250                 # fine-tuning epochs of the refined model, each round (lr halves after 25 flat)
     learning_rate: float = 1e-4       # start of the refined model's fine-tuning (halved on plateaus, to 1e-6)
     member_learning_rate: float = 2e-4
     rounds: int = 3
@@ -296,7 +296,7 @@ def refine(model, structures: Sequence, data, out_dir, settings: Optional[Refine
             f"{new.weights.min():.2g}-{new.weights.max():.2g}), validated on {len(original_val)} original ones")
         refined = _train(current, combined, folder / "model", quiet, validation=original_val,
                          epochs=settings.epochs, seed=settings.seed, learning_rate=settings.learning_rate,
-                         lr_patience=10, min_learning_rate=1e-6)
+                         lr_patience=25, min_learning_rate=1e-6)
         entry["model"] = str(refined)
         entry["labelled_before"] = evaluate(load_model(current)[0], new)
         entry["labelled_after"] = evaluate(load_model(refined)[0], new)
