@@ -308,7 +308,7 @@ def _refine(args) -> int:
                               epochs=args.epochs, learning_rate=args.learning_rate, rounds=args.rounds,
                               check_steps=args.check_steps, seed=args.seed)
     record = refine(args.model, args.structure, data, args.out, settings, test=test, validation=validation,
-                    log=lambda m: print(m, file=sys.stderr, flush=True))
+                    log=lambda m: print(m, file=sys.stderr, flush=True), polish_epochs=args.polish_epochs)
     final = record["final_check"]
     worse = [r["round"] for r in record["rounds"] if r.get("test_not_worse") is False]   # said, not hidden
     print(f"rounds: {len(record['rounds'])}; final model {record['final_model']}; check "
@@ -566,7 +566,9 @@ def build_parser() -> argparse.ArgumentParser:
     rf.add_argument("--epochs", type=int, default=250, help="fine-tuning epochs per round (best epoch chosen on "
                                                            "held-out original data)")
     rf.add_argument("--learning-rate", type=float, default=1e-4, help="start of each round's fine-tuning")
-    rf.add_argument("--rounds", type=int, default=3)
+    rf.add_argument("--rounds", type=int, default=3, help="may be raised when resuming")
+    rf.add_argument("--polish-epochs", type=int, default=0,
+                    help="once the rounds are done, continue the last round's fine-tuning this many more epochs")
     rf.add_argument("--check-steps", type=int, default=2000)
     rf.add_argument("--seed", type=int, default=1)
     rf.add_argument("--threads", type=int)

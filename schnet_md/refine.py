@@ -180,19 +180,41 @@ def _summary(report: dict) -> dict:
         {"md": [m["passed"] for m in report["md"]]}
 
 
+def _evaluate_round(entry: dict, before, after, new, tests, log) -> None:
+    """Errors of the models before and after a round on its new labels and on the test sets, into `entry`."""
+    from .evaluate import evaluate
+    from .modelfile import load_model
+
+    k = entry["round"]
+    entry["labelled_before"] = evaluate(load_model(before)[0], new)
+    entry["labelled_after"] = evaluate(load_model(after)[0], new)
+    if tests:
+        entry["test"] = {t.source: {"before": evaluate(load_model(before)[0], t),
+                                    "after": evaluate(load_model(after)[0], t)} for t in tests}
+        entry["test_not_worse"] = bool(all(m["after"][q] <= TEST_TOLERANCE * m["before"][q]
+                                           for m in entry["test"].values()
+                                           for q in ("energy_mae_kcal_mol", "forces_mae_kcal_mol")))
+        for name, m in entry["test"].items():
+            log(f"round {k}: {name}: energy MAE {m['before']['energy_mae_kcal_mol']:.3f} -> "
+                f"{m['after']['energy_mae_kcal_mol']:.3f} kcal/mol, forces MAE "
+                f"{m['before']['forces_mae_kcal_mol']:.3f} -> {m['after']['forces_mae_kcal_mol']:.3f} kcal/mol/Å")
+        if not entry["test_not_worse"]:
+            log(f"round {k}: warning: test errors got worse (more than {100 * (TEST_TOLERANCE - 1):.0f} %)")
+
+
 def refine(model, structures: Sequence, data, out_dir, settings: Optional[RefineSettings] = None, test=None,
-           log: Callable[[str], None] = print, validation=None) -> dict:
+           log: Callable[[str], None] = print, validation=None, polish_epochs: int = 0) -> dict:
     """Run refinement rounds until `check` passes on every structure or `settings.rounds` are done; returns
     the record (also OUT/rounds.json). `validation`: the model's own validation set (else 5 % of `data`);
-    `test`: one test set or a list (errors before and after each round)."""
+    `test`: one test set or a list (errors before and after each round). `polish_epochs`: once the rounds
+    are done, the last round's fine-tuning goes on for this many more epochs (its errors are re-evaluated)."""
     from .committee import ForceDisagreement
     from .data import concatenate, read_rmd17
     from .elements import formula
-    from .evaluate import evaluate
     from .modelfile import load_model
     from .reference import label_frames
     from .structures import read_structure
-    from .train import split_indices
+    from .train import TrainSettings, split_indices, train
 
     settings = settings or RefineSettings()
     tests = [] if test is None else (list(test) if isinstance(test, (list, tuple)) else [test])
@@ -204,7 +226,8 @@ def refine(model, structures: Sequence, data, out_dir, settings: Optional[Refine
         {"model": str(model), "structures": structures, "data": data.source,
          "validation": validation.source if validation is not None else "5 % of the data", "settings": asdict(settings),
          "rounds": []}
-    if record["settings"] != asdict(settings) or record["model"] != str(model) or \
+    same = lambda a: {k: v for k, v in a.items() if k != "rounds"}  # noqa: E731  (more rounds may be asked for)
+    if same(record["settings"]) != same(asdict(settings)) or record["model"] != str(model) or \
             record.get("structures") != structures:
         raise ValueError(f"{out} holds a refinement of {record['model']} with other settings or structures; "
                          "use another --out")
@@ -298,23 +321,30 @@ def refine(model, structures: Sequence, data, out_dir, settings: Optional[Refine
                          epochs=settings.epochs, seed=settings.seed, learning_rate=settings.learning_rate,
                          lr_patience=25, min_learning_rate=1e-6)
         entry["model"] = str(refined)
-        entry["labelled_before"] = evaluate(load_model(current)[0], new)
-        entry["labelled_after"] = evaluate(load_model(refined)[0], new)
-        if tests:
-            entry["test"] = {t.source: {"before": evaluate(load_model(current)[0], t),
-                                        "after": evaluate(load_model(refined)[0], t)} for t in tests}
-            entry["test_not_worse"] = bool(all(m["after"][q] <= TEST_TOLERANCE * m["before"][q]
-                                               for m in entry["test"].values()
-                                               for q in ("energy_mae_kcal_mol", "forces_mae_kcal_mol")))
-            for name, m in entry["test"].items():
-                log(f"round {k}: {name}: energy MAE {m['before']['energy_mae_kcal_mol']:.3f} -> "
-                    f"{m['after']['energy_mae_kcal_mol']:.3f} kcal/mol, forces MAE "
-                    f"{m['before']['forces_mae_kcal_mol']:.3f} -> {m['after']['forces_mae_kcal_mol']:.3f} kcal/mol/Å")
-            if not entry["test_not_worse"]:
-                log(f"round {k}: warning: test errors got worse (more than {100 * (TEST_TOLERANCE - 1):.0f} %)")
+        _evaluate_round(entry, current, refined, new, tests, log)
         record["rounds"].append(entry)
         record_path.write_text(json.dumps(record, indent=1))
         current = str(refined)
+    if polish_epochs and record["rounds"]:
+        entry = record["rounds"][-1]
+        target = settings.epochs + polish_epochs
+        if entry.get("fine_tuning_epochs", settings.epochs) < target:
+            # the last round's fine-tuning goes on from its checkpoint: same data, validation and schedule
+            k = entry["round"]
+            folder = out / f"round{k}" / "model"
+            new = concatenate(labelled, source=f"{len(labelled)} refinement label set(s)")
+            new = new.weighted(frame_weights(new, rms_force, spread))
+            combined = concatenate([original_train, new], source=f"{data.source} + {new.source}")
+            log(f"round {k}: fine-tuning on to epoch {target}")
+            base = load_model(current)[0]
+            (folder / "metrics.json").unlink(missing_ok=True)
+            train(combined, base.config, folder, TrainSettings(
+                batch_size=16, ema_decay=0.99, epochs=target, seed=settings.seed, learning_rate=settings.learning_rate,
+                lr_patience=25, min_learning_rate=1e-6), resume=True, log=quiet, validation=original_val)
+            before = str(model) if k == 1 else record["rounds"][-2]["model"]
+            _evaluate_round(entry, before, current, new, tests, log)
+            entry["fine_tuning_epochs"] = target
+            record_path.write_text(json.dumps(record, indent=1))
     final = {path: check(current, path, check_settings, log=quiet) for path in structures}
     record["final_model"] = current
     record["final_check"] = {"passed": all(r["passed"] for r in final.values())} | \

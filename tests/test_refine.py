@@ -41,6 +41,12 @@ def test_one_refinement_round_on_an_iso17x_isomer(tmp_path, capsys):
     before = (tmp_path / "refine" / "round1" / "model" / "model.pt").stat().st_mtime
     assert main(args) in (0, 2)
     assert (tmp_path / "refine" / "round1" / "model" / "model.pt").stat().st_mtime == before
+    # polishing continues the last round's fine-tuning from its checkpoint and re-evaluates it
+    assert main(args + ["--polish-epochs", "1"]) in (0, 2)
+    record = json.loads((tmp_path / "refine" / "rounds.json").read_text())
+    assert record["rounds"][0]["fine_tuning_epochs"] == 2
+    history = json.loads((tmp_path / "refine" / "round1" / "model" / "metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [0, 1]
 
 
 def test_frames_far_from_the_data_weigh_less_in_proportion():
