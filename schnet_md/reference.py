@@ -119,20 +119,24 @@ def label_frames(numbers: Sequence[int], coords_angstrom: np.ndarray, out: str |
     parts.mkdir(parents=True, exist_ok=True)
     workers = workers or max(1, (os.cpu_count() or 1))
     job = {"method": method, "charge": charge, "n_frames": len(coords),
-           "chunk": max(1, min(CHUNK, -(-len(coords) // workers)))}      # every worker gets work
+           "chunk": max(1, min(CHUNK, -(-len(coords) // workers))),      # every worker gets work
+           "layout": "strided"}   # chunk k holds frames k, k + n_chunks, ...: slow frames that come together spread
     if (parts / "job.json").is_file():
         done = json.loads((parts / "job.json").read_text())
         if {k: done.get(k) for k in ("method", "charge", "n_frames")} != {k: job[k] for k in ("method", "charge",
                                                                                              "n_frames")}:
             raise ValueError(f"{parts} holds part of another labelling job ({done}); remove it or choose another OUT")
         job["chunk"] = int(done.get("chunk", CHUNK))                     # resume with the chunks already cut
+        job["layout"] = done.get("layout", "contiguous")
     (parts / "job.json").write_text(json.dumps(job))
-    chunk = job["chunk"]
+    n_chunks = -(-len(coords) // job["chunk"])
+    members = [np.arange(k, len(coords), n_chunks) if job["layout"] == "strided" else
+               np.arange(k * job["chunk"], min((k + 1) * job["chunk"], len(coords))) for k in range(n_chunks)]
     tasks = []
-    for k, start in enumerate(range(0, len(coords), chunk)):
+    for k, frames in enumerate(members):
         part = parts / f"chunk{k:05d}.npz"
         if not part.exists():
-            tasks.append((list(map(int, numbers)), coords[start:start + chunk], method, charge, part))
+            tasks.append((list(map(int, numbers)), coords[frames], method, charge, part))
     if tasks:
         if workers == 1:
             _worker_init()
@@ -142,9 +146,11 @@ def label_frames(numbers: Sequence[int], coords_angstrom: np.ndarray, out: str |
             with mp.get_context("spawn").Pool(min(workers, len(tasks)), initializer=_worker_init) as pool:
                 for _ in pool.imap_unordered(_label_chunk, tasks):
                     pass
-    chunks = [np.load(parts / f"chunk{k:05d}.npz") for k in range((len(coords) + chunk - 1) // chunk)]
-    energies = np.concatenate([c["energies_ev"] for c in chunks])
-    forces = np.concatenate([c["forces_ev"] for c in chunks])
+    energies = np.empty(len(coords))
+    forces = np.empty((len(coords), len(numbers), 3))
+    for k, frames in enumerate(members):
+        with np.load(parts / f"chunk{k:05d}.npz") as c:
+            energies[frames], forces[frames] = c["energies_ev"], c["forces_ev"]
     indices = np.arange(len(coords)) if indices is None else np.asarray(indices)
     ok = np.isfinite(energies) & np.isfinite(forces.reshape(len(forces), -1)).all(axis=1)
     failed = Path(str(out) + ".failed.json")

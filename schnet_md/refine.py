@@ -209,7 +209,7 @@ def refine(model, structures: Sequence, data, out_dir, settings: Optional[Refine
     `test`: one test set or a list (errors before and after each round). `polish_epochs`: once the rounds
     are done, the last round's fine-tuning goes on for this many more epochs (its errors are re-evaluated)."""
     from .committee import ForceDisagreement
-    from .data import concatenate, read_rmd17
+    from .data import concatenate, file_sha256, read_rmd17
     from .elements import formula
     from .modelfile import load_model
     from .reference import label_frames
@@ -345,9 +345,12 @@ def refine(model, structures: Sequence, data, out_dir, settings: Optional[Refine
             _evaluate_round(entry, before, current, new, tests, log)
             entry["fine_tuning_epochs"] = target
             record_path.write_text(json.dumps(record, indent=1))
-    final = {path: check(current, path, check_settings, log=quiet) for path in structures}
-    record["final_model"] = current
-    record["final_check"] = {"passed": all(r["passed"] for r in final.values())} | \
-        {path: _summary(r) for path, r in final.items()}
-    record_path.write_text(json.dumps(record, indent=1))
+    digest = file_sha256(current) if Path(current).is_file() else current
+    if record.get("final_check_of") != digest:          # a rerun with nothing new does not check again
+        final = {path: check(current, path, check_settings, log=quiet) for path in structures}
+        record["final_model"] = current
+        record["final_check"] = {"passed": all(r["passed"] for r in final.values())} | \
+            {path: _summary(r) for path, r in final.items()}
+        record["final_check_of"] = digest
+        record_path.write_text(json.dumps(record, indent=1))
     return record

@@ -135,6 +135,8 @@ def test_a_small_job_is_cut_so_every_worker_has_work_and_resumes_with_its_chunks
     job = json.loads((tmp_path / "l.npz.parts" / "job.json").read_text())
     assert job["chunk"] == 2 and len(list((tmp_path / "l.npz.parts").glob("chunk*.npz"))) == 2
     first = read_rmd17(out).energies
+    for k, r_k in enumerate(frames):                 # strided chunks are put back in the input order
+        assert np.isclose(first[k], xtb_energy_forces(z, r_k)[0] * KCAL_PER_EV, atol=1e-5)
     (tmp_path / "l.npz.parts" / "chunk00001.npz").unlink()          # as if stopped before the last chunk
     label_frames(z, frames, out, workers=1)
     assert json.loads((tmp_path / "l.npz.parts" / "job.json").read_text())["chunk"] == 2
