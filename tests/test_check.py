@@ -59,3 +59,15 @@ def test_a_bond_scan_is_judged_only_until_the_moving_atom_collides():
     assert rows["MOL1:C4-MOL1:C5"]["judged_to_factor"] < 1.6
     assert all(row["judged_to_factor"] == 2.5 for name, row in rows.items() if ":H" in name.split("-")[1])
 
+
+
+SHIPPED_ON = [("ethanol", "ethanol"), ("aspirin", "aspirin"), ("alanine-dipeptide", "alanine-dipeptide"),
+              ("iso17x", "c7o2h10_63"), ("iso17x", "c7o2h10_128"), ("iso17x", "c7o2h10_7")]
+
+
+@pytest.mark.parametrize("model,system", SHIPPED_ON, ids=[f"{m}-{s}" for m, s in SHIPPED_ON])
+def test_every_shipped_model_minimises_cleanly_and_runs_short_md(model, system):
+    """What a user does first with a shipped model: minimizeEnergy(), then MD at 300 K and 500 K."""
+    r = check(model, SYSTEMS / system / f"{system}.pdb", CheckSettings(md_steps=400, scan_points=5), log=lambda _: None)
+    assert r["minimisation"]["passed"], format_report(r)
+    assert all(m["passed"] for m in r["md"]), format_report(r)
