@@ -211,7 +211,7 @@ def refine(model, structures: Sequence, data, out_dir, settings: Optional[Refine
     from .committee import ForceDisagreement
     from .data import concatenate, file_sha256, read_rmd17
     from .elements import formula
-    from .modelfile import load_model
+    from .modelfile import load_model, resolve_model_path
     from .reference import label_frames
     from .structures import read_structure
     from .train import TrainSettings, split_indices, train
@@ -226,6 +226,11 @@ def refine(model, structures: Sequence, data, out_dir, settings: Optional[Refine
         {"model": str(model), "structures": structures, "data": data.source,
          "validation": validation.source if validation is not None else "5 % of the data", "settings": asdict(settings),
          "rounds": []}
+    base_sha = file_sha256(resolve_model_path(model))       # a shipped name may later name another file
+    record.setdefault("model_sha256", base_sha)
+    if record["model_sha256"] != base_sha:
+        raise ValueError(f"{out} refines another file than {model} is now (SHA-256 {record['model_sha256'][:16]}…, "
+                         f"now {base_sha[:16]}…); pass the model file the refinement started from")
     same = lambda a: {k: v for k, v in a.items() if k != "rounds"}  # noqa: E731  (more rounds may be asked for)
     if same(record["settings"]) != same(asdict(settings)) or record["model"] != str(model) or \
             record.get("structures") != structures:

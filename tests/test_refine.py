@@ -71,3 +71,19 @@ def test_frames_far_from_the_data_weigh_less_in_proportion():
     energies = np.array([mean, mean, mean + 6 * std])                             # frame 2: 6 sigma out
     w = frame_weights(replace(frames, energies=energies, forces=forces), rms, spread)
     assert w[0] == 1.0 and np.isclose(w[1], 0.25) and np.isclose(w[2], 0.25)
+
+
+def test_a_refinement_refuses_a_model_name_that_now_names_another_file(tmp_path):
+    """A shipped name can be replaced by a refined model; resuming must not quietly refine the new file."""
+    from schnet_md.data import read_rmd17
+    from schnet_md.refine import RefineSettings, refine
+
+    from conftest import shared_file
+
+    data = read_rmd17(shared_file("rmd17/rmd17_ethanol_train_01.npz")).subset(range(10))
+    structure = str(SYSTEMS / "ethanol" / "ethanol.pdb")
+    (tmp_path / "rounds.json").write_text(json.dumps({
+        "model": "ethanol", "structures": [structure], "data": data.source, "settings": {},
+        "rounds": [], "model_sha256": "0" * 64}))
+    with pytest.raises(ValueError, match="another file"):
+        refine("ethanol", [structure], data, tmp_path, RefineSettings(), log=lambda _: None)
