@@ -186,11 +186,11 @@ def _evaluate_round(entry: dict, before, after, new, tests, log) -> None:
     from .modelfile import load_model
 
     k = entry["round"]
-    entry["labelled_before"] = evaluate(load_model(before)[0], new)
-    entry["labelled_after"] = evaluate(load_model(after)[0], new)
+    before, after = load_model(before)[0], load_model(after)[0]
+    entry["labelled_before"] = evaluate(before, new)
+    entry["labelled_after"] = evaluate(after, new)
     if tests:
-        entry["test"] = {t.source: {"before": evaluate(load_model(before)[0], t),
-                                    "after": evaluate(load_model(after)[0], t)} for t in tests}
+        entry["test"] = {t.source: {"before": evaluate(before, t), "after": evaluate(after, t)} for t in tests}
         entry["test_not_worse"] = bool(all(m["after"][q] <= TEST_TOLERANCE * m["before"][q]
                                            for m in entry["test"].values()
                                            for q in ("energy_mae_kcal_mol", "forces_mae_kcal_mol")))
@@ -259,6 +259,16 @@ def refine(model, structures: Sequence, data, out_dir, settings: Optional[Refine
         d = read_rmd17(labels_path).converted(data.energy_unit)
         return replace(d, energies=d.energies - offsets[formula(d.frame(0)[0])]["offset"])
 
+    def training_set():
+        """(every label so far, weighted; the original training frames plus those) for fine-tuning."""
+        new = concatenate(labelled, source=f"{len(labelled)} refinement label set(s)")
+        new = new.weighted(frame_weights(new, rms_force, spread))
+        return new, concatenate([original_train, new], source=f"{data.source} + {new.source}")
+
+    def round_schedule(epochs: int) -> dict:
+        return dict(epochs=epochs, seed=settings.seed, learning_rate=settings.learning_rate, lr_patience=25,
+                    min_learning_rate=1e-6)
+
     current = str(model) if not record["rounds"] else record["rounds"][-1]["model"]
     labelled = [on_data_zero(p) for r in record["rounds"] for p in r["labels"]]
     quiet = lambda _: None  # noqa: E731
@@ -317,14 +327,11 @@ def refine(model, structures: Sequence, data, out_dir, settings: Optional[Refine
             labelled.append(on_data_zero(labels))
             entry["labels"].append(str(labels))
             entry["frames_added"] += int(len(labelled[-1]))
-        new = concatenate(labelled, source=f"{len(labelled)} refinement label set(s)")
-        new = new.weighted(frame_weights(new, rms_force, spread))
-        combined = concatenate([original_train, new], source=f"{data.source} + {new.source}")
+        new, combined = training_set()
         log(f"round {k}: fine-tuning on {len(combined)} frames ({len(new)} labelled so far, weights "
             f"{new.weights.min():.2g}-{new.weights.max():.2g}), validated on {len(original_val)} original ones")
         refined = _train(current, combined, folder / "model", quiet, validation=original_val,
-                         epochs=settings.epochs, seed=settings.seed, learning_rate=settings.learning_rate,
-                         lr_patience=25, min_learning_rate=1e-6)
+                         **round_schedule(settings.epochs))
         entry["model"] = str(refined)
         _evaluate_round(entry, current, refined, new, tests, log)
         record["rounds"].append(entry)
@@ -337,15 +344,12 @@ def refine(model, structures: Sequence, data, out_dir, settings: Optional[Refine
             # the last round's fine-tuning goes on from its checkpoint: same data, validation and schedule
             k = entry["round"]
             folder = out / f"round{k}" / "model"
-            new = concatenate(labelled, source=f"{len(labelled)} refinement label set(s)")
-            new = new.weighted(frame_weights(new, rms_force, spread))
-            combined = concatenate([original_train, new], source=f"{data.source} + {new.source}")
+            new, combined = training_set()
             log(f"round {k}: fine-tuning on to epoch {target}")
             base = load_model(current)[0]
             (folder / "metrics.json").unlink(missing_ok=True)
-            train(combined, base.config, folder, TrainSettings(
-                batch_size=16, ema_decay=0.99, epochs=target, seed=settings.seed, learning_rate=settings.learning_rate,
-                lr_patience=25, min_learning_rate=1e-6), resume=True, log=quiet, validation=original_val)
+            train(combined, base.config, folder, TrainSettings(batch_size=16, ema_decay=0.99, **round_schedule(target)),
+                  resume=True, log=quiet, validation=original_val)
             before = str(model) if k == 1 else record["rounds"][-2]["model"]
             _evaluate_round(entry, before, current, new, tests, log)
             entry["fine_tuning_epochs"] = target
