@@ -2,6 +2,7 @@
 slowed torch MD here ~20x).
 
     .venv/bin/python benchmarks/speed.py [--platform CPU] [--steps 200] [--water 1000 3000] [--threads 1 2]
+    python3 benchmarks/speed.py --platform CUDA --cuda-graphs both [--backend torch python]   (GPU machine)
 
 Systems: ethanol (9 atoms), a C7O2H10 isomer (19), aspirin (21), alanine dipeptide (22), water boxes; both
 presets (schnet2017 gets a 5 Å cosine cutoff in periodic boxes, as it has none of its own). Trained
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import multiprocessing
 import os
@@ -60,9 +62,25 @@ def available_gb() -> float:
     return float("inf")
 
 
+@functools.lru_cache(maxsize=None)
+def cached_water_box(n_atoms: int):
+    return water_box(n_atoms)
+
+
+def _openmm_torch_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return f"openmm-torch {version('openmmtorch')}"
+    except Exception:
+        return "no openmm-torch"
+
+
 def run_row(task: dict) -> dict:
-    """One row, in a fresh process (so its peak memory is its own)."""
-    cap_memory(task["memory_gb"])
+    """One row, in a fresh process on the CPU (so its peak memory is its own); on CUDA in this process (peak
+    memory is the CUDA allocator's, reset per row; an RLIMIT_DATA cap would break CUDA's address reservations)."""
+    if task["platform"] != "CUDA":
+        cap_memory(task["memory_gb"])
     torch.set_num_threads(task["threads"])
     preset = task["preset"]
     if task["kind"] == "molecule":
@@ -74,14 +92,22 @@ def run_row(task: dict) -> dict:
         else:
             model, label = preset_model(preset, z), f"{preset}, random weights"
         r = bench(name, s.topology, s.positions_nm, model, label, task["platform"], task["steps"], task["repeats"],
-                  task["cuda_graphs"])
+                  task["cuda_graphs"], backend=task["backend"])
     else:
-        topology, positions = water_box(task["n_atoms"])
+        topology, positions = cached_water_box(task["n_atoms"])
         model, label = benchmark_model(preset, [1, 8], periodic=True)
         label += ", random weights"
         r = bench("water box", topology, positions, model, label, task["platform"], max(5, task["steps"] // 40),
-                  max(3, task["repeats"] // 10), task["cuda_graphs"])
+                  max(3, task["repeats"] // 10), task["cuda_graphs"], backend=task["backend"])
     return r.as_dict()
+
+
+def in_this_process(function, task: dict):
+    try:
+        return function(task)
+    except Exception as error:   # e.g. a plugin that does not load on this machine: record it, go on
+        print(f"row {task} failed: {error!r}")
+        return {"failed": (str(error).splitlines() or [repr(error)])[0][:300], "task": task}
 
 
 def search_row(task: dict) -> dict:
@@ -117,7 +143,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--search", type=int, nargs="*", default=[1000, 3000, 12000, 24000],
                    help="water boxes for the neighbour-search-only scaling table")
-    p.add_argument("--cuda-graphs", action="store_true")
+    p.add_argument("--cuda-graphs", choices=["off", "on", "both"], default="off",
+                   help="openmm-torch's CUDA graphs (TorchForce rows only)")
+    p.add_argument("--backend", nargs="+", choices=["torch", "python"], default=["torch"],
+                   help="TorchForce (openmm-torch) and/or OpenMM's PythonForce")
+    p.add_argument("--presets", nargs="+", default=["schnet2017", "schnet2018"])
+    p.add_argument("--molecules", nargs="*", default=MOLECULES)
     p.add_argument("--memory-gb", type=float, help="memory cap per row (default: what is free now, less 1 GB)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "speed.md"))
     p.add_argument("--report-only", action="store_true", help="rewrite the report from the existing speed.json")
@@ -126,34 +157,44 @@ def main() -> None:
         write_report(Path(args.out))
         return
     memory_gb = args.memory_gb or max(1.0, available_gb() - 1.0)
-    common = dict(platform=args.platform, steps=args.steps, repeats=args.repeats, cuda_graphs=args.cuda_graphs,
-                  memory_gb=memory_gb)
+    common = dict(platform=args.platform, steps=args.steps, repeats=args.repeats, memory_gb=memory_gb)
+    forces = [(b, g) for b in args.backend
+              for g in ([False, True] if args.cuda_graphs == "both" and b == "torch" else [args.cuda_graphs == "on"])]
     tasks = []
     for threads in args.threads:
-        for preset in ("schnet2017", "schnet2018"):
-            tasks += [dict(common, kind="molecule", name=m, preset=preset, threads=threads) for m in MOLECULES]
-            if threads == max(args.threads):   # boxes: largest thread count only
-                tasks += [dict(common, kind="water", n_atoms=n, preset=preset, threads=threads) for n in args.water]
-    rows = []
+        for preset in args.presets:
+            for backend, graphs in forces:
+                force = dict(common, preset=preset, threads=threads, backend=backend, cuda_graphs=graphs)
+                tasks += [dict(force, kind="molecule", name=m) for m in args.molecules]
+                if threads == max(args.threads):   # boxes: largest thread count only
+                    tasks += [dict(force, kind="water", n_atoms=n) for n in args.water]
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    run = {"date": str(datetime.date.today()), "machine": f"{cpu_name()} ({os.cpu_count()} cores, {gpu})",
+           "versions": f"Python {platform.python_version()}, torch {torch.__version__}"
+                       + (f" (CUDA {torch.version.cuda})" if torch.cuda.is_available() else "")
+                       + f", OpenMM {openmm.__version__}, {_openmm_torch_version()}, schnet-md {schnet_md.__version__}",
+           "command": f"{'python3' if args.platform == 'CUDA' else '.venv/bin/python'} benchmarks/speed.py "
+                      + " ".join(sys.argv[1:]),
+           "platform": args.platform, "threads": args.threads, "memory_gb": memory_gb}
+    rows, search = [], []
+
+    def save() -> None:   # after every row: a run cut short by a time limit keeps what it measured
+        Path(args.out).with_suffix(".json").write_text(
+            json.dumps({"run": run, "md": rows, "neighbour_search": search}, indent=1))
+        write_report(Path(args.out))
+
     for task in tasks:
-        row = in_fresh_process(run_row, task)
+        row = in_this_process(run_row, task) if args.platform == "CUDA" else in_fresh_process(run_row, task)
         rows.append(row)
-        print(json.dumps(row))
-    search = []
+        print(json.dumps(row), flush=True)
+        save()
     for n in args.search:
         for method in ("cells", "all_pairs") if n <= 3000 else ("cells",):   # all pairs: O(N^2) memory
             row = in_fresh_process(search_row, dict(n_atoms=n, method=method, threads=max(args.threads)))
             if "failed" not in row:
                 search.append(row)
-            print(json.dumps(row))
-    run = {"date": str(datetime.date.today()), "machine": f"{cpu_name()} ({os.cpu_count()} cores, no GPU)",
-           "versions": f"Python {platform.python_version()}, torch {torch.__version__}, OpenMM {openmm.__version__}, "
-                       f"schnet-md {schnet_md.__version__}",
-           "command": ".venv/bin/python benchmarks/speed.py " + " ".join(sys.argv[1:]),
-           "platform": args.platform, "threads": args.threads, "memory_gb": memory_gb}
-    Path(args.out).with_suffix(".json").write_text(json.dumps({"run": run, "md": rows, "neighbour_search": search},
-                                                              indent=1))
-    write_report(Path(args.out))
+            print(json.dumps(row), flush=True)
+    save()
 
 
 def _g(x: float) -> str:
@@ -167,31 +208,44 @@ def write_report(out: Path) -> None:
     """speed.md from the raw numbers in speed.json (rerun with --report-only after editing the text)."""
     data = json.loads(out.with_suffix(".json").read_text())
     run, rows, search = data["run"], data["md"], data["neighbour_search"]
+    cuda = run["platform"] == "CUDA"
+    memory_text = ("Peak memory is the CUDA caching allocator's peak during the model calls (torch tensors on the GPU; "
+                   "OpenMM's own buffers not included); every row runs in one process, its peak reset first."
+                   if cuda else
+                   "Each row runs in a fresh process: peak RSS is that process's resident-set peak (CPU; torch, OpenMM and "
+                   "the system included), 'model adds' how far the model calls raised it. Each row may use at most "
+                   f"{run['memory_gb']:.0f} GB (what was free).")
     lines = [
         f"# MD speed ({run['platform']} platform)", "",
         f"Measured {run['date']} on {run['machine']}, idle apart from this benchmark; {run['versions']}. "
         f"Command: `{run['command']}`. Raw numbers: `{out.with_suffix('.json').name}`.", "",
         "MD: `LangevinMiddleIntegrator`, 0.5 fs, 300 K, float32 model, only the SchNet force, after warm-up. "
-        "Model: median forward+backward of the exported TorchScript module. Each row runs in a fresh process: "
-        "peak RSS is that process's resident-set peak (CPU; torch, OpenMM and the system included), 'model adds' "
-        f"how far the model calls raised it. Each row may use at most {run['memory_gb']:.0f} GB (what was free).", "",
-        "| system | atoms | model | neighbours | torch threads | model fwd+bwd (ms) | MD steps/s | ns/day "
-        "| peak RSS (MB) | model adds (MB) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "Force: openmm-torch's TorchForce (with or without CUDA graphs) or OpenMM's PythonForce (the model on the "
+        "platform's device). Model: median forward+backward of the exported TorchScript module. " + memory_text, "",
+        f"| system | atoms | model | neighbours | force | torch threads | model fwd+bwd (ms) | MD steps/s | ms/step "
+        f"| ns/day | {'peak CUDA memory' if cuda else 'peak RSS'} (MB) | model adds (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        t = r.get("task", r)
+        force = "PythonForce" if t.get("backend") == "python" else \
+            "TorchForce" + (" + CUDA graphs" if t.get("cuda_graphs") else "")
         if "failed" in r:
-            t = r["task"]
             system = t.get("name", "water box")
             atoms = "" if t["kind"] == "molecule" else f"~{t['n_atoms']}"
-            lines.append(f"| {system} | {atoms} | {t['preset']} | | {t['threads']} | did not run: {r['failed']} "
-                         "| | | | |")
+            lines.append(f"| {system} | {atoms} | {t['preset']} | | {force} | {t['threads']} | did not run: {r['failed']} "
+                         "| | | | | |")
             continue
-        lines.append(f"| {r['system']} | {r['n_atoms']} | {r['model']} | {r['neighbor_list']} | {r['torch_threads']} | "
-                     f"{_g(r['model_ms'])} | {_g(r['steps_per_second'])} | {_g(r['ns_per_day'])} | "
+        lines.append(f"| {r['system']} | {r['n_atoms']} | {r['model']} | {r['neighbor_list']} | {force} | "
+                     f"{r['torch_threads']} | {_g(r['model_ms'])} | {_g(r['steps_per_second'])} | "
+                     f"{_g(1000 / r['steps_per_second'])} | {_g(r['ns_per_day'])} | "
                      f"{r['peak_memory_mb']:.0f} | {r['model_memory_mb']:.0f} |")
-    lines += ["", MEMORY_NOTE,
-              "", "## Neighbour search alone (O(N) cell list against O(N^2) all pairs)", "",
+    if not cuda:
+        lines += ["", MEMORY_NOTE]
+    if not search:
+        out.write_text("\n".join(lines) + "\n")
+        return
+    lines += ["", "## Neighbour search alone (O(N) cell list against O(N^2) all pairs)", "",
               f"Water boxes, 5 Å cutoff, float32, TorchScript, {max(run['threads'])} torch thread(s), median of 5 calls, "
               "each box in a fresh process; pairs are the half list (each pair once); slots: the fixed capacity "
               "(cell list) or every pair (all pairs).", "",

@@ -36,6 +36,7 @@ class BenchResult:
     ns_per_day: float
     peak_memory_mb: float
     model_memory_mb: float = float("nan")
+    backend: str = "torch"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -100,12 +101,17 @@ def _resident_mb() -> float:
 
 
 def time_model(model: SchNet, atomic_numbers, positions_nm: np.ndarray, box_nm: Optional[np.ndarray] = None,
-               repeats: int = 50, device: str = "cpu", neighbor_list: str = "auto"):
-    """(median ms of forward+backward, neighbour list used, peak memory MB, memory the calls added MB)."""
+               repeats: int = 50, device: str = "cpu", neighbor_list: str = "auto", compile: bool = False):
+    """(median ms of forward+backward, neighbour list used, peak memory MB, memory the calls added MB) of the
+    exported TorchScript module, or with compile=True of the same module through torch.compile (inductor:
+    fused Triton kernels on CUDA)."""
     dev = torch.device(device)
     module, meta = build_module(model, list(atomic_numbers), periodic=box_nm is not None, box_nm=box_nm,
-                                positions_nm=positions_nm, neighbor_list=neighbor_list)
+                                positions_nm=positions_nm, neighbor_list=neighbor_list, check_errors=not compile,
+                                script=not compile)
     module = module.to(dev)
+    if compile:
+        module = torch.compile(module, fullgraph=True)
     x = torch.as_tensor(positions_nm, dtype=torch.float32, device=dev)
     box = None if box_nm is None else torch.as_tensor(box_nm, dtype=torch.float32, device=dev)
     if dev.type == "cuda":
@@ -162,16 +168,24 @@ def time_neighbor_search(positions_nm: np.ndarray, box_nm: np.ndarray, cutoff: f
 
 
 def time_md(model: SchNet, topology, positions_nm: np.ndarray, platform: str = "CPU", steps: int = 200,
-            timestep_fs: float = 0.5, cuda_graphs: bool = False, neighbor_list: str = "auto") -> float:
-    """Steps per second of Langevin MD with only the SchNet force."""
+            timestep_fs: float = 0.5, cuda_graphs: bool = False, neighbor_list: str = "auto",
+            backend: str = "torch") -> float:
+    """Steps per second of Langevin MD with only the SchNet force: backend "torch" (openmm-torch's
+    TorchForce) or "python" (OpenMM's PythonForce, the model on CUDA when the platform is CUDA)."""
     import openmm
     from openmm import unit
 
+    from .export import create_python_force
     from .simulate import particle_system
 
     system = particle_system(topology)
-    system.addForce(create_torch_force(model, topology, positions=positions_nm, neighbor_list=neighbor_list,
-                                       cuda_graphs=cuda_graphs))
+    if backend == "python":
+        device = "cuda" if platform == "CUDA" else "cpu"
+        system.addForce(create_python_force(model, topology, positions=positions_nm, neighbor_list=neighbor_list,
+                                            device=device))
+    else:
+        system.addForce(create_torch_force(model, topology, positions=positions_nm, neighbor_list=neighbor_list,
+                                           cuda_graphs=cuda_graphs))
     integrator = openmm.LangevinMiddleIntegrator(300 * unit.kelvin, 1 / unit.picosecond, timestep_fs * unit.femtosecond)
     context = openmm.Context(system, integrator, openmm.Platform.getPlatformByName(platform))
     context.setPositions(positions_nm)
@@ -186,7 +200,7 @@ def time_md(model: SchNet, topology, positions_nm: np.ndarray, platform: str = "
 
 def bench(name: str, topology, positions_nm: np.ndarray, model: SchNet, model_label: str, platform: str = "CPU",
           steps: int = 200, repeats: int = 50, cuda_graphs: bool = False, neighbor_list: str = "auto",
-          timestep_fs: float = 0.5) -> BenchResult:
+          timestep_fs: float = 0.5, backend: str = "torch") -> BenchResult:
     from openmm import unit
 
     z = [a.element.atomic_number for a in topology.atoms()]
@@ -194,6 +208,6 @@ def bench(name: str, topology, positions_nm: np.ndarray, model: SchNet, model_la
     box_nm = None if box is None else np.array(box.value_in_unit(unit.nanometer))
     device = "cuda" if platform == "CUDA" else "cpu"
     ms, used, memory, added = time_model(model, z, positions_nm, box_nm, repeats, device, neighbor_list)
-    sps = time_md(model, topology, positions_nm, platform, steps, timestep_fs, cuda_graphs, neighbor_list)
+    sps = time_md(model, topology, positions_nm, platform, steps, timestep_fs, cuda_graphs, neighbor_list, backend)
     return BenchResult(name, len(z), model_label, platform, used, cuda_graphs, torch.get_num_threads(), ms, sps,
-                       sps * timestep_fs * 1e-6 * 86400, memory, added)
+                       sps * timestep_fs * 1e-6 * 86400, memory, added, backend)

@@ -412,17 +412,20 @@ class SchNetComputation:
     It pickles (PythonForce serialises and clones through pickle) by keeping the plain OpenMMSchNet
     module and rebuilding the TorchScript (or torch.compile) version after loading."""
 
-    def __init__(self, module: OpenMMSchNet, periodic: bool, compile: bool = False):
+    def __init__(self, module: OpenMMSchNet, periodic: bool, compile: bool = False, device: str = "cpu"):
         self.module = module
         self.periodic = periodic
         self.compile = compile
+        self.device = device
         self._build()
 
     def _build(self) -> None:
+        self.module = self.module.to(self.device)
         self._run = torch.compile(self.module) if self.compile else torch.jit.script(self.module)
 
     def __getstate__(self):
-        return {"module": self.module, "periodic": self.periodic, "compile": self.compile}
+        return {"module": self.module.cpu(), "periodic": self.periodic, "compile": self.compile,
+                "device": self.device}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -431,33 +434,39 @@ class SchNetComputation:
     def __call__(self, state):
         from openmm import unit
 
-        positions = torch.from_numpy(
-            np.ascontiguousarray(state.getPositions(asNumpy=True).value_in_unit(unit.nanometer))).requires_grad_(True)
+        positions = torch.from_numpy(np.ascontiguousarray(
+            state.getPositions(asNumpy=True).value_in_unit(unit.nanometer))).to(self.device).requires_grad_(True)
         box = None
         if self.periodic:
             box = torch.from_numpy(np.ascontiguousarray(
-                state.getPeriodicBoxVectors(asNumpy=True).value_in_unit(unit.nanometer)))
+                state.getPeriodicBoxVectors(asNumpy=True).value_in_unit(unit.nanometer))).to(self.device)
         energy = self._run(positions, box)
         (grad,) = torch.autograd.grad(energy, positions)
-        return float(energy.detach()), -grad.numpy()
+        return float(energy.detach()), -grad.cpu().numpy()
 
 
 def create_python_force(model: ModelLike, topology_or_atomic_numbers, atoms: Sequence[int] | None = None,
-                        periodic: bool | None = None, dtype: str = "float32", compile: bool = False):
+                        periodic: bool | None = None, dtype: str = "float32", compile: bool = False,
+                        device: str = "cpu", neighbor_list: str = "auto", positions=None, capacity: int | None = None):
     """The same model as `create_torch_force`, through OpenMM's own `PythonForce` (OpenMM >= 8.5): no
-    openmm-torch needed, serialisable and clonable; optionally `torch.compile`d. Slower per step than
-    TorchForce on a GPU (positions and forces cross to Python every step)."""
+    openmm-torch needed, serialisable and clonable; optionally `torch.compile`d (on CUDA, inductor fuses the
+    elementwise passes into Triton kernels). `device` is where the model runs ("cuda" on a GPU, whatever
+    the OpenMM platform): positions and forces cross to Python and the device every step, so it is slower per
+    step than TorchForce for small molecules."""
     import openmm
 
     if not hasattr(openmm, "PythonForce"):
         raise RuntimeError(f"OpenMM {openmm.__version__} has no PythonForce (needs OpenMM >= 8.5)")
     z, indices, n_particles, box_nm = _targets(topology_or_atomic_numbers, atoms)
     periodic = box_nm is not None if periodic is None else periodic
-    schnet = inference_copy(model_at(model, dtype)[0])
+    n_molecules = count_molecules(topology_or_atomic_numbers, indices) \
+        if hasattr(topology_or_atomic_numbers, "bonds") else 1
     # The computation sees every particle's position (OpenMM 8.5's PythonForce has no particle subset) and
     # the module picks its own, as the TorchForce does; the other particles get zero force.
-    module = OpenMMSchNet(schnet, z, indices, n_particles, periodic)
-    force = openmm.PythonForce(SchNetComputation(module, periodic, compile))
+    module, _ = build_module(model, z, indices, n_particles, periodic, dtype, neighbor_list, box_nm,
+                             None if positions is None else _nm(positions), capacity, n_molecules=n_molecules,
+                             script=False)
+    force = openmm.PythonForce(SchNetComputation(module, periodic, compile, device))
     force.setUsesPeriodicBoundaryConditions(periodic)
     return force
 

@@ -173,6 +173,7 @@ def test_overflow_is_an_error_or_a_nan_never_a_wrong_energy():
     assert torch.isnan(safe(bad, b))
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: CUDA-graph capture is checked on a GPU machine")
 @pytest.mark.parametrize("neighbor_list", ["all_pairs", "cells"])
 def test_graph_safe_export_captures_in_a_cuda_graph(neighbor_list):

@@ -1,7 +1,19 @@
-"""Where one CUDA forward+backward of schnet2018 on a water box spends its time (torch profiler), before any
-kernel work: if elementwise passes over [pairs, F] dominate, a fused CFConv is the next step (issue #17)."""
+"""Where one CUDA forward+backward of schnet2018 on a water box spends its time (torch profiler), and what
+fusing the elementwise work buys (issue #17).
+
+For each box: the exported TorchScript module's time per forward+backward; the CUDA kernel time grouped into
+matrix products (cuBLAS/CUTLASS), elementwise passes (incl. TorchScript's own fused kernels), gathers and
+scatters over the pair list (index_select / index_add), the neighbour search's sorts and reductions, and the
+rest; the 25 costliest kernels. Then the same module through torch.compile (inductor: the elementwise passes
+over [pairs, F] and their gathers/scatters fused into generated Triton kernels), checked against the
+TorchScript forces and timed. Usage (GPU machine): python3 benchmarks/gpu/profile_cuda.py [--atoms 3000 24000]
+"""
 
 from __future__ import annotations
+
+import argparse
+import time
+from collections import defaultdict
 
 import numpy as np
 import torch
@@ -10,28 +22,97 @@ from openmm import unit
 from schnet_md.bench import benchmark_model, water_box
 from schnet_md.export import build_module
 
-for n_atoms in (3000, 24000):
-    topology, positions = water_box(n_atoms)
-    box = np.array(topology.getPeriodicBoxVectors().value_in_unit(unit.nanometer))
-    z = [a.element.atomic_number for a in topology.atoms()]
-    model, _ = benchmark_model("schnet2018", z, True)
-    module, meta = build_module(model, z, periodic=True, box_nm=box, positions_nm=positions, check_errors=False)
-    module = module.cuda()
-    x = torch.as_tensor(positions, dtype=torch.float32, device="cuda").requires_grad_(True)
-    b = torch.as_tensor(box, dtype=torch.float32, device="cuda")
-    for _ in range(5):
-        torch.autograd.grad(module(x, b), x)
-    torch.cuda.synchronize()
+CATEGORIES = [   # first match wins; kernel names as the CUDA profiler reports them
+    ("matrix products", ("gemm", "cutlass", "cublas", "sm80_", "sm90_", "ampere_", "hopper", "nvjet", "splitk")),
+    ("gathers/scatters", ("index", "scatter", "gather")),
+    ("sorts/scans/reductions", ("sort", "radix", "scan", "reduce", "cub::", "unique", "cumsum")),
+    ("elementwise", ("elementwise", "vectorized", "unrolled", "fused", "fusion", "triton_", "copy", "fill")),
+]
+
+
+def category(name: str) -> str:
+    low = name.lower()
+    for label, keys in CATEGORIES:
+        if any(k in low for k in keys):
+            return label
+    return "other"
+
+
+def time_calls(module, x, b, calls: int = 20) -> float:
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    for _ in range(20):
+    for _ in range(calls):
         torch.autograd.grad(module(x, b), x)
     end.record()
     torch.cuda.synchronize()
-    print(f"== {len(z)} atoms, {meta['neighbor_list']}, capacity {meta['pair_capacity']}: "
-          f"{start.elapsed_time(end) / 20:.2f} ms per forward+backward ({torch.cuda.get_device_name(0)})")
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
+    return start.elapsed_time(end) / calls
+
+
+def kernel_time(event) -> float:
+    """Self CUDA time (us) of a profiler row, across torch versions' attribute names."""
+    for attr in ("self_device_time_total", "self_cuda_time_total"):
+        if hasattr(event, attr):
+            return float(getattr(event, attr))
+    return 0.0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--atoms", type=int, nargs="+", default=[3000, 24000])
+    p.add_argument("--preset", default="schnet2018")
+    p.add_argument("--no-compile", action="store_true")
+    args = p.parse_args()
+    print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__} (CUDA {torch.version.cuda})")
+    boxes = []   # every box is profiled before any is compiled (compiling takes the longest)
+    for n_atoms in args.atoms:
+        topology, positions = water_box(n_atoms)
+        box = np.array(topology.getPeriodicBoxVectors().value_in_unit(unit.nanometer))
+        z = [a.element.atomic_number for a in topology.atoms()]
+        model, label = benchmark_model(args.preset, z, True)
+        module, meta = build_module(model, z, periodic=True, box_nm=box, positions_nm=positions, check_errors=False)
+        module = module.cuda()
+        x = torch.as_tensor(positions, dtype=torch.float32, device="cuda").requires_grad_(True)
+        b = torch.as_tensor(box, dtype=torch.float32, device="cuda")
+        for _ in range(5):   # TorchScript's profiling executor specialises (and fuses) in the first calls
             torch.autograd.grad(module(x, b), x)
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+        ms = time_calls(module, x, b)
+        print(f"\n== {len(z)} atoms, {label}, {meta['neighbor_list']}, pair capacity {meta['pair_capacity']}: "
+              f"TorchScript {ms:.2f} ms per forward+backward")
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                torch.autograd.grad(module(x, b), x)
+            torch.cuda.synchronize()
+        totals = defaultdict(float)
+        kernels = [e for e in prof.key_averages() if kernel_time(e) > 0]
+        for e in kernels:
+            totals[category(e.key)] += kernel_time(e)
+        whole = sum(totals.values()) or 1.0
+        print("where the CUDA time goes: " + ", ".join(
+            f"{k} {100 * v / whole:.0f} %" for k, v in sorted(totals.items(), key=lambda kv: -kv[1]))
+            + f" (kernel time {whole / 3000:.2f} ms per call against {ms:.2f} ms wall: the rest is launch overhead"
+              " and host work)")
+        for e in sorted(kernels, key=kernel_time, reverse=True)[:25]:
+            print(f"  {kernel_time(e) / 3000:8.3f} ms/call  {e.count // 3:4d}x  [{category(e.key)}]  {e.key[:110]}")
+        boxes.append((len(z), model, z, box, positions, module, x, b, ms))
+    for n, model, z, box, positions, module, x, b, ms in ([] if args.no_compile else boxes):
+        plain, _ = build_module(model, z, periodic=True, box_nm=box, positions_nm=positions, check_errors=False,
+                                script=False)
+        fused = torch.compile(plain.cuda(), fullgraph=True)
+        t0 = time.perf_counter()
+        (f_ref,) = torch.autograd.grad(module(x, b), x)
+        e_fused = fused(x, b)
+        (f_fused,) = torch.autograd.grad(e_fused, x)
+        torch.cuda.synchronize()
+        compile_s = time.perf_counter() - t0
+        e_ref = module(x, b)
+        for _ in range(3):
+            torch.autograd.grad(fused(x, b), x)
+        ms_fused = time_calls(fused, x, b)
+        print(f"== {n} atoms, torch.compile (inductor, Triton): {ms_fused:.2f} ms per forward+backward, {ms / ms_fused:.2f}x the "
+              f"TorchScript speed (compile {compile_s:.0f} s); energy {float(e_fused):.4f} vs {float(e_ref):.4f} kJ/mol, "
+              f"max |dF| {float((f_fused - f_ref).abs().max()):.2e} of max |F| {float(f_ref.abs().max()):.2e} kJ/mol/nm")
+
+
+if __name__ == "__main__":
+    main()
