@@ -92,13 +92,14 @@ def run_row(task: dict) -> dict:
         else:
             model, label = preset_model(preset, z), f"{preset}, random weights"
         r = bench(name, s.topology, s.positions_nm, model, label, task["platform"], task["steps"], task["repeats"],
-                  task["cuda_graphs"], backend=task["backend"])
+                  task["cuda_graphs"], backend=task["backend"], compile=task.get("compile", False))
     else:
         topology, positions = cached_water_box(task["n_atoms"])
         model, label = benchmark_model(preset, [1, 8], periodic=True)
         label += ", random weights"
         r = bench("water box", topology, positions, model, label, task["platform"], max(5, task["steps"] // 40),
-                  max(3, task["repeats"] // 10), task["cuda_graphs"], backend=task["backend"])
+                  max(3, task["repeats"] // 10), task["cuda_graphs"], backend=task["backend"],
+                  compile=task.get("compile", False))
     return r.as_dict()
 
 
@@ -147,6 +148,7 @@ def main() -> None:
                    help="openmm-torch's CUDA graphs (TorchForce rows only)")
     p.add_argument("--backend", nargs="+", choices=["torch", "python"], default=["torch"],
                    help="TorchForce (openmm-torch) and/or OpenMM's PythonForce")
+    p.add_argument("--compile", action="store_true", help="PythonForce rows: the model through torch.compile")
     p.add_argument("--presets", nargs="+", default=["schnet2017", "schnet2018"])
     p.add_argument("--molecules", nargs="*", default=MOLECULES)
     p.add_argument("--memory-gb", type=float, help="memory cap per row (default: what is free now, less 1 GB)")
@@ -157,7 +159,8 @@ def main() -> None:
         write_report(Path(args.out))
         return
     memory_gb = args.memory_gb or max(1.0, available_gb() - 1.0)
-    common = dict(platform=args.platform, steps=args.steps, repeats=args.repeats, memory_gb=memory_gb)
+    common = dict(platform=args.platform, steps=args.steps, repeats=args.repeats, memory_gb=memory_gb,
+                  compile=args.compile)
     forces = [(b, g) for b in args.backend
               for g in ([False, True] if args.cuda_graphs == "both" and b == "torch" else [args.cuda_graphs == "on"])]
     tasks = []
@@ -228,8 +231,11 @@ def write_report(out: Path) -> None:
     ]
     for r in rows:
         t = r.get("task", r)
-        force = "PythonForce" if t.get("backend") == "python" else \
-            "TorchForce" + (" + CUDA graphs" if t.get("cuda_graphs") else "")
+        backend = t.get("backend", "torch")
+        if backend.startswith("python"):
+            force = "PythonForce" + (" + torch.compile" if t.get("compile") or "compile" in backend else "")
+        else:
+            force = "TorchForce" + (" + CUDA graphs" if t.get("cuda_graphs") else "")
         if "failed" in r:
             system = t.get("name", "water box")
             atoms = "" if t["kind"] == "molecule" else f"~{t['n_atoms']}"

@@ -169,9 +169,10 @@ def time_neighbor_search(positions_nm: np.ndarray, box_nm: np.ndarray, cutoff: f
 
 def time_md(model: SchNet, topology, positions_nm: np.ndarray, platform: str = "CPU", steps: int = 200,
             timestep_fs: float = 0.5, cuda_graphs: bool = False, neighbor_list: str = "auto",
-            backend: str = "torch") -> float:
+            backend: str = "torch", compile: bool = False) -> float:
     """Steps per second of Langevin MD with only the SchNet force: backend "torch" (openmm-torch's
-    TorchForce) or "python" (OpenMM's PythonForce, the model on CUDA when the platform is CUDA)."""
+    TorchForce) or "python" (OpenMM's PythonForce, the model on CUDA when the platform is CUDA; compile:
+    through torch.compile)."""
     import openmm
     from openmm import unit
 
@@ -182,7 +183,7 @@ def time_md(model: SchNet, topology, positions_nm: np.ndarray, platform: str = "
     if backend == "python":
         device = "cuda" if platform == "CUDA" else "cpu"
         system.addForce(create_python_force(model, topology, positions=positions_nm, neighbor_list=neighbor_list,
-                                            device=device))
+                                            device=device, compile=compile))
     else:
         system.addForce(create_torch_force(model, topology, positions=positions_nm, neighbor_list=neighbor_list,
                                            cuda_graphs=cuda_graphs))
@@ -200,7 +201,7 @@ def time_md(model: SchNet, topology, positions_nm: np.ndarray, platform: str = "
 
 def bench(name: str, topology, positions_nm: np.ndarray, model: SchNet, model_label: str, platform: str = "CPU",
           steps: int = 200, repeats: int = 50, cuda_graphs: bool = False, neighbor_list: str = "auto",
-          timestep_fs: float = 0.5, backend: str = "torch") -> BenchResult:
+          timestep_fs: float = 0.5, backend: str = "torch", compile: bool = False) -> BenchResult:
     from openmm import unit
 
     z = [a.element.atomic_number for a in topology.atoms()]
@@ -208,6 +209,7 @@ def bench(name: str, topology, positions_nm: np.ndarray, model: SchNet, model_la
     box_nm = None if box is None else np.array(box.value_in_unit(unit.nanometer))
     device = "cuda" if platform == "CUDA" else "cpu"
     ms, used, memory, added = time_model(model, z, positions_nm, box_nm, repeats, device, neighbor_list)
-    sps = time_md(model, topology, positions_nm, platform, steps, timestep_fs, cuda_graphs, neighbor_list, backend)
+    sps = time_md(model, topology, positions_nm, platform, steps, timestep_fs, cuda_graphs, neighbor_list, backend,
+                  compile)
     return BenchResult(name, len(z), model_label, platform, used, cuda_graphs, torch.get_num_threads(), ms, sps,
-                       sps * timestep_fs * 1e-6 * 86400, memory, added, backend)
+                       sps * timestep_fs * 1e-6 * 86400, memory, added, backend + (" + compile" if compile else ""))

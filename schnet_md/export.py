@@ -420,12 +420,13 @@ class SchNetComputation:
         self._build()
 
     def _build(self) -> None:
-        self.module = self.module.to(self.device)
-        self._run = torch.compile(self.module) if self.compile else torch.jit.script(self.module)
+        # a copy on the device runs; self.module stays on the CPU for pickling (Module.to() would move it in
+        # place, under the running copy's feet when OpenMM pickles the force to build a Context)
+        running = copy.deepcopy(self.module).to(self.device)
+        self._run = torch.compile(running) if self.compile else torch.jit.script(running)
 
     def __getstate__(self):
-        return {"module": self.module.cpu(), "periodic": self.periodic, "compile": self.compile,
-                "device": self.device}
+        return {"module": self.module, "periodic": self.periodic, "compile": self.compile, "device": self.device}
 
     def __setstate__(self, state):
         self.__dict__.update(state)

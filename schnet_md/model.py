@@ -263,7 +263,7 @@ class SchNet(nn.Module):
             raise ValueError("positions contain NaN or infinite values")
         species = self.species(atomic_numbers)
         i, j = unique_pairs(positions.shape[0], positions.device)
-        vectors = positions[j] - positions[i]
+        vectors = positions.index_select(0, j) - positions.index_select(0, i)   # (see neighbors.cell_list_pairs)
         if box is not None:
             check_box(box, self.cutoff)
             vectors = minimum_image(vectors, box.to(positions.dtype))
@@ -274,7 +274,8 @@ class SchNet(nn.Module):
                      molecule: Tensor, n_molecules: int) -> Tensor:
         """Energies [n_molecules] of molecules stored one after another (training and evaluation);
         i, j: the half list of intra-molecular pairs (`data.batches` makes it)."""
-        e_atoms = self.atomic_energies(species, positions[j] - positions[i], i, j, half_list=True)
+        e_atoms = self.atomic_energies(species, positions.index_select(0, j) - positions.index_select(0, i), i, j,
+                                       half_list=True)
         return torch.zeros(n_molecules, dtype=e_atoms.dtype, device=e_atoms.device).index_add(0, molecule, e_atoms)
 
 

@@ -170,7 +170,8 @@ def cell_list_pairs(positions: Tensor, box: Tensor, cutoff: float, n_cells: List
     missing and the caller must not trust the result."""
     n = positions.shape[0]
     device = positions.device
-    grid = torch.tensor(n_cells, device=device)
+    # filled on the device: torch.tensor(n_cells) would copy from the host, which CUDA-graph capture forbids
+    grid = torch.stack([torch.full((), c, dtype=torch.long, device=device) for c in n_cells])
     total_cells = n_cells[0] * n_cells[1] * n_cells[2]
     frac = positions @ torch.linalg.inv_ex(box)[0]   # inv_ex: no singularity check on the host
     # non-finite input (flagged by the caller) must still give valid indices, not an out-of-range crash
@@ -220,9 +221,10 @@ def cell_list_pairs(positions: Tensor, box: Tensor, cutoff: float, n_cells: List
     pair_i = torch.zeros(capacity + 1, dtype=torch.long, device=device).scatter(0, where_to, i_all.reshape(-1))[:capacity]
     pair_j = torch.zeros(capacity + 1, dtype=torch.long, device=device).scatter(0, where_to, j_safe.reshape(-1))[:capacity]
     mask = torch.arange(capacity, device=device) < found
-    vectors = minimum_image(positions[pair_j] - positions[pair_i], box)
-    padding = torch.zeros_like(vectors)
-    padding[:, 0] = 2.0 * cutoff
+    # index_select, not positions[pair_j]: on CUDA the backward of advanced indexing sorts the indices and
+    # accumulates rows of 3 floats serially (70 ms for ~1M pairs on an H100), index_select's is an index_add
+    vectors = minimum_image(positions.index_select(0, pair_j) - positions.index_select(0, pair_i), box)
+    padding = torch.cat([torch.full_like(vectors[:, :1], 2.0 * cutoff), torch.zeros_like(vectors[:, 1:])], dim=1)
     vectors = torch.where(mask[:, None], vectors, padding)
     plane_gap = box_heights(box.detach()) / grid
     overflow = (count.max() > max_per_cell) | (found > capacity) | (plane_gap.min() < cutoff)

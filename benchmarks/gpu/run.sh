@@ -5,7 +5,8 @@
 # Every step has its own time limit, and the whole run stops by DEADLINE seconds (default 480), leaving the rest
 # of the 15-minute slot for one re-run. At most 8 files come back: summary.txt (install, versions, step times),
 # pytest.txt, profile.txt, speed_cuda.{md,json} (TorchForce, CUDA graphs off and on), speed_python.{md,json}
-# (PythonForce, model on the GPU) and logs.tar (the training run folder and the raw logs).
+# (PythonForce, model on the GPU) and logs.tar (the training run folder, the torch.compile'd PythonForce rows and
+# the raw logs).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-gpu-out}
@@ -17,7 +18,7 @@ t0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - t0 )) s] $*" | tee -a "$OUT/summary.txt"; }
 # left LIMIT: seconds this step may take, at most LIMIT and what is left before the deadline (less 15 s to pack up)
 left() { local rest=$(( DEADLINE - 15 - ($(date +%s) - t0) )); echo $(( rest < $1 ? rest : $1 )); }
-ONLY=${ONLY:-pytest speed profile python train}   # a re-run after a fix may pick steps: ONLY="speed train"
+ONLY=${ONLY:-pytest speed profile python compiled train}   # a re-run after a fix may pick steps: ONLY="speed train"
 wanted() { [[ " $ONLY " == *" $1 "* ]]; }
 step() {   # step KEY NAME LIMIT LOG COMMAND...: run with a time limit, output to LOG, log its exit status
     local key=$1 name=$2 limit log=$4; limit=$(left "$3"); shift 4
@@ -51,17 +52,22 @@ step pytest "CUDA correctness (pytest -m cuda)" 170 "$OUT/pytest.txt" python3 -m
 tail -3 "$OUT/pytest.txt" | tee -a "$OUT/summary.txt"
 
 step speed "speed: TorchForce, CUDA graphs off and on" 170 "$WORK/logs/speed_cuda.log" python3 -u benchmarks/speed.py --platform CUDA --threads 1 \
-    --steps 2000 --repeats 30 --cuda-graphs both --water 1000 3000 12000 24000 --search \
+    --steps "${STEPS:-1000}" --repeats 30 --cuda-graphs both --molecules ${MOLECULES:-ethanol c7o2h10_1 aspirin alanine-dipeptide} \
+    --water ${WATER:-1000 3000 12000 24000} --search \
     --out "$OUT/speed_cuda.md"
 grep -c '"steps_per_second"' "$WORK/logs/speed_cuda.log" | sed 's/^/rows measured: /' | tee -a "$OUT/summary.txt"
 
 step profile "profile + fused (torch.compile) forward+backward" 110 "$OUT/profile.txt" python3 -u benchmarks/gpu/profile_cuda.py \
-    --atoms 3000 24000
+    --atoms ${PROFILE_ATOMS:-3000 24000}
 grep -E "^==|where the|torch.compile" "$OUT/profile.txt" | tee -a "$OUT/summary.txt"
 
 step python "speed: PythonForce, model on the GPU" 70 "$WORK/logs/speed_python.log" python3 -u benchmarks/speed.py --platform CUDA --threads 1 \
     --steps 1000 --repeats 30 --backend python --molecules c7o2h10_1 --water 3000 24000 --search \
     --out "$OUT/speed_python.md"
+
+step compiled "speed: PythonForce through torch.compile" 70 "$WORK/logs/speed_python_compiled.log" python3 -u \
+    benchmarks/speed.py --platform CUDA --threads 1 --steps 1000 --repeats 30 --backend python --compile \
+    --molecules c7o2h10_1 --water --presets schnet2017 --search --out "$WORK/logs/speed_python_compiled.md"
 
 # Timed iso17x training (accuracy.py's iso17x settings) on the carried subset; the run folder comes back in
 # logs.tar and resumes on a CPU: schnet-md train ... --out DIR --resume --device cpu --epochs N
