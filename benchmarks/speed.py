@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import gc
 import json
 import multiprocessing
 import os
@@ -103,12 +104,25 @@ def run_row(task: dict) -> dict:
     return r.as_dict()
 
 
+def failure_message(error: Exception) -> str:
+    """The first line of an error and, where the cause comes further down (TorchScript tracebacks), its last
+    "...Error: ..." line."""
+    lines = str(error).splitlines() or [repr(error)]
+    causes = [line.strip() for line in lines[1:] if "Error" in line]
+    message = lines[0] + (f" ... {causes[-1]}" if causes else "")
+    return message[:400]
+
+
 def in_this_process(function, task: dict):
     try:
         return function(task)
     except Exception as error:   # e.g. a plugin that does not load on this machine: record it, go on
         print(f"row {task} failed: {error!r}")
-        return {"failed": (str(error).splitlines() or [repr(error)])[0][:300], "task": task}
+        return {"failed": failure_message(error), "task": task}
+    finally:   # the last row's Context, CUDA-graph pool and cached blocks go back before the next row
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def search_row(task: dict) -> dict:

@@ -63,13 +63,21 @@ def _train(model_path, data, out: Path, log, validation=None, **settings) -> Pat
     from .modelfile import load_model
     from .train import TrainSettings, train
 
+    from .modelfile import ModelFileError
+
     if (out / "model.pt").is_file() and (out / "metrics.json").is_file():
         return out / "model.pt"
-    if out.exists():
-        shutil.rmtree(out)              # an unfinished fine-tuning starts over
     base, _ = load_model(model_path)
-    train(data, base.config, out, TrainSettings(batch_size=16, ema_decay=0.99, **settings), log=log,
-          init_state=base.state_dict(), validation=validation)
+    schedule = TrainSettings(batch_size=16, ema_decay=0.99, **settings)
+    if (out / "checkpoint.pt").is_file():   # an interrupted fine-tuning goes on after its last finished epoch
+        try:
+            train(data, base.config, out, schedule, resume=True, log=log, validation=validation)
+            return out / "model.pt"
+        except ModelFileError as error:     # damaged, or from other settings: start over
+            log(f"fine-tuning in {out} starts over: {error}")
+    if out.exists():
+        shutil.rmtree(out)
+    train(data, base.config, out, schedule, log=log, init_state=base.state_dict(), validation=validation)
     return out / "model.pt"
 
 

@@ -173,6 +173,34 @@ def test_overflow_is_an_error_or_a_nan_never_a_wrong_energy():
     assert torch.isnan(safe(bad, b))
 
 
+def _node_kinds(block, counts):
+    for node in block.nodes():
+        counts[node.kind()] = counts.get(node.kind(), 0) + 1
+        for inner in node.blocks():
+            _node_kinds(inner, counts)
+    return counts
+
+
+@pytest.mark.parametrize("neighbor_list", ["all_pairs", "cells"])
+def test_graph_safe_export_neither_copies_from_nor_waits_for_the_host(neighbor_list):
+    """What CUDA-graph capture forbids, found on the CPU: a tensor built from host values (torch.tensor: a
+    host-to-device copy; it broke capture of the cell list on an H100) or a tensor read back to the host
+    (bool(), int(), float(), item(): a sync)."""
+    model = random_model("schnet2018", elements=(1, 8), n_features=16, n_interactions=2, cutoff=4.0,
+                         dtype=torch.float32)
+    n = 1200 if neighbor_list == "cells" else 64
+    box_nm = np.eye(3) * max((n / 100.0) ** (1 / 3), 1.3)
+    positions = np.random.default_rng(2).random((n, 3)) * box_nm[0, 0]
+    kinds = {}
+    for check_errors in (False, True):
+        module, _ = build_module(model, [1, 8] * (n // 2), periodic=True, box_nm=box_nm, neighbor_list=neighbor_list,
+                                 positions_nm=positions, check_errors=check_errors)
+        kinds[check_errors] = _node_kinds(module.inlined_graph, {})
+    host = {"aten::tensor", "aten::Bool", "aten::Int", "aten::Float", "aten::item"}
+    assert not host & set(kinds[False]), {k: kinds[False][k] for k in host & set(kinds[False])}
+    assert "aten::Bool" in kinds[True]   # the checked export does read flags back (to raise): the test sees it
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: CUDA-graph capture is checked on a GPU machine")
 @pytest.mark.parametrize("neighbor_list", ["all_pairs", "cells"])

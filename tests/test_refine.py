@@ -87,3 +87,37 @@ def test_a_refinement_refuses_a_model_name_that_now_names_another_file(tmp_path)
         "rounds": [], "model_sha256": "0" * 64}))
     with pytest.raises(ValueError, match="another file"):
         refine("ethanol", [structure], data, tmp_path, RefineSettings(), log=lambda _: None)
+
+
+def test_an_interrupted_fine_tuning_goes_on_from_its_checkpoint(tmp_path):
+    """A refine run stopped mid fine-tuning (a session ends) keeps its finished epochs: the next call resumes
+    after the last one in checkpoint.pt instead of starting over; a checkpoint of another model starts over."""
+    from conftest import random_model
+    from schnet_md.data import Dataset
+    from schnet_md.modelfile import save_model
+    from schnet_md.refine import _train
+
+    rng = np.random.default_rng(0)
+    n, atoms = 16, 9
+    base = rng.normal(size=(atoms, 3)) * 1.2
+    data = Dataset(atomic_numbers=np.tile([6, 6, 8, 1, 1, 1, 1, 1, 1], n),
+                   positions=np.concatenate([base + 0.05 * rng.normal(size=base.shape) for _ in range(n)]),
+                   offsets=np.arange(n + 1) * atoms, energies=rng.normal(size=n), forces=rng.normal(size=(n * atoms, 3)),
+                   energy_unit="kcal/mol", source="synthetic")
+    start = save_model(random_model("schnet2017", elements=(1, 6, 8), n_features=8, n_interactions=1),
+                       tmp_path / "start.pt")
+    out = tmp_path / "fine"
+    lines = []
+    _train(start, data, out, lines.append, epochs=2, lr_patience=25)
+    (out / "metrics.json").unlink()             # as if the session ended after epoch 2 of 3
+    _train(start, data, out, lines.append, epochs=3, lr_patience=25)
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [0, 1, 2]
+    assert any("resuming after epoch 2" in line for line in lines)
+    (out / "metrics.json").unlink()
+    lines.clear()
+    wider = save_model(random_model("schnet2017", elements=(1, 6, 8), n_features=16, n_interactions=1),
+                       tmp_path / "wider.pt")
+    _train(wider, data, out, lines.append, epochs=2, lr_patience=25)    # a checkpoint of another model
+    assert any("starts over" in line for line in lines)
+    assert [h["epoch"] for h in json.loads((out / "metrics.json").read_text())["history"]] == [0, 1]
