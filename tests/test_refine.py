@@ -121,3 +121,29 @@ def test_an_interrupted_fine_tuning_goes_on_from_its_checkpoint(tmp_path):
     _train(wider, data, out, lines.append, epochs=2, lr_patience=25)    # a checkpoint of another model
     assert any("starts over" in line for line in lines)
     assert [h["epoch"] for h in json.loads((out / "metrics.json").read_text())["history"]] == [0, 1]
+
+
+def test_new_labels_are_put_on_the_data_energy_zero_in_the_data_unit(tmp_path):
+    """rMD17 ethanol (kcal/mol, PBE/def2-SVP) against GFN2-xTB (eV, another zero altogether): the offset is
+    E_xTB - E_data in kcal/mol, computed here independently through tblite's ASE calculator, and once
+    subtracted, xTB energies lie on the data's zero to within the two methods' disagreement."""
+    from ase import Atoms
+    from tblite.ase import TBLite
+
+    from schnet_md.data import read_rmd17
+    from schnet_md.refine import _energy_offset
+
+    data = read_rmd17(shared_file("rmd17/rmd17_ethanol_test_01.npz")).subset(np.arange(40))
+    z = data.frame(0)[0]
+    result = _energy_offset(data, z, "GFN2-xTB", tmp_path / "offset")
+    assert result["unit"] == "kcal/mol" and len(result["frames"]) == 3
+    ev_in_kcal_mol = 23.060547830619029   # 1 eV = 96.485332 kJ/mol, 1 kcal = 4.184 kJ
+    direct = []
+    for k in result["frames"]:
+        atoms = Atoms(numbers=z, positions=data.frame(k)[1])
+        atoms.calc = TBLite(method="GFN2-xTB", verbosity=0)
+        direct.append(atoms.get_potential_energy() * ev_in_kcal_mol - data.energies[k])
+    assert abs(result["offset"]) > 1e4                        # different zeros: a wrong factor would show
+    assert result["offset"] == pytest.approx(np.mean(direct), abs=1e-3)
+    assert result["spread"] == pytest.approx(np.ptp(direct), abs=1e-3)
+    assert result["spread"] < 5.0                             # the zero is one constant, not frame-dependent
