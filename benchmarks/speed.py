@@ -93,14 +93,15 @@ def run_row(task: dict) -> dict:
         else:
             model, label = preset_model(preset, z), f"{preset}, random weights"
         r = bench(name, s.topology, s.positions_nm, model, label, task["platform"], task["steps"], task["repeats"],
-                  task["cuda_graphs"], backend=task["backend"], compile=task.get("compile", False))
+                  task["cuda_graphs"], backend=task["backend"], compile=task.get("compile", False),
+                  fused=task.get("fused", False))
     else:
         topology, positions = cached_water_box(task["n_atoms"])
         model, label = benchmark_model(preset, [1, 8], periodic=True)
         label += ", random weights"
         r = bench("water box", topology, positions, model, label, task["platform"], max(5, task["steps"] // 40),
                   max(3, task["repeats"] // 10), task["cuda_graphs"], backend=task["backend"],
-                  compile=task.get("compile", False))
+                  compile=task.get("compile", False), fused=task.get("fused", False))
     return r.as_dict()
 
 
@@ -163,6 +164,7 @@ def main() -> None:
     p.add_argument("--backend", nargs="+", choices=["torch", "python"], default=["torch"],
                    help="TorchForce (openmm-torch) and/or OpenMM's PythonForce")
     p.add_argument("--compile", action="store_true", help="PythonForce rows: the model through torch.compile")
+    p.add_argument("--fused", action="store_true", help="PythonForce rows: the Triton CFConv (schnet_md.fused)")
     p.add_argument("--presets", nargs="+", default=["schnet2017", "schnet2018"])
     p.add_argument("--molecules", nargs="*", default=MOLECULES)
     p.add_argument("--memory-gb", type=float, help="memory cap per row (default: what is free now, less 1 GB)")
@@ -174,7 +176,7 @@ def main() -> None:
         return
     memory_gb = args.memory_gb or max(1.0, available_gb() - 1.0)
     common = dict(platform=args.platform, steps=args.steps, repeats=args.repeats, memory_gb=memory_gb,
-                  compile=args.compile)
+                  compile=args.compile, fused=args.fused)
     forces = [(b, g) for b in args.backend
               for g in ([False, True] if args.cuda_graphs == "both" and b == "torch" else [args.cuda_graphs == "on"])]
     tasks = []
@@ -247,7 +249,8 @@ def write_report(out: Path) -> None:
         t = r.get("task", r)
         backend = t.get("backend", "torch")
         if backend.startswith("python"):
-            force = "PythonForce" + (" + torch.compile" if t.get("compile") or "compile" in backend else "")
+            force = "PythonForce" + (" + torch.compile" if t.get("compile") or "compile" in backend else "") \
+                + (" + fused CFConv" if t.get("fused") or "fused" in backend else "")
         else:
             force = "TorchForce" + (" + CUDA graphs" if t.get("cuda_graphs") else "")
         if "failed" in r:

@@ -412,24 +412,33 @@ class SchNetComputation:
     It pickles (PythonForce serialises and clones through pickle) by keeping the plain OpenMMSchNet
     module and rebuilding the TorchScript (or torch.compile) version after loading."""
 
-    def __init__(self, module: OpenMMSchNet, periodic: bool, compile: bool = False, device: str = "cpu"):
+    def __init__(self, module: OpenMMSchNet, periodic: bool, compile: bool = False, device: str = "cpu",
+                 fused: bool = False):
         self.module = module
         self.periodic = periodic
         self.compile = compile
         self.device = device
+        self.fused = fused
         self._build()
 
     def _build(self) -> None:
         # a copy on the device runs; self.module stays on the CPU for pickling (Module.to() would move it in
         # place, under the running copy's feet when OpenMM pickles the force to build a Context)
         running = copy.deepcopy(self.module).to(self.device)
-        self._run = torch.compile(running) if self.compile else torch.jit.script(running)
+        if self.fused:                      # the Triton CFConv (schnet_md.fused), eager
+            from .fused import FusedSchNet
+
+            running.model = FusedSchNet(running.model)
+            self._run = running
+        else:
+            self._run = torch.compile(running) if self.compile else torch.jit.script(running)
 
     def __getstate__(self):
-        return {"module": self.module, "periodic": self.periodic, "compile": self.compile, "device": self.device}
+        return {"module": self.module, "periodic": self.periodic, "compile": self.compile, "device": self.device,
+                "fused": self.fused}
 
     def __setstate__(self, state):
-        self.__dict__.update(state)
+        self.__dict__.update({"fused": False} | state)
         self._build()
 
     def __call__(self, state):
@@ -448,12 +457,14 @@ class SchNetComputation:
 
 def create_python_force(model: ModelLike, topology_or_atomic_numbers, atoms: Sequence[int] | None = None,
                         periodic: bool | None = None, dtype: str = "float32", compile: bool = False,
-                        device: str = "cpu", neighbor_list: str = "auto", positions=None, capacity: int | None = None):
+                        device: str = "cpu", neighbor_list: str = "auto", positions=None, capacity: int | None = None,
+                        fused: bool = False):
     """The same model as `create_torch_force`, through OpenMM's own `PythonForce` (OpenMM >= 8.5): no
     openmm-torch needed, serialisable and clonable; optionally `torch.compile`d (on CUDA, inductor fuses the
     elementwise passes into Triton kernels). `device` is where the model runs ("cuda" on a GPU, whatever
     the OpenMM platform): positions and forces cross to Python and the device every step, so it is slower per
-    step than TorchForce for small molecules."""
+    step than TorchForce for small molecules. fused=True (CUDA, float32) runs every CFConv as one Triton kernel
+    (`schnet_md.fused`; for large systems, where the CFConv's passes over pairs dominate)."""
     import openmm
 
     if not hasattr(openmm, "PythonForce"):
@@ -467,7 +478,9 @@ def create_python_force(model: ModelLike, topology_or_atomic_numbers, atoms: Seq
     module, _ = build_module(model, z, indices, n_particles, periodic, dtype, neighbor_list, box_nm,
                              None if positions is None else _nm(positions), capacity, n_molecules=n_molecules,
                              script=False)
-    force = openmm.PythonForce(SchNetComputation(module, periodic, compile, device))
+    if fused and (compile or dtype != "float32"):
+        raise ValueError("fused=True runs the Triton CFConv in float32 without torch.compile")
+    force = openmm.PythonForce(SchNetComputation(module, periodic, compile, device, fused))
     force.setUsesPeriodicBoundaryConditions(periodic)
     return force
 

@@ -219,3 +219,35 @@ def test_training_steps_on_cuda_equal_the_cpu(tmp_path):
     for a, b in zip(*histories):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-3)
         assert b["validation_forces_mae"] == pytest.approx(a["validation_forces_mae"], rel=1e-3)
+
+
+@pytest.mark.parametrize("precision", ["ieee", "tf32"])
+def test_triton_cfconv_equals_torchscript_on_cuda(precision):
+    """The hand-fused CFConv (schnet_md.fused), compiled by Triton for the GPU, against the exported TorchScript
+    module: float32 products to 1e-5, TF32 (tensor cores, 10-bit mantissa) to the looser tolerance it allows."""
+    import schnet_md.fused as fused
+    from schnet_md.bench import water_box
+    from schnet_md.export import build_module
+
+    topology, positions = water_box(1500)
+    box = np.array(topology.getPeriodicBoxVectors().value_in_unit(unit.nanometer))
+    z = [a.element.atomic_number for a in topology.atoms()]
+    model = random_model("schnet2018", elements=(1, 8), n_features=32, n_interactions=2, dtype=torch.float32)
+    kwargs = dict(periodic=True, box_nm=box, positions_nm=positions, neighbor_list="cells", check_errors=False)
+    scripted = build_module(model, z, **kwargs)[0].cuda()
+    eager = build_module(model, z, script=False, **kwargs)[0]
+    eager.model = fused.FusedSchNet(eager.model)
+    eager = eager.cuda()
+    x = torch.as_tensor(positions, dtype=torch.float32, device="cuda").requires_grad_(True)
+    b = torch.as_tensor(box, dtype=torch.float32, device="cuda")
+    e_ref = scripted(x, b)
+    (f_ref,) = torch.autograd.grad(e_ref, x)
+    fused.DOT_PRECISION = precision
+    try:
+        e_fused = eager(x, b)
+        (f_fused,) = torch.autograd.grad(e_fused, x)
+    finally:
+        fused.DOT_PRECISION = "ieee"
+    tol = 1e-5 if precision == "ieee" else 1e-3
+    assert float(e_fused) == pytest.approx(float(e_ref), rel=tol)
+    torch.testing.assert_close(f_fused, f_ref, rtol=10 * tol, atol=100 * tol * float(f_ref.abs().max()))

@@ -4,9 +4,9 @@ fusing the elementwise work buys (issue #17).
 For each box: the exported TorchScript module's time per forward+backward; the CUDA kernel time grouped into
 matrix products (cuBLAS/CUTLASS), elementwise passes (incl. TorchScript's own fused kernels), gathers and
 scatters over the pair list (index_select / index_add), the neighbour search's sorts and reductions, and the
-rest; the 25 costliest kernels. Then the same module through torch.compile (inductor: the elementwise passes
-over [pairs, F] and their gathers/scatters fused into generated Triton kernels), checked against the
-TorchScript forces and timed. Usage (GPU machine): python3 benchmarks/gpu/profile_cuda.py [--atoms 3000 24000]
+rest; the 25 costliest kernels. Then the same module with the hand-fused Triton CFConv (schnet_md.fused; float32
+and TF32 products) and through torch.compile (inductor: the elementwise passes over [pairs, F] and their
+gathers/scatters fused into generated Triton kernels), each checked against the TorchScript forces and timed. Usage (GPU machine): python3 benchmarks/gpu/profile_cuda.py [--atoms 3000 24000]
 """
 
 from __future__ import annotations
@@ -95,6 +95,31 @@ def main() -> None:
         for e in sorted(kernels, key=kernel_time, reverse=True)[:25]:
             print(f"  {kernel_time(e) / 3000:8.3f} ms/call  {e.count // 3:4d}x  [{category(e.key)}]  {e.key[:110]}")
         boxes.append((len(z), model, z, box, positions, module, x, b, ms))
+    import schnet_md.fused as fused_cfconv
+
+    for n, model, z, box, positions, module, x, b, ms in boxes:   # the Triton CFConv of schnet_md.fused
+        plain, _ = build_module(model, z, periodic=True, box_nm=box, positions_nm=positions, check_errors=False,
+                                script=False)
+        plain.model = fused_cfconv.FusedSchNet(plain.model)
+        plain = plain.cuda()
+        e_ref = module(x, b)
+        (f_ref,) = torch.autograd.grad(e_ref, x)
+        for precision in ("ieee", "tf32"):
+            fused_cfconv.DOT_PRECISION = precision
+            t0 = time.perf_counter()
+            e_fused = plain(x, b)
+            (f_fused,) = torch.autograd.grad(e_fused, x)
+            torch.cuda.synchronize()
+            compile_s = time.perf_counter() - t0
+            torch.cuda.reset_peak_memory_stats()
+            ms_fused = time_calls(plain, x, b)
+            peak = torch.cuda.max_memory_allocated() / 2 ** 30
+            print(f"== {n} atoms, fused Triton CFConv ({precision} products): {ms_fused:.2f} ms per forward+backward, "
+                  f"{ms / ms_fused:.2f}x the TorchScript speed (first call {compile_s:.0f} s), peak {peak:.1f} GB; "
+                  f"energy {float(e_fused):.4f} vs {float(e_ref):.4f} kJ/mol, max |dF| "
+                  f"{float((f_fused - f_ref).abs().max()):.2e} of max |F| {float(f_ref.abs().max()):.2e} kJ/mol/nm",
+                  flush=True)
+        fused_cfconv.DOT_PRECISION = "ieee"
     for n, model, z, box, positions, module, x, b, ms in ([] if args.no_compile else boxes):
         plain, _ = build_module(model, z, periodic=True, box_nm=box, positions_nm=positions, check_errors=False,
                                 script=False)

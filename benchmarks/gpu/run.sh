@@ -5,8 +5,8 @@
 # Every step has its own time limit, and the whole run stops by DEADLINE seconds (default 480), leaving the rest
 # of the 15-minute slot for one re-run. At most 8 files come back: summary.txt (install, versions, step times),
 # pytest.txt, profile.txt, speed_cuda.{md,json} (TorchForce, CUDA graphs off and on), speed_python.{md,json}
-# (PythonForce, model on the GPU) and logs.tar (the training run folder, the torch.compile'd PythonForce rows and
-# the raw logs).
+# (PythonForce, model on the GPU) and logs.tar (the training run folder, the PythonForce rows with the fused Triton
+# CFConv and through torch.compile, and the raw logs).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-gpu-out}
@@ -18,7 +18,7 @@ t0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - t0 )) s] $*" | tee -a "$OUT/summary.txt"; }
 # left LIMIT: seconds this step may take, at most LIMIT and what is left before the deadline (less 15 s to pack up)
 left() { local rest=$(( DEADLINE - 15 - ($(date +%s) - t0) )); echo $(( rest < $1 ? rest : $1 )); }
-ONLY=${ONLY:-pytest speed profile python compiled train}   # a re-run after a fix may pick steps: ONLY="speed train"
+ONLY=${ONLY:-pytest speed profile python fused compiled train}   # a re-run after a fix may pick steps: ONLY="speed train"
 wanted() { [[ " $ONLY " == *" $1 "* ]]; }
 step() {   # step KEY NAME LIMIT LOG COMMAND...: run with a time limit, output to LOG, log its exit status
     local key=$1 name=$2 limit log=$4; limit=$(left "$3"); shift 4
@@ -64,6 +64,10 @@ grep -E "^==|where the|torch.compile" "$OUT/profile.txt" | tee -a "$OUT/summary.
 step python "speed: PythonForce, model on the GPU" 70 "$WORK/logs/speed_python.log" python3 -u benchmarks/speed.py --platform CUDA --threads 1 \
     --steps 1000 --repeats 30 --backend python --molecules c7o2h10_1 --water 3000 24000 --search \
     --out "$OUT/speed_python.md"
+
+step fused "speed: PythonForce with the fused Triton CFConv" 60 "$WORK/logs/speed_fused.log" python3 -u \
+    benchmarks/speed.py --platform CUDA --threads 1 --steps 1000 --repeats 30 --backend python --fused \
+    --molecules c7o2h10_1 --water 3000 24000 --search --out "$WORK/logs/speed_fused.md"
 
 step compiled "speed: PythonForce through torch.compile" 70 "$WORK/logs/speed_python_compiled.log" python3 -u \
     benchmarks/speed.py --platform CUDA --threads 1 --steps 1000 --repeats 30 --backend python --compile \
