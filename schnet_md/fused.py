@@ -79,18 +79,26 @@ def _filters(d, env, mu_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, gamma, log2, K: tl.
 
 
 @triton.jit
-def _cfconv_forward(h_ptr, i_ptr, j_ptr, d_ptr, env_ptr, mu_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr,
-                    P, gamma, log2, K: tl.constexpr, F: tl.constexpr, BP: tl.constexpr, KB: tl.constexpr,
-                    LAST_SSP: tl.constexpr, HALF: tl.constexpr, DOT: tl.constexpr):
+def _tile(d_ptr, env_ptr, i_ptr, j_ptr, mu_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, P, gamma, log2, K: tl.constexpr,
+          F: tl.constexpr, BP: tl.constexpr, KB: tl.constexpr, LAST_SSP: tl.constexpr, DOT: tl.constexpr):
+    """This program's tile of pairs: (rows, row_ok, i, j, envelope, a1, a2, w0, w = w0 * envelope)."""
     rows = tl.program_id(0) * BP + tl.arange(0, BP)
     row_ok = rows < P
-    fs = tl.arange(0, F)
     d = tl.load(d_ptr + rows, mask=row_ok, other=0.0)
     env = tl.load(env_ptr + rows, mask=row_ok, other=0.0)
     a1, a2, w0 = _filters(d, env, mu_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, gamma, log2, K, F, BP, KB, LAST_SSP, DOT)
-    w = w0 * env[:, None]
     i = tl.load(i_ptr + rows, mask=row_ok, other=0)
     j = tl.load(j_ptr + rows, mask=row_ok, other=0)
+    return rows, row_ok, d, i, j, env, a1, a2, w0, w0 * env[:, None]
+
+
+@triton.jit
+def _cfconv_forward(h_ptr, i_ptr, j_ptr, d_ptr, env_ptr, mu_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr,
+                    P, gamma, log2, K: tl.constexpr, F: tl.constexpr, BP: tl.constexpr, KB: tl.constexpr,
+                    LAST_SSP: tl.constexpr, HALF: tl.constexpr, DOT: tl.constexpr):
+    fs = tl.arange(0, F)
+    rows, row_ok, d, i, j, env, a1, a2, w0, w = _tile(d_ptr, env_ptr, i_ptr, j_ptr, mu_ptr, w1_ptr, b1_ptr, w2_ptr,
+                                                      b2_ptr, P, gamma, log2, K, F, BP, KB, LAST_SSP, DOT)
     h_j = tl.load(h_ptr + j[:, None] * F + fs[None, :], mask=row_ok[:, None], other=0.0)
     tl.atomic_add(out_ptr + i[:, None] * F + fs[None, :], h_j * w, mask=row_ok[:, None])
     if HALF:
@@ -101,17 +109,11 @@ def _cfconv_forward(h_ptr, i_ptr, j_ptr, d_ptr, env_ptr, mu_ptr, w1_ptr, b1_ptr,
 @triton.jit
 def _cfconv_backward(g_ptr, h_ptr, i_ptr, j_ptr, d_ptr, env_ptr, mu_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
                      grad_h_ptr, grad_d_ptr, grad_env_ptr, P, gamma, log2, K: tl.constexpr, F: tl.constexpr,
-                     BP: tl.constexpr,
-                     KB: tl.constexpr, LAST_SSP: tl.constexpr, HALF: tl.constexpr, DOT: tl.constexpr):
-    rows = tl.program_id(0) * BP + tl.arange(0, BP)
-    row_ok = rows < P
+                     BP: tl.constexpr, KB: tl.constexpr, LAST_SSP: tl.constexpr, HALF: tl.constexpr,
+                     DOT: tl.constexpr):
     fs = tl.arange(0, F)
-    d = tl.load(d_ptr + rows, mask=row_ok, other=0.0)
-    env = tl.load(env_ptr + rows, mask=row_ok, other=0.0)
-    a1, a2, w0 = _filters(d, env, mu_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, gamma, log2, K, F, BP, KB, LAST_SSP, DOT)
-    w = w0 * env[:, None]
-    i = tl.load(i_ptr + rows, mask=row_ok, other=0)
-    j = tl.load(j_ptr + rows, mask=row_ok, other=0)
+    rows, row_ok, d, i, j, env, a1, a2, w0, w = _tile(d_ptr, env_ptr, i_ptr, j_ptr, mu_ptr, w1_ptr, b1_ptr, w2_ptr,
+                                                      b2_ptr, P, gamma, log2, K, F, BP, KB, LAST_SSP, DOT)
     g_i = tl.load(g_ptr + i[:, None] * F + fs[None, :], mask=row_ok[:, None], other=0.0)
     h_j = tl.load(h_ptr + j[:, None] * F + fs[None, :], mask=row_ok[:, None], other=0.0)
     tl.atomic_add(grad_h_ptr + j[:, None] * F + fs[None, :], g_i * w, mask=row_ok[:, None])

@@ -155,9 +155,10 @@ def test_cuda_graphs_give_the_same_trajectory():
     np.testing.assert_allclose(finals[1], finals[0], atol=1e-5)
 
 
-def test_fused_module_equals_torchscript_on_cuda():
-    """torch.compile (inductor) fuses the CFConv's elementwise passes, gathers and scatters into Triton
-    kernels; they must give the exported TorchScript module's energy and forces."""
+def water_box_modules(fused_model: bool = False):
+    """A 1.5k-atom water box, a small random schnet2018 (float32), its exported TorchScript module and the same
+    module in eager form (with the Triton CFConv if fused_model), both on the GPU, and positions/box there."""
+    import schnet_md.fused as fused
     from schnet_md.bench import water_box
     from schnet_md.export import build_module
 
@@ -167,9 +168,19 @@ def test_fused_module_equals_torchscript_on_cuda():
     model = random_model("schnet2018", elements=(1, 8), n_features=32, n_interactions=2, dtype=torch.float32)
     kwargs = dict(periodic=True, box_nm=box, positions_nm=positions, neighbor_list="cells", check_errors=False)
     scripted = build_module(model, z, **kwargs)[0].cuda()
-    fused = torch.compile(build_module(model, z, script=False, **kwargs)[0].cuda(), fullgraph=True)
+    eager = build_module(model, z, script=False, **kwargs)[0]
+    if fused_model:
+        eager.model = fused.FusedSchNet(eager.model)
     x = torch.as_tensor(positions, dtype=torch.float32, device="cuda").requires_grad_(True)
     b = torch.as_tensor(box, dtype=torch.float32, device="cuda")
+    return scripted, eager.cuda(), x, b
+
+
+def test_fused_module_equals_torchscript_on_cuda():
+    """torch.compile (inductor) fuses the CFConv's elementwise passes, gathers and scatters into Triton
+    kernels; they must give the exported TorchScript module's energy and forces."""
+    scripted, eager, x, b = water_box_modules()
+    fused = torch.compile(eager, fullgraph=True)
     e_ref = scripted(x, b)
     (f_ref,) = torch.autograd.grad(e_ref, x)
     e_fused = fused(x, b)
@@ -226,20 +237,8 @@ def test_triton_cfconv_equals_torchscript_on_cuda(precision):
     """The hand-fused CFConv (schnet_md.fused), compiled by Triton for the GPU, against the exported TorchScript
     module: float32 products to 1e-5, TF32 (tensor cores, 10-bit mantissa) to the looser tolerance it allows."""
     import schnet_md.fused as fused
-    from schnet_md.bench import water_box
-    from schnet_md.export import build_module
 
-    topology, positions = water_box(1500)
-    box = np.array(topology.getPeriodicBoxVectors().value_in_unit(unit.nanometer))
-    z = [a.element.atomic_number for a in topology.atoms()]
-    model = random_model("schnet2018", elements=(1, 8), n_features=32, n_interactions=2, dtype=torch.float32)
-    kwargs = dict(periodic=True, box_nm=box, positions_nm=positions, neighbor_list="cells", check_errors=False)
-    scripted = build_module(model, z, **kwargs)[0].cuda()
-    eager = build_module(model, z, script=False, **kwargs)[0]
-    eager.model = fused.FusedSchNet(eager.model)
-    eager = eager.cuda()
-    x = torch.as_tensor(positions, dtype=torch.float32, device="cuda").requires_grad_(True)
-    b = torch.as_tensor(box, dtype=torch.float32, device="cuda")
+    scripted, eager, x, b = water_box_modules(fused_model=True)
     e_ref = scripted(x, b)
     (f_ref,) = torch.autograd.grad(e_ref, x)
     fused.DOT_PRECISION = precision
