@@ -235,12 +235,14 @@ def refine(model, structures: Sequence, data, out_dir, settings: Optional[Refine
          "validation": validation.source if validation is not None else "5 % of the data", "settings": asdict(settings),
          "rounds": []}
     base_sha = file_sha256(resolve_model_path(model))       # a shipped name may later name another file
+    known_sha = "model_sha256" in record                    # (records written before this guard lack it)
     record.setdefault("model_sha256", base_sha)
     if record["model_sha256"] != base_sha:
         raise ValueError(f"{out} refines another file than {model} is now (SHA-256 {record['model_sha256'][:16]}…, "
                          f"now {base_sha[:16]}…); pass the model file the refinement started from")
     same = lambda a: {k: v for k, v in a.items() if k != "rounds"}  # noqa: E731  (more rounds may be asked for)
-    if same(record["settings"]) != same(asdict(settings)) or record["model"] != str(model) or \
+    # the same bytes under another name (the file a shipped name used to point to) are the same model
+    if same(record["settings"]) != same(asdict(settings)) or (record["model"] != str(model) and not known_sha) or \
             record.get("structures") != structures:
         raise ValueError(f"{out} holds a refinement of {record['model']} with other settings or structures; "
                          "use another --out")

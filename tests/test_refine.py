@@ -87,6 +87,23 @@ def test_a_refinement_refuses_a_model_name_that_now_names_another_file(tmp_path)
         "rounds": [], "model_sha256": "0" * 64}))
     with pytest.raises(ValueError, match="another file"):
         refine("ethanol", [structure], data, tmp_path, RefineSettings(), log=lambda _: None)
+    # the file the name used to point to, under its own path: the same model, so the refinement goes on
+    from dataclasses import asdict
+
+    from schnet_md.data import file_sha256
+
+    from conftest import FIXTURES
+
+    before = FIXTURES / "ethanol_unrefined.pt"
+    settings = RefineSettings(rounds=0)
+    (tmp_path / "rounds.json").write_text(json.dumps({
+        "model": "ethanol", "structures": [structure], "data": data.source, "settings": asdict(settings),
+        "rounds": [], "model_sha256": file_sha256(before), "energy_offsets": {"C2H6O": {"offset": 0.0}},
+        "final_check_of": file_sha256(before), "final_check": {"passed": False}}))
+    record = refine(str(before), [structure], data, tmp_path, settings, log=lambda _: None)
+    assert record["model_sha256"] == file_sha256(before)
+    with pytest.raises(ValueError, match="another file"):   # and the name, now another file, is still refused
+        refine("ethanol", [structure], data, tmp_path, settings, log=lambda _: None)
 
 
 def test_an_interrupted_fine_tuning_goes_on_from_its_checkpoint(tmp_path):
