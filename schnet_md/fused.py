@@ -35,7 +35,7 @@ LOG2 = math.log(2.0)
 BLOCK_PAIRS = 32      # pairs per program
 BLOCK_GAUSSIANS = 32  # Gaussians per step through the filter network's first layer
 # Triton multiplies float32 tiles in TF32 on tensor cores unless told otherwise (10-bit mantissa: ~1e-3 relative
-# in the filters); "ieee" keeps float32 throughout, as the reference model. Set before the first call.
+# in the filters); "ieee" keeps float32 throughout, as the reference model. Another value compiles other kernels.
 DOT_PRECISION = "ieee"
 
 
