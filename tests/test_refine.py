@@ -164,3 +164,13 @@ def test_new_labels_are_put_on_the_data_energy_zero_in_the_data_unit(tmp_path):
     assert result["offset"] == pytest.approx(np.mean(direct), abs=1e-3)
     assert result["spread"] == pytest.approx(np.ptp(direct), abs=1e-3)
     assert result["spread"] < 5.0                             # the zero is one constant, not frame-dependent
+
+
+def test_fine_tuning_continues_with_the_base_model_batch_and_ema():
+    from schnet_md.modelfile import load_model
+    from schnet_md.refine import fine_tuning_recipe
+
+    assert fine_tuning_recipe(load_model("iso17x")[1]) == {"batch_size": 32, "ema_decay": 0.999}
+    assert fine_tuning_recipe({}) == {"batch_size": 16, "ema_decay": 0.99}
+    assert fine_tuning_recipe({"training": {"settings": {"batch_size": 8, "ema_decay": 0.0}}}) == \
+        {"batch_size": 8, "ema_decay": 0.99}
