@@ -53,8 +53,18 @@ def _one(task) -> dict:
         outcome["stopped"] = str(err).splitlines()[0]
     info = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
     outcome["ps_done"] = info.get("steps_done", 0) * TIMESTEP_FS / 1000
+    if outcome["stopped"]:    # run.json counts checkpointed steps; the guard names the step it stopped at
+        outcome["ps_done"] = max(outcome["ps_done"], stopped_at_ps(outcome["stopped"]))
     outcome["wall_seconds"] = time.perf_counter() - started
     return outcome
+
+
+def stopped_at_ps(message: str) -> float:
+    """The time (ps) at which the blow-up guard stopped a run, from its message ("... at step N ...")."""
+    import re
+
+    steps = [int(m) for m in re.findall(r"step (\d+)", message)]
+    return max(steps, default=0) * TIMESTEP_FS / 1000
 
 
 def cmd_run(name, model, systems, seeds, ps, temperature, jobs, minimize) -> None:
@@ -89,8 +99,9 @@ def cmd_report() -> None:
                   f"{ok} of {len(r['runs'])} runs kept the chemistry intact to the end.", "",
                   "| system | seed | K | ps target | ps run | outcome |", "|---|---|---|---|---|---|"]
         for x in sorted(r["runs"], key=lambda x: (x["system"], x["ps_target"], x["seed"])):
+            ps = x["ps_done"] if x["stopped"] is None else max(x["ps_done"], stopped_at_ps(x["stopped"]))
             lines.append(f"| {x['system']} | {x['seed']} | {x['temperature_k']:g} | {x['ps_target']:g} | "
-                         f"{x['ps_done']:.1f} | {'ran to the end' if x['stopped'] is None else x['stopped']} |")
+                         f"{ps:.1f} | {'ran to the end' if x['stopped'] is None else x['stopped']} |")
         lines.append("")
     (ROOT / "benchmarks" / "robustness_md.md").write_text("\n".join(lines))
     print("\n".join(lines))
