@@ -63,7 +63,7 @@ def robustness_section(name: str, structures: list) -> list:
         lines += ["```", text, "```", ""]
     for path in sorted((ROOT / "benchmarks" / "robustness_md").glob(f"{name}-*.json")):   # long MD campaigns
         record = json.loads(path.read_text())
-        lines += [f"Long MD ({path.stem}, `benchmarks/robustness_md.md`): " + "; ".join(
+        lines += [f"Long MD ({path.stem}, `benchmarks/robustness_md.md`; model: {record['model']}): " + "; ".join(
             f"{r['system']} seed {r['seed']} at {r['temperature_k']:g} K: {r['ps_done']:.1f} of {r['ps_target']:g} ps, "
             + ("ran to the end" if r["stopped"] is None else f"stopped ({r['stopped'][:80]})")
             for r in record["runs"]) + ".", ""]
