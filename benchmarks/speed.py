@@ -240,17 +240,17 @@ def write_report(out: Path) -> None:
         f"Command: `{run['command']}`. Raw numbers: `{out.with_suffix('.json').name}`.", "",
         "MD: `LangevinMiddleIntegrator`, 0.5 fs, 300 K, float32 model, only the SchNet force, after warm-up. "
         "Force: openmm-torch's TorchForce (with or without CUDA graphs) or OpenMM's PythonForce (the model on the "
-        "platform's device). Model: median forward+backward of the exported TorchScript module. " + memory_text, "",
+        "platform's device). Model: median forward+backward of the exported module (TorchScript; compiled or fused "
+        "as the force column says). " + memory_text, "",
         f"| system | atoms | model | neighbours | force | torch threads | model fwd+bwd (ms) | MD steps/s | ms/step "
         f"| ns/day | {'peak CUDA memory' if cuda else 'peak RSS'} (MB) | model adds (MB) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        t = r.get("task", r)
-        backend = t.get("backend", "torch")
-        if backend.startswith("python"):
-            force = "PythonForce" + (" + torch.compile" if t.get("compile") or "compile" in backend else "") \
-                + (" + fused CFConv" if t.get("fused") or "fused" in backend else "")
+        t = r.get("task", r)     # a failed row keeps its task, a measured one the same keys
+        if t.get("backend") == "python":
+            force = "PythonForce" + (" + torch.compile" if t.get("compile") else "") \
+                + (" + fused CFConv" if t.get("fused") else "")
         else:
             force = "TorchForce" + (" + CUDA graphs" if t.get("cuda_graphs") else "")
         if "failed" in r:

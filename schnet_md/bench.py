@@ -36,7 +36,9 @@ class BenchResult:
     ns_per_day: float
     peak_memory_mb: float
     model_memory_mb: float = float("nan")
-    backend: str = "torch"
+    backend: str = "torch"      # "torch" (TorchForce) or "python" (PythonForce)
+    compile: bool = False       # PythonForce: through torch.compile
+    fused: bool = False         # PythonForce: the Triton CFConv
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -215,9 +217,8 @@ def bench(name: str, topology, positions_nm: np.ndarray, model: SchNet, model_la
     box_nm = None if box is None else np.array(box.value_in_unit(unit.nanometer))
     device = "cuda" if platform == "CUDA" else "cpu"
     ms, used, memory, added = time_model(model, z, positions_nm, box_nm, repeats, device, neighbor_list,
-                                         fused=fused)
+                                         compile=compile, fused=fused)
     sps = time_md(model, topology, positions_nm, platform, steps, timestep_fs, cuda_graphs, neighbor_list, backend,
                   compile, fused)
     return BenchResult(name, len(z), model_label, platform, used, cuda_graphs, torch.get_num_threads(), ms, sps,
-                       sps * timestep_fs * 1e-6 * 86400, memory, added,
-                       backend + (" + compile" if compile else "") + (" + fused" if fused else ""))
+                       sps * timestep_fs * 1e-6 * 86400, memory, added, backend, compile, fused)

@@ -469,6 +469,8 @@ def create_python_force(model: ModelLike, topology_or_atomic_numbers, atoms: Seq
 
     if not hasattr(openmm, "PythonForce"):
         raise RuntimeError(f"OpenMM {openmm.__version__} has no PythonForce (needs OpenMM >= 8.5)")
+    if fused and (compile or dtype != "float32"):
+        raise ValueError("fused=True runs the Triton CFConv in float32 without torch.compile")
     z, indices, n_particles, box_nm = _targets(topology_or_atomic_numbers, atoms)
     periodic = box_nm is not None if periodic is None else periodic
     n_molecules = count_molecules(topology_or_atomic_numbers, indices) \
@@ -478,8 +480,6 @@ def create_python_force(model: ModelLike, topology_or_atomic_numbers, atoms: Seq
     module, _ = build_module(model, z, indices, n_particles, periodic, dtype, neighbor_list, box_nm,
                              None if positions is None else _nm(positions), capacity, n_molecules=n_molecules,
                              script=False)
-    if fused and (compile or dtype != "float32"):
-        raise ValueError("fused=True runs the Triton CFConv in float32 without torch.compile")
     force = openmm.PythonForce(SchNetComputation(module, periodic, compile, device, fused))
     force.setUsesPeriodicBoundaryConditions(periodic)
     return force

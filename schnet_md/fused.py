@@ -57,7 +57,7 @@ def _expansion(d, mu_ptr, k0, K: tl.constexpr, gamma, KB: tl.constexpr):
 
 
 @triton.jit
-def _filters(d, env, mu_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, gamma, log2, K: tl.constexpr, F: tl.constexpr,
+def _filters(d, mu_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, gamma, log2, K: tl.constexpr, F: tl.constexpr,
              BP: tl.constexpr, KB: tl.constexpr, LAST_SSP: tl.constexpr, DOT: tl.constexpr):
     """The tile's filter network: (a1, a2, w0) with w0 the filters before the envelope. The Gaussians go
     through the first layer KB at a time (301 of them for schnet2017 would not fit in registers at once)."""
@@ -81,12 +81,12 @@ def _filters(d, env, mu_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, gamma, log2, K: tl.
 @triton.jit
 def _tile(d_ptr, env_ptr, i_ptr, j_ptr, mu_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, P, gamma, log2, K: tl.constexpr,
           F: tl.constexpr, BP: tl.constexpr, KB: tl.constexpr, LAST_SSP: tl.constexpr, DOT: tl.constexpr):
-    """This program's tile of pairs: (rows, row_ok, i, j, envelope, a1, a2, w0, w = w0 * envelope)."""
+    """This program's tile of pairs: (rows, row_ok, d, i, j, envelope, a1, a2, w0, w = w0 * envelope)."""
     rows = tl.program_id(0) * BP + tl.arange(0, BP)
     row_ok = rows < P
     d = tl.load(d_ptr + rows, mask=row_ok, other=0.0)
     env = tl.load(env_ptr + rows, mask=row_ok, other=0.0)
-    a1, a2, w0 = _filters(d, env, mu_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, gamma, log2, K, F, BP, KB, LAST_SSP, DOT)
+    a1, a2, w0 = _filters(d, mu_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, gamma, log2, K, F, BP, KB, LAST_SSP, DOT)
     i = tl.load(i_ptr + rows, mask=row_ok, other=0)
     j = tl.load(j_ptr + rows, mask=row_ok, other=0)
     return rows, row_ok, d, i, j, env, a1, a2, w0, w0 * env[:, None]

@@ -231,10 +231,10 @@ def refine(model, structures: Sequence, data, out_dir, settings: Optional[Refine
     from .committee import ForceDisagreement
     from .data import concatenate, file_sha256, read_rmd17
     from .elements import formula
-    from .modelfile import load_model, resolve_model_path
+    from .modelfile import resolve_model_path
     from .reference import label_frames
     from .structures import read_structure
-    from .train import TrainSettings, split_indices, train
+    from .train import split_indices
 
     settings = settings or RefineSettings()
     tests = [] if test is None else (list(test) if isinstance(test, (list, tuple)) else [test])
@@ -369,10 +369,8 @@ def refine(model, structures: Sequence, data, out_dir, settings: Optional[Refine
             folder = out / f"round{k}" / "model"
             new, combined = training_set()
             log(f"round {k}: fine-tuning on to epoch {target}")
-            base, metadata = load_model(current)
-            (folder / "metrics.json").unlink(missing_ok=True)
-            train(combined, base.config, folder, TrainSettings(**fine_tuning_recipe(metadata), **round_schedule(target)),
-                  resume=True, log=quiet, validation=original_val)
+            (folder / "metrics.json").unlink(missing_ok=True)      # unfinished: _train resumes its checkpoint
+            _train(current, combined, folder, quiet, validation=original_val, **round_schedule(target))
             before = str(model) if k == 1 else record["rounds"][-2]["model"]
             _evaluate_round(entry, before, current, new, tests, log)
             entry["fine_tuning_epochs"] = target

@@ -112,3 +112,11 @@ def test_fused_cfconv_equals_the_reference_in_the_triton_interpreter():
     result = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr[-4000:]
     assert result.stdout.count(" ok") == 5, result.stdout
+
+
+@pytest.mark.parametrize("options", [dict(compile=True), dict(dtype="float64")])
+def test_fused_python_force_refuses_what_it_cannot_run(options):
+    from schnet_md.export import create_python_force
+
+    with pytest.raises(ValueError, match="float32 without torch.compile"):
+        create_python_force("ethanol", [6, 6, 8, 1, 1, 1, 1, 1, 1], fused=True, **options)
