@@ -55,7 +55,8 @@ def _train(args) -> int:
                      "lr_patience": args.lr_patience, "rho": args.rho,
                      "validation_fraction": args.validation_fraction, "seed": args.seed,
                      "ema_decay": args.ema, "early_stopping_patience": args.early_stopping,
-                     "max_hours": args.max_hours, "device": args.device},
+                     "max_hours": args.max_hours, "device": args.device,
+                     "frames_per_epoch": args.frames_per_epoch},
     }
     out = Path(args.out)
     saved = out / "config.json"
@@ -306,7 +307,7 @@ def _refine(args) -> int:
     settings = RefineSettings(method=args.method, temperatures=args.temperatures, md_steps=args.md_steps,
                               members=args.members, member_epochs=args.member_epochs, frames_per_round=args.frames,
                               epochs=args.epochs, learning_rate=args.learning_rate, rounds=args.rounds,
-                              check_steps=args.check_steps, seed=args.seed)
+                              check_steps=args.check_steps, seed=args.seed, frames_per_epoch=args.frames_per_epoch)
     record = refine(args.model, args.structure, data, args.out, settings, test=test, validation=validation,
                     log=lambda m: print(m, file=sys.stderr, flush=True), polish_epochs=args.polish_epochs)
     final = record["final_check"]
@@ -373,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--early-stopping", type=int, help="stop after N epochs without validation improvement")
     t.add_argument("--max-hours", type=float, help="stop after this much wall time; --resume continues")
     t.add_argument("--max-frames", type=int, help="use only the first N frames of the data")
+    t.add_argument("--frames-per-epoch", type=int, help="each epoch trains on N frames drawn afresh from the training "
+                                                        "set (short epochs over a large set; default: all)")
     t.add_argument("--device", help="auto (CUDA when present), cpu or cuda")
     t.add_argument("--seed", type=int)
     t.add_argument("--threads", type=int, help="torch CPU threads (per process)")
@@ -566,6 +569,9 @@ def build_parser() -> argparse.ArgumentParser:
     rf.add_argument("--epochs", type=int, default=250, help="fine-tuning epochs per round (best epoch chosen on "
                                                            "held-out original data)")
     rf.add_argument("--learning-rate", type=float, default=1e-4, help="start of each round's fine-tuning")
+    rf.add_argument("--frames-per-epoch", type=int, default=0,
+                    help="each fine-tuning epoch draws N frames afresh from --data and the new labels (large sets "
+                         "such as iso17x: short epochs that keep seeing all of the data; default: all, every epoch)")
     rf.add_argument("--rounds", type=int, default=3, help="may be raised when resuming")
     rf.add_argument("--polish-epochs", type=int, default=0,
                     help="once the rounds are done, continue the last round's fine-tuning this many more epochs")

@@ -16,7 +16,8 @@ Each round, for every structure given:
      (RMS force 2x the data's, energy 3 standard deviations from its mean), so their errors count relative to
      their size: the model must
      learn their shape (a stretched bond costs energy), not spend its capacity fitting them to the data's
-     accuracy (unweighted, they wrecked the test errors). The best epoch is chosen on a
+     accuracy (unweighted, they wrecked the test errors). Frames more than 10x beyond the band are not trained on
+     at all. `frames_per_epoch` makes short epochs over a large data set. The best epoch is chosen on a
      held-out part of the ORIGINAL data, so accuracy where the model was already good is what guards it;
   6. errors on the original test set before and after, on the new labels, and the frames added go to
      OUT/rounds.json.
@@ -39,6 +40,7 @@ STRETCH_FACTORS = (1.15, 1.3, 1.5, 1.8, 2.1, 2.5)     # bond lengths labelled al
 MOLECULE_SCALES = (1.05, 1.1, 1.2, 1.4, 1.7, 2.0)     # the molecule scan's range (1-2x)
 MINIMISER_PATH = (0.1, 0.25, 0.5, 0.75, 1.0)          # from the start to where a failed minimisation ended
 FORCE_BAND, ENERGY_BAND = 2.0, 3.0                   # frames inside these bands count fully (frame_weights)
+LEARNABLE_WEIGHT = 0.01     # frames more than 10x beyond the band are labelled and kept, but not trained on (see below)
 TEST_TOLERANCE = 1.02                                 # "not worse": within 2 % of the errors before
 
 
@@ -52,6 +54,8 @@ class RefineSettings:
     frames_per_round: int = 40        # committee-MD frames labelled per round (failed-check geometries come on top)
     epochs: int = 250                 # fine-tuning epochs of the refined model, each round (lr halves after 25 flat)
     learning_rate: float = 1e-4       # start of the refined model's fine-tuning (halved on plateaus, to 1e-6)
+    frames_per_epoch: int = 0         # > 0: each fine-tuning epoch draws this many frames afresh from the original
+                                      # and new ones, each at its share: short epochs over a large data set
     member_learning_rate: float = 2e-4
     rounds: int = 3
     check_steps: int = 2000
@@ -252,7 +256,8 @@ def refine(model, structures: Sequence, data, out_dir, settings: Optional[Refine
     if record["model_sha256"] != base_sha:
         raise ValueError(f"{out} refines another file than {model} is now (SHA-256 {record['model_sha256'][:16]}…, "
                          f"now {base_sha[:16]}…); pass the model file the refinement started from")
-    same = lambda a: {k: v for k, v in a.items() if k != "rounds"}  # noqa: E731  (more rounds may be asked for)
+    # (more rounds may be asked for; a setting added since a record was written has its default there)
+    same = lambda a: {k: v for k, v in (asdict(RefineSettings()) | a).items() if k != "rounds"}  # noqa: E731
     # the same bytes under another name (the file a shipped name used to point to) are the same model
     if same(record["settings"]) != same(asdict(settings)) or (record["model"] != str(model) and not known_sha) or \
             record.get("structures") != structures:
@@ -282,14 +287,18 @@ def refine(model, structures: Sequence, data, out_dir, settings: Optional[Refine
         return replace(d, energies=d.energies - offsets[formula(d.frame(0)[0])]["offset"])
 
     def training_set():
-        """(every label so far, weighted; the original training frames plus those) for fine-tuning."""
+        """(every label so far, weighted; the original training frames plus the learnable ones) for fine-tuning.
+        Frames far beyond the data (a bond stretched 2.5x) are left out: the model is wrong there by hundreds of
+        times its usual error, so even at weight 1/k^2 a few dozen of them made ~40 % of iso17x's loss and pulled
+        the fit away from the data, while MD never goes there."""
         new = concatenate(labelled, source=f"{len(labelled)} refinement label set(s)")
         new = new.weighted(frame_weights(new, rms_force, spread))
-        return new, concatenate([original_train, new], source=f"{data.source} + {new.source}")
+        learnable = new.subset(np.flatnonzero(new.weights >= LEARNABLE_WEIGHT))
+        return new, concatenate([original_train, learnable], source=f"{data.source} + {new.source}")
 
     def round_schedule(epochs: int) -> dict:
         return dict(epochs=epochs, seed=settings.seed, learning_rate=settings.learning_rate, lr_patience=25,
-                    min_learning_rate=1e-6)
+                    min_learning_rate=1e-6, frames_per_epoch=settings.frames_per_epoch)
 
     current = str(model) if not record["rounds"] else record["rounds"][-1]["model"]
     labelled = [on_data_zero(p) for r in record["rounds"] for p in r["labels"]]
@@ -351,8 +360,10 @@ def refine(model, structures: Sequence, data, out_dir, settings: Optional[Refine
             entry["labels"].append(str(labels))
             entry["frames_added"] += int(len(labelled[-1]))
         new, combined = training_set()
-        log(f"round {k}: fine-tuning on {len(combined)} frames ({len(new)} labelled so far, weights "
-            f"{new.weights.min():.2g}-{new.weights.max():.2g}), validated on {len(original_val)} original ones")
+        log(f"round {k}: fine-tuning on {len(combined)} frames ({len(combined) - len(original_train)} of the "
+            f"{len(new)} labelled so far, weights {LEARNABLE_WEIGHT:g}-1; the rest lie too far out), validated on "
+            f"{len(original_val)} original ones")
+        entry["frames_trained_on"] = len(combined) - len(original_train)
         refined = _train(current, combined, folder / "model", quiet, validation=original_val,
                          **round_schedule(settings.epochs))
         entry["model"] = str(refined)

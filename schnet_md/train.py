@@ -44,6 +44,7 @@ class TrainSettings:
     ema_decay: float = 0.0            # > 0: validate and save an exponential moving average of the weights
     early_stopping_patience: int = 0  # > 0: stop after this many epochs without improvement
     max_hours: float = 0.0            # > 0: stop after this much wall time (resume continues)
+    frames_per_epoch: int = 0         # > 0: each epoch trains on this many frames drawn afresh from the training set
     device: str = "auto"              # "auto": CUDA when present, else CPU
 
     def __post_init__(self) -> None:
@@ -71,6 +72,7 @@ class TrainSettings:
                   (0 <= self.ema_decay < 1, "ema_decay must lie in [0, 1)"),
                   (self.early_stopping_patience >= 0, "early_stopping_patience must be >= 0"),
                   (self.max_hours >= 0, "max_hours must be >= 0"),
+                  (self.frames_per_epoch >= 0, "frames_per_epoch must be >= 0 (0: every frame, every epoch)"),
                   (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
                    "device must be auto, cpu, cuda or cuda:N")]
         for ok, message in checks:
@@ -198,7 +200,10 @@ def train(data: Dataset, config: SchNetConfig, out_dir: str | Path, settings: Tr
           on_start: Optional[Callable[[], None]] = None, init_state: Optional[dict] = None) -> dict:
     """Train a SchNet on `data` (validated on `validation`, or on a random fraction of `data`);
     returns the summary also written to OUT/metrics.json. `on_start` runs once everything is checked and
-    the first epoch is about to begin (the CLI records config.json there, so a refused run changes nothing)."""
+    the first epoch is about to begin (the CLI records config.json there, so a refused run changes nothing).
+    With `settings.frames_per_epoch`, each epoch draws that many training frames afresh: short epochs (a
+    validation, a checkpoint and a best-model choice every few minutes) that together cover a large set, each
+    frame at its share of the data."""
     out = Path(out_dir)
     if config.energy_unit != data.energy_unit:
         data = data.converted(config.energy_unit)          # the one conversion of labels into model units
@@ -279,7 +284,9 @@ def train(data: Dataset, config: SchNetConfig, out_dir: str | Path, settings: Tr
     log(f"training {count_parameters(model):,} parameters on {len(train_idx)} frames ({data.source}), validating "
         f"on {len(val_idx)} ({val_data.source if validation is not None else 'random split'}); energies in "
         f"{config.energy_unit}; {'energies and forces' if has_forces else 'energies only'}; device {device}"
-        + (f"; {group.world} processes, global batch {settings.batch_size}" if group.active else ""))
+        + (f"; {group.world} processes, global batch {settings.batch_size}" if group.active else "")
+        + (f"; {min(settings.frames_per_epoch, len(train_idx))} drawn afresh per epoch" if settings.frames_per_epoch
+           else ""))
     started = time.perf_counter()
     bar = None
     if sys.stderr.isatty() and group.main:
@@ -293,6 +300,8 @@ def train(data: Dataset, config: SchNetConfig, out_dir: str | Path, settings: Tr
         model.train()
         generator = torch.Generator().manual_seed(settings.seed * 100_003 + epoch)
         order = train_idx[torch.randperm(len(train_idx), generator=generator).numpy()]
+        if 0 < settings.frames_per_epoch < len(order):
+            order = order[:settings.frames_per_epoch]
         total, n_batches = 0.0, 0
         batches_per_epoch = -(-len(order) // settings.batch_size)
         last_line = time.perf_counter()

@@ -53,6 +53,35 @@ def test_resume_continues_exactly(tmp_path, ethanol_frames):
     assert a["optimizer"]["state"][0]["step"] == b["optimizer"]["state"][0]["step"]
 
 
+def test_frames_per_epoch_draws_afresh_each_epoch(tmp_path, ethanol_frames, monkeypatch):
+    """Short epochs over a large set (refine on iso17x): each epoch trains on `frames_per_epoch` training frames
+    drawn anew, none twice, so together they spread over the whole set; 0 (the default) keeps whole epochs."""
+    import schnet_md.train as training
+
+    orders = []
+    real = training.global_batches
+
+    def spy(data, order, *args, **kwargs):
+        orders.append(np.array(order))
+        return real(data, order, *args, **kwargs)
+
+    monkeypatch.setattr(training, "global_batches", spy)
+    config = config_from_preset("schnet2017", ethanol_frames.elements, **SMALL)
+    validation = ethanol_frames.subset(range(50, 60))
+    summary = train(ethanol_frames.subset(range(50)), config, tmp_path / "short", TrainSettings(
+        epochs=4, batch_size=8, frames_per_epoch=12), log=quiet, validation=validation)
+    assert len(orders) == 4 and len(summary["history"]) == 4
+    drawn = [frozenset(order.tolist()) for order in orders]
+    assert all(len(order) == 12 and len(d) == 12 and d <= set(range(50)) for order, d in zip(orders, drawn))
+    assert len(set(drawn)) == 4 and len(frozenset().union(*drawn)) > 25     # fresh draws over the whole set
+    orders.clear()
+    train(ethanol_frames.subset(range(50)), config, tmp_path / "whole", TrainSettings(epochs=1, batch_size=8),
+          log=quiet, validation=validation)
+    assert sorted(orders[0].tolist()) == list(range(50))
+    with pytest.raises(ValueError, match="frames_per_epoch"):
+        TrainSettings(frames_per_epoch=-1)
+
+
 def test_cli_train(tmp_path, capsys):
     data = shared_file("rmd17/rmd17_ethanol_train_01.npz")
     assert main(["train", "--data", str(data), "--labels", "old", "--max-frames", "30", "--epochs", "2",
