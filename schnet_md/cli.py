@@ -309,7 +309,8 @@ def _refine(args) -> int:
                               epochs=args.epochs, learning_rate=args.learning_rate, rounds=args.rounds,
                               check_steps=args.check_steps, seed=args.seed, frames_per_epoch=args.frames_per_epoch)
     record = refine(args.model, args.structure, data, args.out, settings, test=test, validation=validation,
-                    log=lambda m: print(m, file=sys.stderr, flush=True), polish_epochs=args.polish_epochs)
+                    log=lambda m: print(m, file=sys.stderr, flush=True), polish_epochs=args.polish_epochs,
+                    runs=args.from_runs or ())
     final = record["final_check"]
     worse = [r["round"] for r in record["rounds"] if r.get("test_not_worse") is False]   # said, not hidden
     print(f"rounds: {len(record['rounds'])}; final model {record['final_model']}; check "
@@ -576,6 +577,9 @@ def build_parser() -> argparse.ArgumentParser:
     rf.add_argument("--polish-epochs", type=int, default=0,
                     help="once the rounds are done, continue the last round's fine-tuning this many more epochs")
     rf.add_argument("--check-steps", type=int, default=2000)
+    rf.add_argument("--from-runs", nargs="+", metavar="RUN_DIR",
+                    help="simulate runs (e.g. ones the blow-up guard stopped): the last 20 frames of each are labelled "
+                         "in the next round, each run once")
     rf.add_argument("--seed", type=int, default=1)
     rf.add_argument("--threads", type=int)
     rf.set_defaults(func=_refine)

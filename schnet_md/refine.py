@@ -6,7 +6,8 @@ Each round, for every structure given:
   2. a committee: the current model fine-tuned a few epochs with different seeds (`members`);
   3. candidate frames: Langevin MD with the committee at each target temperature (frames up to where the
      blow-up guard stopped a run included), plus the geometries the failed checks visited: every failing
-     bond stretched over the scan's range, the stretched molecule;
+     bond stretched over the scan's range, the stretched molecule; plus the last frames of any `simulate` runs
+     the user gives (`--from-runs`: production runs the blow-up guard stopped, labelled once);
   4. the failed checks' geometries, and the MD frames where the committee disagrees most (sigma_F), are
      labelled with the reference method (GFN2-xTB through tblite, or PBE/def2-SVP through PySCF). Another
      program's energies differ from the data's by a constant (PySCF vs rMD17's ORCA), so a few frames of the
@@ -26,6 +27,7 @@ Rounds are resumable: a finished round is skipped, labelling resumes chunk by ch
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import asdict, dataclass, field, replace
@@ -40,6 +42,7 @@ STRETCH_FACTORS = (1.15, 1.3, 1.5, 1.8, 2.1, 2.5)     # bond lengths labelled al
 MOLECULE_SCALES = (1.05, 1.1, 1.2, 1.4, 1.7, 2.0)     # the molecule scan's range (1-2x)
 MINIMISER_PATH = (0.1, 0.25, 0.5, 0.75, 1.0)          # from the start to where a failed minimisation ended
 FORCE_BAND, ENERGY_BAND = 2.0, 3.0                   # frames inside these bands count fully (frame_weights)
+RUN_FRAMES = 20             # frames labelled from the end of each run given to refine (a blow-up's lead-up)
 LEARNABLE_WEIGHT = 0.01     # frames more than 10x beyond the band are labelled and kept, but not trained on (see below)
 TEST_TOLERANCE = 1.02                                 # "not worse": within 2 % of the errors before
 
@@ -142,6 +145,25 @@ def _md_frames(members: List[str], structure_path, temperature: float, steps: in
     return read_trajectory(run / "trajectory.dcd", run / "topology.pdb").xyz.astype(np.float64) * 10.0
 
 
+def _run_frames(run_dir) -> tuple:
+    """(atomic numbers, Å frames): the last RUN_FRAMES frames of a `simulate` run (its trajectory.dcd and
+    topology.pdb), e.g. one the blow-up guard stopped: the frames leading up to where the model went wrong."""
+    from .analysis.load import read_trajectory
+
+    run = Path(run_dir)
+    missing = [name for name in ("trajectory.dcd", "topology.pdb") if not (run / name).is_file()]
+    if missing:
+        raise ValueError(f"{run} is not a simulate run folder: {', '.join(missing)} missing")
+    try:
+        traj = read_trajectory(run / "trajectory.dcd", run / "topology.pdb")
+    except Exception as err:                # mdtraj raises many kinds on a bad file
+        raise ValueError(f"cannot read the trajectory of {run}: {err}") from None
+    if traj.n_frames == 0:
+        raise ValueError(f"{run} holds no frames")
+    z = np.array([atom.element.atomic_number for atom in traj.topology.atoms])
+    return z, traj.xyz[-RUN_FRAMES:].astype(np.float64) * 10.0
+
+
 def _check_geometries(report: dict, structure) -> np.ndarray:
     """Å geometries the failed checks went to: failing bonds stretched over the scan's range, the stretched
     molecule, and the straight path from the start to where a failed minimisation ended."""
@@ -227,11 +249,13 @@ def _evaluate_round(entry: dict, before, after, new, tests, log) -> None:
 
 
 def refine(model, structures: Sequence, data, out_dir, settings: Optional[RefineSettings] = None, test=None,
-           log: Callable[[str], None] = print, validation=None, polish_epochs: int = 0) -> dict:
+           log: Callable[[str], None] = print, validation=None, polish_epochs: int = 0, runs: Sequence = ()) -> dict:
     """Run refinement rounds until `check` passes on every structure or `settings.rounds` are done; returns
     the record (also OUT/rounds.json). `validation`: the model's own validation set (else 5 % of `data`);
     `test`: one test set or a list (errors before and after each round). `polish_epochs`: once the rounds
-    are done, the last round's fine-tuning goes on for this many more epochs (its errors are re-evaluated)."""
+    are done, the last round's fine-tuning goes on for this many more epochs (its errors are re-evaluated).
+    `runs`: folders of `simulate` runs (say, production runs the blow-up guard stopped) whose last RUN_FRAMES
+    frames are labelled in the next round that runs, each run once."""
     from .committee import ForceDisagreement
     from .data import concatenate, file_sha256, read_rmd17
     from .elements import formula
@@ -264,6 +288,7 @@ def refine(model, structures: Sequence, data, out_dir, settings: Optional[Refine
         raise ValueError(f"{out} holds a refinement of {record['model']} with other settings or structures; "
                          "use another --out")
     molecules = {path: read_structure(path) for path in structures}
+    from_runs = {str(Path(r).resolve()): _run_frames(r) for r in runs}      # read first: a bad folder fails early
     check_settings = CheckSettings(temperature_k=max(settings.temperatures), md_steps=settings.check_steps,
                                    platform=settings.platform, seed=settings.seed)
     # the held-out original frames that choose each fine-tuning's best epoch, and the force scale of the data
@@ -275,11 +300,11 @@ def refine(model, structures: Sequence, data, out_dir, settings: Optional[Refine
     rms_force = float(np.sqrt(np.mean(data.forces ** 2)))
     spread = energy_spread(data)
     offsets = record.setdefault("energy_offsets", {})
-    for path, molecule in molecules.items():       # the reference's energy zero against the data's, per formula
-        name = formula(molecule.atomic_numbers)
+    for z in [m.atomic_numbers for m in molecules.values()] + [z for z, _ in from_runs.values()]:
+        name = formula(z)                          # the reference's energy zero against the data's, per formula
         if name not in offsets:
             log(f"aligning {settings.method} energies with the data's on {name}")
-            offsets[name] = _energy_offset(data, molecule.atomic_numbers, settings.method, out / "offset" / name)
+            offsets[name] = _energy_offset(data, z, settings.method, out / "offset" / name)
             record_path.write_text(json.dumps(record, indent=1))
 
     def on_data_zero(labels_path):
@@ -330,7 +355,7 @@ def refine(model, structures: Sequence, data, out_dir, settings: Optional[Refine
                 if not members:
                     log(f"round {k}: committee of {settings.members}")
                     members = [str(_train(current, data, folder / f"member{m}", quiet, recipe=COMMITTEE_RECIPE,
-                                          epochs=settings.member_epochs,
+                                          epochs=settings.member_epochs, frames_per_epoch=settings.frames_per_epoch,
                                           seed=settings.seed + m, learning_rate=settings.member_learning_rate))
                                for m in range(settings.members)]
                 log(f"round {k}: committee MD of {Path(path).name} at "
@@ -359,6 +384,19 @@ def refine(model, structures: Sequence, data, out_dir, settings: Optional[Refine
             labelled.append(on_data_zero(labels))
             entry["labels"].append(str(labels))
             entry["frames_added"] += int(len(labelled[-1]))
+        used = {r for e in record["rounds"] for r in e.get("runs", [])}
+        entry["runs"] = [r for r in from_runs if r not in used]
+        entry["frames_from_runs"] = 0
+        for run in entry["runs"]:
+            z, frames = from_runs[run]
+            where = folder / "runs" / hashlib.sha1(run.encode()).hexdigest()[:12]    # one folder per run, stable
+            where.mkdir(parents=True, exist_ok=True)
+            log(f"round {k}: labelling the last {len(frames)} frames of {run} with {settings.method}")
+            labels = label_frames(z, frames, where / "labels.npz", method=settings.method)
+            labelled.append(on_data_zero(labels))
+            entry["labels"].append(str(labels))
+            entry["frames_added"] += int(len(labelled[-1]))
+            entry["frames_from_runs"] += int(len(labelled[-1]))
         new, combined = training_set()
         log(f"round {k}: fine-tuning on {len(combined)} frames ({len(combined) - len(original_train)} of the "
             f"{len(new)} labelled so far, weights {LEARNABLE_WEIGHT:g}-1; the rest lie too far out), validated on "

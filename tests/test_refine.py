@@ -15,21 +15,33 @@ pytest.importorskip("tblite")
 
 def test_one_refinement_round_on_an_iso17x_isomer(tmp_path, capsys):
     from schnet_md.cli import main
+    from schnet_md.simulate import SimulationSettings, run_simulation
 
     folder = shared_file("iso17x/iso17x.npz").parent
+    # a user's run to learn from (as if the blow-up guard had stopped it): its last frames get labelled
+    production = tmp_path / "production"
+    run_simulation(SYSTEMS / "c7o2h10_7" / "c7o2h10_7.pdb", "iso17x", production, SimulationSettings(
+        steps=60, report_interval=10, temperature_k=500.0, platform="CPU", seed=3), progress=False)
+    assert main(["refine", "iso17x", str(SYSTEMS / "c7o2h10_63" / "c7o2h10_63.pdb"), "--data", str(folder),
+                 "--out", str(tmp_path / "bad"), "--from-runs", str(tmp_path)]) == 1   # not a run folder
+    assert "not a simulate run folder" in capsys.readouterr().err
     args = ["refine", "iso17x", str(SYSTEMS / "c7o2h10_63" / "c7o2h10_63.pdb"), "--data", str(folder),
             "--max-frames", "120", "--test", str(folder), "--test-split", "test_within", "test_other",
             "--test-frames", "200", "--out", str(tmp_path / "refine"),
             "--temperatures", "500", "--md-steps", "100", "--members", "2", "--member-epochs", "1",
-            "--frames", "6", "--epochs", "1", "--rounds", "1", "--check-steps", "60", "--threads", "1"]
+            "--frames", "6", "--epochs", "1", "--rounds", "1", "--check-steps", "60", "--threads", "1",
+            "--frames-per-epoch", "100", "--from-runs", str(production)]
     code = main(args)
     assert code in (0, 2)
     record = json.loads((tmp_path / "refine" / "rounds.json").read_text())
     assert len(record["rounds"]) == 1
     r = record["rounds"][0]
-    assert 1 <= r["frames_from_md"] <= 6 and r["frames_from_md"] + r["frames_from_failed_checks"] >= r["frames_added"] >= 1
-    labels = np.load(r["labels"][0])
-    assert labels["energies"].shape[0] == r["frames_added"] and np.isfinite(labels["forces"]).all()
+    assert 1 <= r["frames_from_md"] <= 6
+    assert r["runs"] == [str(production.resolve())] and r["frames_from_runs"] == 6      # all 6 frames it wrote
+    assert r["frames_from_md"] + r["frames_from_failed_checks"] + 6 >= r["frames_added"] >= 7
+    labels = [np.load(path) for path in r["labels"]]        # the structure's frames, then the run's
+    assert sum(x["energies"].shape[0] for x in labels) == r["frames_added"]
+    assert all(np.isfinite(x["forces"]).all() for x in labels) and labels[1]["energies"].shape[0] == 6
     # GFN2-xTB through tblite is iso17x's own labelling: the energy zeros agree
     offset = record["energy_offsets"]["C7H10O2"]
     assert abs(offset["offset"]) < 1e-3 and len(offset["frames"]) == 3
