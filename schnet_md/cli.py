@@ -307,7 +307,8 @@ def _refine(args) -> int:
     settings = RefineSettings(method=args.method, temperatures=args.temperatures, md_steps=args.md_steps,
                               members=args.members, member_epochs=args.member_epochs, frames_per_round=args.frames,
                               epochs=args.epochs, learning_rate=args.learning_rate, rounds=args.rounds,
-                              check_steps=args.check_steps, seed=args.seed, frames_per_epoch=args.frames_per_epoch)
+                              check_steps=args.check_steps, seed=args.seed, frames_per_epoch=args.frames_per_epoch,
+                              label_weight=args.label_weight)
     record = refine(args.model, args.structure, data, args.out, settings, test=test, validation=validation,
                     log=lambda m: print(m, file=sys.stderr, flush=True), polish_epochs=args.polish_epochs,
                     runs=args.from_runs or ())
@@ -576,6 +577,9 @@ def build_parser() -> argparse.ArgumentParser:
     rf.add_argument("--rounds", type=int, default=3, help="may be raised when resuming")
     rf.add_argument("--polish-epochs", type=int, default=0,
                     help="once the rounds are done, continue the last round's fine-tuning this many more epochs")
+    rf.add_argument("--label-weight", type=float, default=1.0,
+                    help="the new frames' loss weights times this: with --frames-per-epoch on a large set, as if drawn "
+                         "this many times their share")
     rf.add_argument("--check-steps", type=int, default=2000)
     rf.add_argument("--from-runs", nargs="+", metavar="RUN_DIR",
                     help="simulate runs (e.g. ones the blow-up guard stopped): the last 20 frames of each are labelled "

@@ -18,8 +18,10 @@ Each round, for every structure given:
      their size: the model must
      learn their shape (a stretched bond costs energy), not spend its capacity fitting them to the data's
      accuracy (unweighted, they wrecked the test errors). Frames more than 10x beyond the band are not trained on
-     at all. `frames_per_epoch` makes short epochs over a large data set. The best epoch is chosen on a
-     held-out part of the ORIGINAL data, so accuracy where the model was already good is what guards it;
+     at all. `frames_per_epoch` makes short epochs over a large data set, `label_weight` counts the new frames
+     more than their share. The epoch kept is chosen on a held-out part of the ORIGINAL data, so accuracy where
+     the model was already good is what guards it: the latest epoch within 2 % of the best validation loss (of
+     equally good epochs, the one that learned the new frames longest);
   6. errors on the original test set before and after, on the new labels, and the frames added go to
      OUT/rounds.json.
 Rounds are resumable: a finished round is skipped, labelling resumes chunk by chunk.
@@ -45,6 +47,7 @@ FORCE_BAND, ENERGY_BAND = 2.0, 3.0                   # frames inside these bands
 RUN_FRAMES = 20             # frames labelled from the end of each run given to refine (a blow-up's lead-up)
 LEARNABLE_WEIGHT = 0.01     # frames more than 10x beyond the band are labelled and kept, but not trained on (see below)
 TEST_TOLERANCE = 1.02                                 # "not worse": within 2 % of the errors before
+KEEP_WITHIN = 0.02          # a fine-tuning keeps its latest epoch within 2 % of the best validation loss (~1 % RMSE)
 
 
 @dataclass
@@ -59,6 +62,8 @@ class RefineSettings:
     learning_rate: float = 1e-4       # start of the refined model's fine-tuning (halved on plateaus, to 1e-6)
     frames_per_epoch: int = 0         # > 0: each fine-tuning epoch draws this many frames afresh from the original
                                       # and new ones, each at its share: short epochs over a large data set
+    label_weight: float = 1.0         # new frames' loss weights x this: with frames_per_epoch, as if drawn this many
+                                      # times their share (a few hundred frames among 78k are otherwise barely seen)
     member_learning_rate: float = 2e-4
     rounds: int = 3
     check_steps: int = 2000
@@ -319,11 +324,12 @@ def refine(model, structures: Sequence, data, out_dir, settings: Optional[Refine
         new = concatenate(labelled, source=f"{len(labelled)} refinement label set(s)")
         new = new.weighted(frame_weights(new, rms_force, spread))
         learnable = new.subset(np.flatnonzero(new.weights >= LEARNABLE_WEIGHT))
+        learnable = learnable.weighted(settings.label_weight * learnable.weights)
         return new, concatenate([original_train, learnable], source=f"{data.source} + {new.source}")
 
     def round_schedule(epochs: int) -> dict:
         return dict(epochs=epochs, seed=settings.seed, learning_rate=settings.learning_rate, lr_patience=25,
-                    min_learning_rate=1e-6, frames_per_epoch=settings.frames_per_epoch)
+                    min_learning_rate=1e-6, frames_per_epoch=settings.frames_per_epoch, keep_within=KEEP_WITHIN)
 
     current = str(model) if not record["rounds"] else record["rounds"][-1]["model"]
     labelled = [on_data_zero(p) for r in record["rounds"] for p in r["labels"]]

@@ -45,6 +45,8 @@ class TrainSettings:
     early_stopping_patience: int = 0  # > 0: stop after this many epochs without improvement
     max_hours: float = 0.0            # > 0: stop after this much wall time (resume continues)
     frames_per_epoch: int = 0         # > 0: each epoch trains on this many frames drawn afresh from the training set
+    keep_within: float = 0.0          # > 0: model.pt is the latest epoch with validation loss within this fraction
+                                      # of the best (refine: of equally good epochs, the one that learned new frames longest)
     device: str = "auto"              # "auto": CUDA when present, else CPU
 
     def __post_init__(self) -> None:
@@ -73,6 +75,7 @@ class TrainSettings:
                   (self.early_stopping_patience >= 0, "early_stopping_patience must be >= 0"),
                   (self.max_hours >= 0, "max_hours must be >= 0"),
                   (self.frames_per_epoch >= 0, "frames_per_epoch must be >= 0 (0: every frame, every epoch)"),
+                  (self.keep_within >= 0, "keep_within must be >= 0 (0: model.pt is the best epoch)"),
                   (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
                    "device must be auto, cpu, cuda or cuda:N")]
         for ok, message in checks:
@@ -241,7 +244,7 @@ def train(data: Dataset, config: SchNetConfig, out_dir: str | Path, settings: Tr
         ema = torch.optim.swa_utils.AveragedModel(
             model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(settings.ema_decay))
     history: list = []
-    best, best_epoch = math.inf, -1
+    best, best_epoch, saved_epoch = math.inf, -1, -1
     first_epoch = 0
     checkpoint_path = out / "checkpoint.pt"
     if resume:
@@ -261,6 +264,7 @@ def train(data: Dataset, config: SchNetConfig, out_dir: str | Path, settings: Tr
                 ema.load_state_dict(state["ema"])
             history = json.loads(state["history"])
             best, best_epoch = float(state["best"]), int(state.get("best_epoch", -1))
+            saved_epoch = int(state.get("saved_epoch", best_epoch))
             first_epoch = int(state["epoch"]) + 1
         except (RuntimeError, KeyError, ValueError, TypeError) as err:
             raise ModelFileError(f"cannot resume: {checkpoint_path} does not match this run's model and settings "
@@ -325,7 +329,7 @@ def train(data: Dataset, config: SchNetConfig, out_dir: str | Path, settings: Tr
             loss = loss * (weight * group.world)
             global_loss = parallel.all_reduce_sum(group, loss.detach().clone()) / group.world
             if not torch.isfinite(global_loss):
-                kept = f"{out / 'model.pt'} keeps the best model (epoch {best_epoch + 1})" if best_epoch >= 0 \
+                kept = f"{out / 'model.pt'} keeps the model of epoch {saved_epoch + 1}" if saved_epoch >= 0 \
                     else "no model was saved"
                 raise TrainingError(f"training diverged: the loss became {float(global_loss)} at epoch {epoch + 1}, batch "
                                     f"{n_batches + 1}; {kept}, {checkpoint_path} the state after the last finished "
@@ -344,21 +348,25 @@ def train(data: Dataset, config: SchNetConfig, out_dir: str | Path, settings: Tr
             else metrics["energy_rmse"] ** 2
         if not math.isfinite(val_loss):
             raise TrainingError(f"training diverged: the validation loss became {val_loss} at epoch {epoch + 1}; "
-                                + (f"{out / 'model.pt'} keeps the best model (epoch {best_epoch + 1})"
-                                   if best_epoch >= 0 else "no model was saved") + ". Try a smaller --lr.")
+                                + (f"{out / 'model.pt'} keeps the model of epoch {saved_epoch + 1}"
+                                   if saved_epoch >= 0 else "no model was saved") + ". Try a smaller --lr.")
         scheduler.step(val_loss)
         row = {"epoch": epoch, "train_loss": total / max(n_batches, 1), "validation_loss": val_loss,
                "learning_rate": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0,
                **{f"validation_{k}": v for k, v in metrics.items()}}
         history.append(row)
-        if val_loss < best:
+        improved = val_loss < best
+        if improved:
             best, best_epoch = val_loss, epoch
+        if improved or (settings.keep_within > 0 and val_loss <= (1 + settings.keep_within) * best):
+            saved_epoch = epoch
             if group.main:
                 save_model(evaluated, out / "model.pt", _metadata(data, val_data, config, settings, len(train_idx),
                                                                   len(val_idx), epoch, metrics))
         if group.main:
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best, "best_epoch": best_epoch,
+                     "saved_epoch": saved_epoch,
                      "history": json.dumps(history)}
             if ema is not None:
                 state["ema"] = ema.state_dict()
@@ -387,6 +395,7 @@ def train(data: Dataset, config: SchNetConfig, out_dir: str | Path, settings: Tr
         bar.close()
     log(stop_reason)
     summary = {"history": history, "best_validation_loss": best, "best_epoch": best_epoch + 1,
+               "model_epoch": saved_epoch + 1,
                "stop_reason": stop_reason, "energy_unit": config.energy_unit, "n_train": len(train_idx),
                "n_validation": len(val_idx), "wall_seconds_this_run": time.perf_counter() - started,
                "settings": asdict(settings), "model": config.to_dict(), "processes": group.world}

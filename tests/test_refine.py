@@ -13,7 +13,8 @@ from conftest import SYSTEMS, shared_file
 pytest.importorskip("tblite")
 
 
-def test_one_refinement_round_on_an_iso17x_isomer(tmp_path, capsys):
+def test_one_refinement_round_on_an_iso17x_isomer(tmp_path, capsys, monkeypatch):
+    import schnet_md.refine as refining
     from schnet_md.cli import main
     from schnet_md.simulate import SimulationSettings, run_simulation
 
@@ -30,8 +31,20 @@ def test_one_refinement_round_on_an_iso17x_isomer(tmp_path, capsys):
             "--test-frames", "200", "--out", str(tmp_path / "refine"),
             "--temperatures", "500", "--md-steps", "100", "--members", "2", "--member-epochs", "1",
             "--frames", "6", "--epochs", "1", "--rounds", "1", "--check-steps", "60", "--threads", "1",
-            "--frames-per-epoch", "100", "--from-runs", str(production)]
+            "--frames-per-epoch", "100", "--from-runs", str(production), "--label-weight", "3"]
+    fine_tunings = []
+    real_train = refining._train
+
+    def spy(model, data, out, *rest, **settings):
+        fine_tunings.append((out.name, data, settings))
+        return real_train(model, data, out, *rest, **settings)
+
+    monkeypatch.setattr(refining, "_train", spy)
     code = main(args)
+    data, settings = next((d, s) for name, d, s in fine_tunings if name == "model")
+    new = data.weights[data.weights != 1.0]       # the original frames weigh 1; learnable new ones 3 x (0.01-1)
+    assert len(new) and new.max() <= 3.0 and new.min() >= 0.03 - 1e-12 and np.isclose(data.weights.max(), 3.0)
+    assert settings["frames_per_epoch"] == 100 and settings["keep_within"] == refining.KEEP_WITHIN
     assert code in (0, 2)
     record = json.loads((tmp_path / "refine" / "rounds.json").read_text())
     assert len(record["rounds"]) == 1

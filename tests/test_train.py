@@ -82,6 +82,23 @@ def test_frames_per_epoch_draws_afresh_each_epoch(tmp_path, ethanol_frames, monk
         TrainSettings(frames_per_epoch=-1)
 
 
+def test_keep_within_keeps_the_latest_epoch_near_the_best(tmp_path, ethanol_frames):
+    """keep_within: model.pt is the latest epoch whose validation loss lies within the fraction of the best (refine
+    prefers, of equally good epochs, the one that trained longest on its new frames); 0 keeps the best."""
+    config = config_from_preset("schnet2017", ethanol_frames.elements, **SMALL)
+    validation = ethanol_frames.subset(range(50, 60))
+    runs = {}
+    for name, within, lr in (("best", 0.0, 0.0), ("latest", 1e-9, 0.0), ("learning", 0.0, 3e-3)):
+        # lr 0: six equally good epochs
+        runs[name] = train(ethanol_frames.subset(range(50)), config, tmp_path / name, TrainSettings(
+            epochs=6, batch_size=10, learning_rate=lr, keep_within=within), log=quiet, validation=validation)
+    assert runs["best"]["model_epoch"] == runs["best"]["best_epoch"] == 1
+    assert runs["latest"]["model_epoch"] == 6 and runs["latest"]["best_epoch"] == 1
+    losses = [h["validation_loss"] for h in runs["learning"]["history"]]
+    assert runs["learning"]["model_epoch"] == int(np.argmin(losses)) + 1
+    assert load_model(tmp_path / "latest" / "model.pt")[1]["training"]["epoch"] == 6
+
+
 def test_cli_train(tmp_path, capsys):
     data = shared_file("rmd17/rmd17_ethanol_train_01.npz")
     assert main(["train", "--data", str(data), "--labels", "old", "--max-frames", "30", "--epochs", "2",
