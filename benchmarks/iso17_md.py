@@ -5,7 +5,8 @@ and compared with the GFN2-xTB reference trajectories of the same isomers in iso
     python benchmarks/iso17_md.py report                                              # writes benchmarks/iso17_md.md
 
 Isomers: 63 and 128 are known molecules (in iso17x `known_mols`, so their other conformations were in the
-model's training data), 7 is an unknown molecule (never seen in training). They have the most rotatable
+model's training data), 7 is an unknown molecule (not in iso17x's training split; the refined iso17x has seen
+141 GFN2-xTB frames of it from refinement, benchmarks/refine_iso17x.md). They have the most rotatable
 heavy-atom bonds of their sets, so conformational transitions can happen within picoseconds.
 MD settings follow the reference: Langevin at 500 K, 0.5 fs steps, friction 10/ps (0.01/fs), a frame every
 5 steps. Runs live in $SCHNET_MD_RUNS/iso17_md (default ~/.cache/schnet-md/runs/iso17_md).
@@ -71,10 +72,13 @@ def cmd_report() -> None:
               for m in STUDY if (RUNS / f"mol{m}" / "run.json").exists()}
     from schnet_md.modelfile import shipped_models
     for name in sorted(models):
-        card = shipped_models().get(name)
+        card = shipped_models().get(name) or shipped_models().get(_shipped_name(name))
         status = [l for l in card.with_name("MODEL_CARD.md").read_text().splitlines() if l.startswith("**Status:**")] \
             if card else []
-        lines += [f"Model `{name}`: " + (status[0].replace("**Status:** ", "status ") if status else "see its model card"), ""]
+        same = _shipped_name(name) if not shipped_models().get(name) else None
+        label = f"{name}` (the weights of shipped `{same}`)" if same else f"{name}`"
+        lines += [f"Model `{label}: " + (status[0].replace("**Status:** ", "status ") if status else "see its model card"),
+                  ""]
     summary_at, summary_lines = len(lines), []
     for mol, split in STUDY.items():
         run = RUNS / f"mol{mol}"
@@ -118,6 +122,20 @@ def cmd_report() -> None:
             "converged test of the landscape. That needs reference MD of comparable length.", ""]
     (ROOT / "benchmarks" / "iso17_md.md").write_text("\n".join(lines) + "\n")
     print((ROOT / "benchmarks" / "iso17_md.md").read_text())
+
+
+def _shipped_name(path: str):
+    """The shipped model with the same weights as the file at `path` (a copy may carry other metadata), or None."""
+    from schnet_md.modelfile import load_model, shipped_models
+
+    if not Path(path).is_file():
+        return None
+    weights = load_model(path)[0].state_dict()
+    for name in shipped_models():
+        other = load_model(name)[0].state_dict()
+        if other.keys() == weights.keys() and all(torch.equal(other[k], weights[k]) for k in weights):
+            return name
+    return None
 
 
 def _smiles(mol: int) -> str:

@@ -270,6 +270,9 @@ def refine(model, structures: Sequence, data, out_dir, settings: Optional[Refine
     from .train import split_indices
 
     settings = settings or RefineSettings()
+    if not settings.label_weight > 0 or settings.frames_per_epoch < 0:
+        raise ValueError(f"label_weight must be > 0 (got {settings.label_weight}) and frames_per_epoch >= 0 (got "
+                         f"{settings.frames_per_epoch})")
     tests = [] if test is None else (list(test) if isinstance(test, (list, tuple)) else [test])
     structures = [str(s) for s in ([structures] if isinstance(structures, (str, Path)) else structures)]
     out = Path(out_dir)

@@ -112,6 +112,8 @@ def test_a_refinement_refuses_a_model_name_that_now_names_another_file(tmp_path)
         "rounds": [], "model_sha256": "0" * 64}))
     with pytest.raises(ValueError, match="another file"):
         refine("ethanol", [structure], data, tmp_path, RefineSettings(), log=lambda _: None)
+    with pytest.raises(ValueError, match="label_weight"):
+        refine("ethanol", [structure], data, tmp_path, RefineSettings(label_weight=0.0), log=lambda _: None)
     # the file the name used to point to, under its own path: the same model, so the refinement goes on
     from dataclasses import asdict
 
