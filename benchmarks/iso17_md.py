@@ -71,11 +71,12 @@ def cmd_report() -> None:
     models = {json.loads((RUNS / f"mol{m}" / "run.json").read_text())["model"]
               for m in STUDY if (RUNS / f"mol{m}" / "run.json").exists()}
     from schnet_md.modelfile import shipped_models
+    shipped = shipped_models()
     for name in sorted(models):
-        card = shipped_models().get(name) or shipped_models().get(_shipped_name(name))
+        same = None if name in shipped else _shipped_name(name)      # a file with a shipped model's weights
+        card = shipped.get(name) or shipped.get(same)
         status = [l for l in card.with_name("MODEL_CARD.md").read_text().splitlines() if l.startswith("**Status:**")] \
             if card else []
-        same = _shipped_name(name) if not shipped_models().get(name) else None
         label = f"{name}` (the weights of shipped `{same}`)" if same else f"{name}`"
         lines += [f"Model `{label}: " + (status[0].replace("**Status:** ", "status ") if status else "see its model card"),
                   ""]

@@ -39,7 +39,7 @@ def main() -> None:
 
     from schnet_md.data import concatenate, read_data, read_rmd17
     from schnet_md.reference import label_frames
-    from schnet_md.refine import KEEP_WITHIN, LEARNABLE_WEIGHT, _run_frames, _train, energy_spread, frame_weights
+    from schnet_md.refine import KEEP_WITHIN, _run_frames, _train, energy_spread, frame_weights, learnable_frames
 
     torch.set_num_threads(1)
     data = read_data(DATA, split="train")
@@ -52,10 +52,9 @@ def main() -> None:
         where.mkdir(parents=True, exist_ok=True)
         labels.append(str(label_frames(z, frames, where / "labels.npz", method="GFN2-xTB")))
     new = concatenate([read_rmd17(path).converted(data.energy_unit) for path in labels], source="refinement labels")
-    weights = frame_weights(new, float(np.sqrt(np.mean(data.forces ** 2))), energy_spread(data))
-    keep = np.flatnonzero(weights >= LEARNABLE_WEIGHT)
-    new = new.subset(keep).weighted(args.label_weight * weights[keep])
-    print(f"{len(new)} learnable new frames of {len(weights)}, weighted x{args.label_weight:g}", flush=True)
+    labelled = new.weighted(frame_weights(new, float(np.sqrt(np.mean(data.forces ** 2))), energy_spread(data)))
+    new = learnable_frames(labelled, args.label_weight)
+    print(f"{len(new)} learnable new frames of {len(labelled)}, weighted x{args.label_weight:g}", flush=True)
     _train(args.start, concatenate([data, new], source=f"{data.source} + {new.source}"), out, print,
            validation=validation, epochs=args.epochs, seed=1, learning_rate=1e-4, lr_patience=25,
            min_learning_rate=1e-6, frames_per_epoch=args.frames_per_epoch, keep_within=KEEP_WITHIN)

@@ -45,7 +45,7 @@ MOLECULE_SCALES = (1.05, 1.1, 1.2, 1.4, 1.7, 2.0)     # the molecule scan's rang
 MINIMISER_PATH = (0.1, 0.25, 0.5, 0.75, 1.0)          # from the start to where a failed minimisation ended
 FORCE_BAND, ENERGY_BAND = 2.0, 3.0                   # frames inside these bands count fully (frame_weights)
 RUN_FRAMES = 20             # frames labelled from the end of each run given to refine (a blow-up's lead-up)
-LEARNABLE_WEIGHT = 0.01     # frames more than 10x beyond the band are labelled and kept, but not trained on (see below)
+LEARNABLE_WEIGHT = 0.01     # frames more than 10x beyond the band are labelled and kept, but not trained on (learnable_frames)
 TEST_TOLERANCE = 1.02                                 # "not worse": within 2 % of the errors before
 KEEP_WITHIN = 0.02          # a fine-tuning keeps its latest epoch within 2 % of the best validation loss (~1 % RMSE)
 
@@ -118,6 +118,15 @@ def frame_weights(labelled, rms_force: float, energy_spread: dict) -> np.ndarray
         mean, std = energy_spread[formula(labelled.frame(k)[0])]
         weights[k] = min(weights[k], (ENERGY_BAND * std / max(abs(labelled.energies[k] - mean), 1e-12)) ** 2)
     return weights
+
+
+def learnable_frames(weighted, label_weight: float = 1.0):
+    """The frames of `weighted` (new labels carrying their frame_weights) that a fine-tuning trains on, their
+    weights times `label_weight`. Frames far beyond the data (a bond stretched 2.5x) are left out: the model is
+    wrong there by hundreds of times its usual error, so even at weight 1/k^2 a few dozen of them made ~40 % of
+    iso17x's loss and pulled the fit away from the data, while MD never goes there."""
+    learnable = weighted.subset(np.flatnonzero(weighted.weights >= LEARNABLE_WEIGHT))
+    return learnable.weighted(label_weight * learnable.weights)
 
 
 def energy_spread(data) -> dict:
@@ -320,15 +329,11 @@ def refine(model, structures: Sequence, data, out_dir, settings: Optional[Refine
         return replace(d, energies=d.energies - offsets[formula(d.frame(0)[0])]["offset"])
 
     def training_set():
-        """(every label so far, weighted; the original training frames plus the learnable ones) for fine-tuning.
-        Frames far beyond the data (a bond stretched 2.5x) are left out: the model is wrong there by hundreds of
-        times its usual error, so even at weight 1/k^2 a few dozen of them made ~40 % of iso17x's loss and pulled
-        the fit away from the data, while MD never goes there."""
+        """(every label so far, weighted; the original training frames plus the learnable ones) for fine-tuning."""
         new = concatenate(labelled, source=f"{len(labelled)} refinement label set(s)")
         new = new.weighted(frame_weights(new, rms_force, spread))
-        learnable = new.subset(np.flatnonzero(new.weights >= LEARNABLE_WEIGHT))
-        learnable = learnable.weighted(settings.label_weight * learnable.weights)
-        return new, concatenate([original_train, learnable], source=f"{data.source} + {new.source}")
+        return new, concatenate([original_train, learnable_frames(new, settings.label_weight)],
+                                source=f"{data.source} + {new.source}")
 
     def round_schedule(epochs: int) -> dict:
         return dict(epochs=epochs, seed=settings.seed, learning_rate=settings.learning_rate, lr_patience=25,
