@@ -311,7 +311,7 @@ def _refine(args) -> int:
                               label_weight=args.label_weight)
     record = refine(args.model, args.structure, data, args.out, settings, test=test, validation=validation,
                     log=lambda m: print(m, file=sys.stderr, flush=True), polish_epochs=args.polish_epochs,
-                    runs=args.from_runs or ())
+                    runs=args.from_runs or (), previous_labels=args.previous_labels or ())
     final = record["final_check"]
     worse = [r["round"] for r in record["rounds"] if r.get("test_not_worse") is False]   # said, not hidden
     print(f"rounds: {len(record['rounds'])}; final model {record['final_model']}; check "
@@ -584,6 +584,9 @@ def build_parser() -> argparse.ArgumentParser:
     rf.add_argument("--from-runs", nargs="+", metavar="RUN_DIR",
                     help="simulate runs (e.g. ones the blow-up guard stopped): the last 20 frames of each are labelled "
                          "in the next round, each run once")
+    rf.add_argument("--previous-labels", nargs="+", metavar="LABELS_NPZ",
+                    help="labels.npz files of an earlier refinement (same --method): trained on in every round with "
+                         "the new ones, so refining a refined model again does not forget them")
     rf.add_argument("--seed", type=int, default=1)
     rf.add_argument("--threads", type=int)
     rf.set_defaults(func=_refine)

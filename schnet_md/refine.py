@@ -178,6 +178,21 @@ def _run_frames(run_dir) -> tuple:
     return z, traj.xyz[-RUN_FRAMES:].astype(np.float64) * 10.0
 
 
+def _read_labels(path):
+    """A labels.npz an earlier refinement wrote (rMD17 keys), read or refused with the reason."""
+    from .data import read_rmd17
+
+    if not Path(path).is_file():
+        raise ValueError(f"previous labels {path}: no such file")
+    try:
+        labels = read_rmd17(path)
+    except Exception as err:                # numpy and the reader raise many kinds on a bad file
+        raise ValueError(f"previous labels {path}: not a labels file ({err})") from None
+    if not len(labels):
+        raise ValueError(f"previous labels {path} hold no frames")
+    return labels
+
+
 def _check_geometries(report: dict, structure) -> np.ndarray:
     """Å geometries the failed checks went to: failing bonds stretched over the scan's range, the stretched
     molecule, and the straight path from the start to where a failed minimisation ended."""
@@ -263,13 +278,16 @@ def _evaluate_round(entry: dict, before, after, new, tests, log) -> None:
 
 
 def refine(model, structures: Sequence, data, out_dir, settings: Optional[RefineSettings] = None, test=None,
-           log: Callable[[str], None] = print, validation=None, polish_epochs: int = 0, runs: Sequence = ()) -> dict:
+           log: Callable[[str], None] = print, validation=None, polish_epochs: int = 0, runs: Sequence = (),
+           previous_labels: Sequence = ()) -> dict:
     """Run refinement rounds until `check` passes on every structure or `settings.rounds` are done; returns
     the record (also OUT/rounds.json). `validation`: the model's own validation set (else 5 % of `data`);
     `test`: one test set or a list (errors before and after each round). `polish_epochs`: once the rounds
     are done, the last round's fine-tuning goes on for this many more epochs (its errors are re-evaluated).
     `runs`: folders of `simulate` runs (say, production runs the blow-up guard stopped) whose last RUN_FRAMES
-    frames are labelled in the next round that runs, each run once."""
+    frames are labelled in the next round that runs, each run once. `previous_labels`: labels.npz files of an
+    earlier refinement (in `settings.method`), trained on in every round with the new labels, so that refining a
+    refined model again does not forget what it learned."""
     from .committee import ForceDisagreement
     from .data import concatenate, file_sha256, read_rmd17
     from .elements import formula
@@ -290,7 +308,7 @@ def refine(model, structures: Sequence, data, out_dir, settings: Optional[Refine
     record = json.loads(record_path.read_text()) if record_path.is_file() else \
         {"model": str(model), "structures": structures, "data": data.source,
          "validation": validation.source if validation is not None else "5 % of the data", "settings": asdict(settings),
-         "rounds": []}
+         "rounds": [], "previous_labels": [str(Path(p).resolve()) for p in previous_labels]}
     base_sha = file_sha256(resolve_model_path(model))       # a shipped name may later name another file
     known_sha = "model_sha256" in record                    # (records written before this guard lack it)
     record.setdefault("model_sha256", base_sha)
@@ -304,8 +322,12 @@ def refine(model, structures: Sequence, data, out_dir, settings: Optional[Refine
             record.get("structures") != structures:
         raise ValueError(f"{out} holds a refinement of {record['model']} with other settings or structures; "
                          "use another --out")
+    if sorted(record.get("previous_labels", [])) != sorted(str(Path(p).resolve()) for p in previous_labels):
+        raise ValueError(f"{out} was started with other previous labels ({len(record.get('previous_labels', []))} "
+                         "file(s)); pass the same ones or use another --out")
     molecules = {path: read_structure(path) for path in structures}
     from_runs = {str(Path(r).resolve()): _run_frames(r) for r in runs}      # read first: a bad folder fails early
+    previous = [_read_labels(p) for p in previous_labels]
     check_settings = CheckSettings(temperature_k=max(settings.temperatures), md_steps=settings.check_steps,
                                    platform=settings.platform, seed=settings.seed)
     # the held-out original frames that choose each fine-tuning's best epoch, and the force scale of the data
@@ -317,15 +339,16 @@ def refine(model, structures: Sequence, data, out_dir, settings: Optional[Refine
     rms_force = float(np.sqrt(np.mean(data.forces ** 2)))
     spread = energy_spread(data)
     offsets = record.setdefault("energy_offsets", {})
-    for z in [m.atomic_numbers for m in molecules.values()] + [z for z, _ in from_runs.values()]:
+    for z in [m.atomic_numbers for m in molecules.values()] + [z for z, _ in from_runs.values()] + \
+            [d.frame(0)[0] for d in previous]:
         name = formula(z)                          # the reference's energy zero against the data's, per formula
         if name not in offsets:
             log(f"aligning {settings.method} energies with the data's on {name}")
             offsets[name] = _energy_offset(data, z, settings.method, out / "offset" / name)
             record_path.write_text(json.dumps(record, indent=1))
 
-    def on_data_zero(labels_path):
-        d = read_rmd17(labels_path).converted(data.energy_unit)
+    def on_data_zero(labels):
+        d = (read_rmd17(labels) if isinstance(labels, (str, Path)) else labels).converted(data.energy_unit)
         return replace(d, energies=d.energies - offsets[formula(d.frame(0)[0])]["offset"])
 
     def training_set():
@@ -340,7 +363,7 @@ def refine(model, structures: Sequence, data, out_dir, settings: Optional[Refine
                     min_learning_rate=1e-6, frames_per_epoch=settings.frames_per_epoch, keep_within=KEEP_WITHIN)
 
     current = str(model) if not record["rounds"] else record["rounds"][-1]["model"]
-    labelled = [on_data_zero(p) for r in record["rounds"] for p in r["labels"]]
+    labelled = [on_data_zero(d) for d in previous] + [on_data_zero(p) for r in record["rounds"] for p in r["labels"]]
     quiet = lambda _: None  # noqa: E731
     for k in range(len(record["rounds"]) + 1, settings.rounds + 1):
         folder = out / f"round{k}"

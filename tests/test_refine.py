@@ -26,12 +26,23 @@ def test_one_refinement_round_on_an_iso17x_isomer(tmp_path, capsys, monkeypatch)
     assert main(["refine", "iso17x", str(SYSTEMS / "c7o2h10_63" / "c7o2h10_63.pdb"), "--data", str(folder),
                  "--out", str(tmp_path / "bad"), "--from-runs", str(tmp_path)]) == 1   # not a run folder
     assert "not a simulate run folder" in capsys.readouterr().err
+    # labels an earlier refinement made (here: 4 jiggled copies of isomer 7) are trained on again
+    from schnet_md.reference import label_frames
+    from schnet_md.structures import read_structure
+
+    isomer7 = read_structure(SYSTEMS / "c7o2h10_7" / "c7o2h10_7.pdb")
+    jiggled = isomer7.positions_nm * 10.0 + np.random.default_rng(0).normal(0.0, 0.03, (4, *isomer7.positions_nm.shape))
+    earlier = label_frames(isomer7.atomic_numbers, jiggled, tmp_path / "earlier" / "labels.npz")
+    assert main(["refine", "iso17x", str(SYSTEMS / "c7o2h10_63" / "c7o2h10_63.pdb"), "--data", str(folder),
+                 "--out", str(tmp_path / "bad"), "--previous-labels", str(production / "state.csv")]) == 1
+    assert "not a labels file" in capsys.readouterr().err
     args = ["refine", "iso17x", str(SYSTEMS / "c7o2h10_63" / "c7o2h10_63.pdb"), "--data", str(folder),
             "--max-frames", "120", "--test", str(folder), "--test-split", "test_within", "test_other",
             "--test-frames", "200", "--out", str(tmp_path / "refine"),
             "--temperatures", "500", "--md-steps", "100", "--members", "2", "--member-epochs", "1",
             "--frames", "6", "--epochs", "1", "--rounds", "1", "--check-steps", "60", "--threads", "1",
-            "--frames-per-epoch", "100", "--from-runs", str(production), "--label-weight", "3"]
+            "--frames-per-epoch", "100", "--from-runs", str(production), "--label-weight", "3",
+            "--previous-labels", str(earlier)]
     fine_tunings = []
     real_train = refining._train
 
@@ -45,6 +56,8 @@ def test_one_refinement_round_on_an_iso17x_isomer(tmp_path, capsys, monkeypatch)
     new = data.weights[data.weights != 1.0]       # the original frames weigh 1; learnable new ones 3 x (0.01-1)
     assert len(new) and new.max() <= 3.0 and new.min() >= 0.03 - 1e-12 and np.isclose(data.weights.max(), 3.0)
     assert settings["frames_per_epoch"] == 100 and settings["keep_within"] == refining.KEEP_WITHIN
+    positions = data.positions.reshape(-1, len(isomer7.positions_nm), 3)[-len(new):]       # (all 19-atom frames)
+    assert all(np.abs(positions - x).max(axis=(1, 2)).min() < 1e-9 for x in jiggled)   # the earlier labels are in
     assert code in (0, 2)
     record = json.loads((tmp_path / "refine" / "rounds.json").read_text())
     assert len(record["rounds"]) == 1
@@ -60,12 +73,14 @@ def test_one_refinement_round_on_an_iso17x_isomer(tmp_path, capsys, monkeypatch)
     assert abs(offset["offset"]) < 1e-3 and len(offset["frames"]) == 3
     assert set(r["test"]) == {"iso17x.npz [test_within]", "iso17x.npz [test_other]"}
     assert all(m["before"]["n_frames"] == m["after"]["n_frames"] > 0 for m in r["test"].values())
-    assert isinstance(r["test_not_worse"], bool) and r["labelled_after"]["n_frames"] == r["frames_added"]
+    assert isinstance(r["test_not_worse"], bool) and r["labelled_after"]["n_frames"] == r["frames_added"] + 4
     assert "final_check" in record and (tmp_path / "refine" / "round1" / "model" / "model.pt").is_file()
     # resumed: the finished round is not redone
     before = (tmp_path / "refine" / "round1" / "model" / "model.pt").stat().st_mtime
     assert main(args) in (0, 2)
     assert (tmp_path / "refine" / "round1" / "model" / "model.pt").stat().st_mtime == before
+    # resuming with other previous labels would train another model under the same record: refused
+    assert main(args[:-2]) == 1 and "other previous labels" in capsys.readouterr().err
     # polishing continues the last round's fine-tuning from its checkpoint and re-evaluates it
     assert main(args + ["--polish-epochs", "1"]) in (0, 2)
     record = json.loads((tmp_path / "refine" / "rounds.json").read_text())
