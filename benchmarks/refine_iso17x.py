@@ -34,6 +34,7 @@ def main() -> None:
     p.add_argument("--label-weight", type=float, default=5.0)
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--frames-per-epoch", type=int, default=4000)
+    p.add_argument("--learning-rate", type=float, default=1e-4)
     args = p.parse_args()
     import torch
 
@@ -56,7 +57,7 @@ def main() -> None:
     new = learnable_frames(labelled, args.label_weight)
     print(f"{len(new)} learnable new frames of {len(labelled)}, weighted x{args.label_weight:g}", flush=True)
     _train(args.start, concatenate([data, new], source=f"{data.source} + {new.source}"), out, print,
-           validation=validation, epochs=args.epochs, seed=1, learning_rate=1e-4, lr_patience=25,
+           validation=validation, epochs=args.epochs, seed=1, learning_rate=args.learning_rate, lr_patience=25,
            min_learning_rate=1e-6, frames_per_epoch=args.frames_per_epoch, keep_within=KEEP_WITHIN)
 
 

@@ -428,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="committee force disagreement (kJ/mol/nm) that stops the run (0: never)")
     s.add_argument("--out", help="output folder (refused if it already holds a run)")
     s.add_argument("--steps", type=int, help="steps to run (default 1000; with --resume: further steps, default "
-                                             "the run's own count)")
+                                             "up to the step count the run was started with)")
     s.add_argument("--timestep", type=float, default=0.5, help="fs")
     s.add_argument("--temperature", type=float, default=300.0, help="K")
     s.add_argument("--friction", type=float, default=1.0, help="1/ps")

@@ -3,12 +3,13 @@
 A run folder holds everything needed to read or continue the run:
     topology.pdb      the structure (with bonds) the trajectory refers to
     force.pt          the exported TorchForce module (TorchScript)
-    run.json          settings, inputs and versions
+    run.json          settings, inputs and versions; steps_done (the last checkpoint's step) and target_step
     trajectory.dcd    frames every `report_interval` steps
     state.csv         step, time, potential, kinetic and total energy, temperature, speed
     checkpoint.chk    the latest checkpoint (written atomically), final.chk at the end
 `resume_simulation` continues from checkpoint.chk: frames and rows written after that checkpoint
-(by a run that was killed) are dropped first, so nothing is duplicated and nothing is lost.
+(by a run that was killed) are dropped first, so nothing is duplicated and nothing is lost. By default it
+finishes the run to its target_step (a run killed at 60 % runs the other 40 %, as GROMACS's -cpi does).
 """
 
 from __future__ import annotations
@@ -256,6 +257,17 @@ class AtomicCheckpointReporter:
     def report(self, simulation, state):
         _guard_state(self.guard, simulation, state)   # never checkpoint a broken state
         save_checkpoint(simulation, self.path)
+        _record_steps_done(self.path.parent / "run.json", simulation.currentStep)
+
+
+def _record_steps_done(info_path: Path, step: int, **more) -> None:
+    """run.json's steps_done is the step a resume starts from: updated with every checkpoint, atomically."""
+    if not info_path.is_file():
+        return
+    info = json.loads(info_path.read_text()) | {"steps_done": step} | more
+    tmp = info_path.with_name(info_path.name + ".tmp")
+    tmp.write_text(json.dumps(info, indent=1))
+    os.replace(tmp, info_path)
 
 
 def _digest(data: bytes) -> str:
@@ -362,7 +374,7 @@ def run_simulation(structure_path, model_path, out_dir, settings: SimulationSett
         "schnet_md_version": __version__, "openmm_version": openmm.__version__,
         "structure": str(structure_path), "model": str(model_path),
         "model_training": model_metadata.get("training", {}), "settings": asdict(settings),
-        "platform": platform, "steps_done": 0,
+        "platform": platform, "steps_done": 0, "target_step": settings.steps,
     }
     (out / "run.json").write_text(json.dumps(run_info, indent=1))
     save_checkpoint(simulation, out / "checkpoint.chk")
@@ -372,8 +384,9 @@ def run_simulation(structure_path, model_path, out_dir, settings: SimulationSett
 
 def resume_simulation(out_dir, steps: Optional[int] = None, platform: Optional[str] = None,
                       progress: bool = True, log=None) -> SimulationResult:
-    """Continue the run in `out_dir` from its last sound checkpoint for `steps` more steps (default: the
-    original run's step count). A checkpoint whose size or checksum does not match what was recorded when it
+    """Continue the run in `out_dir` from its last sound checkpoint for `steps` more steps (default: to the
+    run's target step, so a killed run finishes what it was started for; a finished run needs `steps`). A
+    checkpoint whose size or checksum does not match what was recorded when it
     was written is passed over for the previous one, and `log` says so."""
     log = log or (lambda message: print(message, file=sys.stderr))
     out = Path(out_dir)
@@ -422,7 +435,12 @@ def resume_simulation(out_dir, steps: Optional[int] = None, platform: Optional[s
                               f"{done} needs {done // settings.report_interval}; the trajectory is damaged")
     if (out / "state.csv").exists():
         truncate_state_csv(out / "state.csv", done)
-    more = settings.steps if steps is None else steps
+    target = info.get("target_step", settings.steps)       # (runs recorded before target_step: their own count)
+    if steps is None and done >= target:
+        raise ValueError(f"{out} already ran its {target} steps; give the number of further steps to extend it "
+                         "(--steps N)")
+    more = target - done if steps is None else steps
+    _record_steps_done(info_path, done, target_step=done + more)
     committee = info.get("model") if is_committee(info.get("model", "")) else None
     return _run(simulation, platform_name, out, settings, more, append=True, progress=progress, committee=committee)
 
@@ -483,9 +501,7 @@ def _run(simulation, platform: str, out: Path, settings: SimulationSettings, ste
         dcd._out.close()  # DCDReporter has no public close(); flush the frames now, not at garbage collection
     save_checkpoint(simulation, out / "checkpoint.chk")
     save_checkpoint(simulation, out / "final.chk")
-    info = json.loads((out / "run.json").read_text())
-    info["steps_done"] = simulation.currentStep
-    (out / "run.json").write_text(json.dumps(info, indent=1))
+    _record_steps_done(out / "run.json", simulation.currentStep)
     done = simulation.currentStep - start_step
     sps = done / wall if wall > 0 else float("nan")
     return SimulationResult(out, trajectory, out / "state.csv", simulation.currentStep // settings.report_interval,

@@ -80,6 +80,32 @@ def test_resume_continues_the_same_trajectory(tmp_path, model_file):
     np.testing.assert_allclose(np.diff(times), 0.0025, atol=1e-9)
 
 
+def test_resume_finishes_a_killed_run_and_extends_a_finished_one_only_when_asked(tmp_path, model_file, monkeypatch):
+    import json
+
+    import schnet_md.simulate as simulate
+
+    real_report = simulate.AtomicCheckpointReporter.report
+
+    def killed_after_the_first_checkpoint(self, simulation, state):
+        real_report(self, simulation, state)
+        if simulation.currentStep == 20:
+            raise KeyboardInterrupt      # the batch system's kill, right after the step-20 checkpoint
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(simulate.AtomicCheckpointReporter, "report", killed_after_the_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        run_simulation(ETHANOL, model_file, out, settings(steps=60), progress=False)
+    monkeypatch.undo()
+    assert json.loads((out / "run.json").read_text())["steps_done"] == 20     # where a resume starts
+    result = resume_simulation(out, progress=False)          # the 40 steps the run still owed, not 60 more
+    assert result.steps_done == 60 and [int(r["step"]) for r in rows(out / "state.csv")] == [10, 20, 30, 40, 50, 60]
+    with pytest.raises(ValueError, match="already ran its 60 steps"):
+        resume_simulation(out, progress=False)
+    assert resume_simulation(out, steps=20, progress=False).steps_done == 80
+    assert json.loads((out / "run.json").read_text())["target_step"] == 80
+
+
 def test_cli_simulate_and_resume(tmp_path, model_file, capsys):
     out = tmp_path / "cli"
     assert main(["simulate", str(ETHANOL), "--model", str(model_file), "--out", str(out), "--steps", "20",
