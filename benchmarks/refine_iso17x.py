@@ -35,6 +35,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--frames-per-epoch", type=int, default=4000)
     p.add_argument("--learning-rate", type=float, default=1e-4)
+    p.add_argument("--warmup-steps", type=int, default=0, help="refine's own rounds use refine.WARMUP_STEPS (250); "
+                                                                "stages 2 and 3 of the shipped model ran without")
     args = p.parse_args()
     import torch
 
@@ -58,7 +60,7 @@ def main() -> None:
     print(f"{len(new)} learnable new frames of {len(labelled)}, weighted x{args.label_weight:g}", flush=True)
     _train(args.start, concatenate([data, new], source=f"{data.source} + {new.source}"), out, print,
            validation=validation, epochs=args.epochs, seed=1, learning_rate=args.learning_rate, lr_patience=25,
-           min_learning_rate=1e-6, frames_per_epoch=args.frames_per_epoch, keep_within=KEEP_WITHIN)
+           min_learning_rate=1e-6, frames_per_epoch=args.frames_per_epoch, warmup_steps=args.warmup_steps, keep_within=KEEP_WITHIN)
 
 
 if __name__ == "__main__":

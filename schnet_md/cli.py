@@ -56,7 +56,7 @@ def _train(args) -> int:
                      "validation_fraction": args.validation_fraction, "seed": args.seed,
                      "ema_decay": args.ema, "early_stopping_patience": args.early_stopping,
                      "max_hours": args.max_hours, "device": args.device,
-                     "frames_per_epoch": args.frames_per_epoch},
+                     "frames_per_epoch": args.frames_per_epoch, "warmup_steps": args.warmup_steps},
     }
     out = Path(args.out)
     saved = out / "config.json"
@@ -376,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--early-stopping", type=int, help="stop after N epochs without validation improvement")
     t.add_argument("--max-hours", type=float, help="stop after this much wall time; --resume continues")
     t.add_argument("--max-frames", type=int, help="use only the first N frames of the data")
+    t.add_argument("--warmup-steps", type=int, help="ramp the learning rate up over the first N optimiser steps "
+                                                    "(fine-tuning with --init: a fresh optimiser at full rate first "
+                                                    "knocks the model off its minimum)")
     t.add_argument("--frames-per-epoch", type=int, help="each epoch trains on N frames drawn afresh from the training "
                                                         "set (short epochs over a large set; default: all)")
     t.add_argument("--device", help="auto (CUDA when present), cpu or cuda")

@@ -45,6 +45,8 @@ class TrainSettings:
     early_stopping_patience: int = 0  # > 0: stop after this many epochs without improvement
     max_hours: float = 0.0            # > 0: stop after this much wall time (resume continues)
     frames_per_epoch: int = 0         # > 0: each epoch trains on this many frames drawn afresh from the training set
+    warmup_steps: int = 0             # > 0: the learning rate ramps up linearly over the first N optimiser steps
+                                      # (fine-tuning: a fresh Adam's first full-size steps knock a trained model off)
     keep_within: float = 0.0          # > 0: model.pt is the latest epoch with validation loss within this fraction
                                       # of the best (refine: of equally good epochs, the one that learned new frames longest)
     device: str = "auto"              # "auto": CUDA when present, else CPU
@@ -76,6 +78,7 @@ class TrainSettings:
                   (self.max_hours >= 0, "max_hours must be >= 0"),
                   (self.frames_per_epoch >= 0, "frames_per_epoch must be >= 0 (0: every frame, every epoch)"),
                   (self.keep_within >= 0, "keep_within must be >= 0 (0: model.pt is the best epoch)"),
+                  (self.warmup_steps >= 0, "warmup_steps must be >= 0 (0: no warm-up)"),
                   (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
                    "device must be auto, cpu, cuda or cuda:N")]
         for ok, message in checks:
@@ -336,6 +339,10 @@ def train(data: Dataset, config: SchNetConfig, out_dir: str | Path, settings: Tr
                                     "epoch. Try a smaller --lr.")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            step = epoch * batches_per_epoch + n_batches
+            if step < settings.warmup_steps:            # (reaches the full rate before the scheduler first acts)
+                for group_lr in optimizer.param_groups:
+                    group_lr["lr"] = settings.learning_rate * (step + 1) / settings.warmup_steps
             optimizer.step()
             if ema is not None:
                 ema.update_parameters(model)

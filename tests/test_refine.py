@@ -56,6 +56,7 @@ def test_one_refinement_round_on_an_iso17x_isomer(tmp_path, capsys, monkeypatch)
     new = data.weights[data.weights != 1.0]       # the original frames weigh 1; learnable new ones 3 x (0.01-1)
     assert len(new) and new.max() <= 3.0 and new.min() >= 0.03 - 1e-12 and np.isclose(data.weights.max(), 3.0)
     assert settings["frames_per_epoch"] == 100 and settings["keep_within"] == refining.KEEP_WITHIN
+    assert settings["warmup_steps"] == refining.WARMUP_STEPS
     positions = data.positions.reshape(-1, len(isomer7.positions_nm), 3)[-len(new):]       # (all 19-atom frames)
     assert all(np.abs(positions - x).max(axis=(1, 2)).min() < 1e-9 for x in jiggled)   # the earlier labels are in
     assert code in (0, 2)

@@ -99,6 +99,25 @@ def test_keep_within_keeps_the_latest_epoch_near_the_best(tmp_path, ethanol_fram
     assert load_model(tmp_path / "latest" / "model.pt")[1]["training"]["epoch"] == 6
 
 
+def test_warmup_ramps_the_learning_rate_then_hands_it_to_the_schedule(tmp_path, ethanol_frames, monkeypatch):
+    """warmup_steps: the first N optimiser steps run at lr x (k / N), the rest at the full rate."""
+    config = config_from_preset("schnet2017", ethanol_frames.elements, **SMALL)
+    rates = []
+    real_step = torch.optim.Adam.step
+
+    def recorded(self, *args, **kwargs):
+        rates.append(self.param_groups[0]["lr"])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recorded)
+    train(ethanol_frames.subset(range(50)), config, tmp_path / "warm", TrainSettings(
+        epochs=2, batch_size=10, learning_rate=1e-3, warmup_steps=8), log=quiet,
+        validation=ethanol_frames.subset(range(50, 60)))
+    np.testing.assert_allclose(rates, [1e-3 * k / 8 for k in range(1, 9)] + [1e-3, 1e-3])   # 5 batches an epoch
+    with pytest.raises(ValueError, match="warmup_steps"):
+        TrainSettings(warmup_steps=-1)
+
+
 def test_cli_train(tmp_path, capsys):
     data = shared_file("rmd17/rmd17_ethanol_train_01.npz")
     assert main(["train", "--data", str(data), "--labels", "old", "--max-frames", "30", "--epochs", "2",
