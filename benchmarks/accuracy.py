@@ -259,25 +259,27 @@ def refine_section() -> list:
 
 
 def iso17x_refine_section() -> list:
-    """The shipped iso17x's two-stage refinement (benchmarks/refine_iso17x.json, written with
-    benchmarks/refine_iso17x.py and benchmarks/iso17x_tests.py): test errors before and after."""
+    """The shipped iso17x's refinement stages (benchmarks/refine_iso17x.json, written with
+    benchmarks/refine_iso17x.py and benchmarks/iso17x_tests.py): test errors of every stage."""
     path = ROOT / "benchmarks" / "refine_iso17x.json"
     if not path.is_file():
         return []
     record = json.loads(path.read_text())
-    results = record["test_errors_kcal_mol"]["results"]
-    lines = ["", "### iso17x: refine round 1, then the lead-ups of 11 blow-ups (kcal/mol, kcal/mol/Å)", "",
+    tests = record["test_errors_kcal_mol"]
+    results, labels = tests["results"], tests["labels"]
+    models = [m for m in labels if m in results]
+    names = [labels[m] + (" (shipped)" if m == tests["shipped_now"] else "") for m in models]
+    lines = ["", "### iso17x: refinement stages (kcal/mol, kcal/mol/Å)", "",
              f"{record['recorded']}, {record['hardware']}; commands, frames and per-epoch validation in "
              "`benchmarks/refine_iso17x.json`, the story and the 500 K MD in `benchmarks/refine_iso17x.md`. "
              "The refinement saw frames of unknown isomers 7, 105 and 8, so test_other is also given without them.",
-             "", "| test set | frames | energy MAE before | after stage 1 | after (shipped) | forces MAE before | "
-             "after stage 1 | after (shipped) |", "|---|---|---|---|---|---|---|---|"]
-    for key in results["shipped"]:
-        b, one, a = (results[m][key] for m in ("shipped", "round1", "refined"))
-        lines.append(f"| {key} | {b['n_frames']} | {_fmt(b['energy_mae_kcal_mol'], 3)} | "
-                     f"{_fmt(one['energy_mae_kcal_mol'], 3)} | {_fmt(a['energy_mae_kcal_mol'], 3)} | "
-                     f"{_fmt(b['forces_mae_kcal_mol'], 3)} | {_fmt(one['forces_mae_kcal_mol'], 3)} | "
-                     f"{_fmt(a['forces_mae_kcal_mol'], 3)} |")
+             "", "| test set | frames | " + " | ".join(f"energy MAE, {n}" for n in names) + " | "
+             + " | ".join(f"forces MAE, {n}" for n in names) + " |", "|---|---|" + "---|" * (2 * len(models))]
+    for key in results[models[0]]:
+        rows = [results[m][key] for m in models]
+        lines.append(f"| {key} | {rows[0]['n_frames']} | "
+                     + " | ".join(_fmt(r["energy_mae_kcal_mol"], 3) for r in rows) + " | "
+                     + " | ".join(_fmt(r["forces_mae_kcal_mol"], 3) for r in rows) + " |")
     return lines
 
 
