@@ -99,7 +99,8 @@ def cmd_report() -> None:
         r = json.loads(path.read_text())
         ok = sum(x["stopped"] is None for x in r["runs"])
         lines += [f"## {r['name']}", "", f"Model `{r['model']}`; {r['date']}; {r['hardware']}. "
-                  f"{ok} of {len(r['runs'])} runs kept the chemistry intact to the end.", "",
+                  f"{ok} of {len(r['runs'])} runs kept the chemistry intact to the end."
+                  + (f" Note: {r['note']}." if r.get("note") else ""), "",
                   "| system | seed | K | ps target | ps run | outcome |", "|---|---|---|---|---|---|"]
         for x in sorted(r["runs"], key=lambda x: (x["system"], x["ps_target"], x["seed"])):
             lines.append(f"| {x['system']} | {x['seed']} | {x['temperature_k']:g} | {x['ps_target']:g} | "
