@@ -1,4 +1,4 @@
-"""The second stage of the shipped iso17x refinement (issue #15; benchmarks/refine_iso17x.md), as it was run.
+"""Stages 2 and 3 of the shipped iso17x refinement (issue #15; benchmarks/refine_iso17x.md), as they were run.
 
 Stage 1 was `schnet-md refine` round 1 (see refine_iso17x.md for the command): the 8 isomers' failed checks and
 committee MD, 835 GFN2-xTB frames, fine-tuned at their natural share of 4,000 frames drawn per epoch. It kept the
@@ -12,6 +12,8 @@ It is what `schnet-md refine ... --from-runs RUN_DIR... --label-weight 5 --frame
 round, minus that round's checks and committee MD (time ran short), with the same weights, learnable-frame cut,
 recipe (the start model's batch 32 and EMA 0.999, lr 1e-4) and epoch choice (the latest within 2 % of the best
 validation loss). GFN2-xTB is the data's own method, so the new labels need no energy offset (measured: 4e-8 eV).
+Stage 3 started from stage 2 with the lead-ups of its five blow-ups as --runs and every earlier labels.npz as
+--labels (what `refine --previous-labels` now does); the commands are in refine_iso17x.json.
 """
 
 from __future__ import annotations
