@@ -52,12 +52,8 @@ def _run_isomer(mol: int, ps: float, model: str, platform) -> None:
     steps_total = int(round(ps * 1000 / TIMESTEP_FS))
     run = RUNS / f"mol{mol}"
     if (run / "run.json").exists():
-        info = json.loads((run / "run.json").read_text())
-        if info["steps_done"] < steps_total:    # finish a killed run, or extend a finished one to the new length
-            if info.get("target_step", info["settings"]["steps"]) == steps_total:
-                resume_simulation(run, platform=platform)
-            else:
-                resume_simulation(run, steps=steps_total - info["steps_done"], platform=platform)
+        if json.loads((run / "run.json").read_text())["steps_done"] < steps_total:   # killed, or a longer run asked
+            resume_simulation(run, to_step=steps_total, platform=platform)
     else:
         settings = SimulationSettings(steps=steps_total, timestep_fs=TIMESTEP_FS, temperature_k=500.0,
                                       friction_per_ps=10.0, report_interval=5, checkpoint_interval=2000,

@@ -40,12 +40,8 @@ def _one(task) -> dict:
     outcome = {"system": system, "seed": seed, "ps_target": ps, "temperature_k": temperature, "model": model}
     try:
         if (run / "run.json").exists():
-            info = json.loads((run / "run.json").read_text())
-            if info["steps_done"] < steps:     # finish a killed run, or extend a finished one to the new length
-                if info.get("target_step", info["settings"]["steps"]) == steps:
-                    resume_simulation(run, platform="CPU")
-                else:
-                    resume_simulation(run, steps=steps - info["steps_done"], platform="CPU")
+            if json.loads((run / "run.json").read_text())["steps_done"] < steps:   # killed, or a longer run asked
+                resume_simulation(run, to_step=steps, platform="CPU")
         else:
             settings = SimulationSettings(steps=steps, timestep_fs=TIMESTEP_FS, temperature_k=temperature,
                                           friction_per_ps=10.0, report_interval=100, checkpoint_interval=4000,

@@ -383,11 +383,11 @@ def run_simulation(structure_path, model_path, out_dir, settings: SimulationSett
 
 
 def resume_simulation(out_dir, steps: Optional[int] = None, platform: Optional[str] = None,
-                      progress: bool = True, log=None) -> SimulationResult:
-    """Continue the run in `out_dir` from its last sound checkpoint for `steps` more steps (default: to the
-    run's target step, so a killed run finishes what it was started for; a finished run needs `steps`). A
-    checkpoint whose size or checksum does not match what was recorded when it
-    was written is passed over for the previous one, and `log` says so."""
+                      progress: bool = True, log=None, to_step: Optional[int] = None) -> SimulationResult:
+    """Continue the run in `out_dir` from its last sound checkpoint for `steps` more steps, or up to step
+    `to_step` (default: to the run's target step, so a killed run finishes what it was started for; a finished
+    run needs `steps` or a later `to_step`). A checkpoint whose size or checksum does not match what was
+    recorded when it was written is passed over for the previous one, and `log` says so."""
     log = log or (lambda message: print(message, file=sys.stderr))
     out = Path(out_dir)
     info_path = out / "run.json"
@@ -395,6 +395,8 @@ def resume_simulation(out_dir, steps: Optional[int] = None, platform: Optional[s
         raise ValueError(f"{out} holds no run to resume (no run.json)")
     if steps is not None and steps < 1:
         raise ValueError(f"--steps must be at least 1 when resuming (got {steps})")
+    if steps is not None and to_step is not None:
+        raise ValueError("give either steps (further steps) or to_step (the step to end at), not both")
     info = json.loads(info_path.read_text())
     settings = SimulationSettings(**info["settings"])
     if platform:
@@ -435,7 +437,8 @@ def resume_simulation(out_dir, steps: Optional[int] = None, platform: Optional[s
                               f"{done} needs {done // settings.report_interval}; the trajectory is damaged")
     if (out / "state.csv").exists():
         truncate_state_csv(out / "state.csv", done)
-    target = info.get("target_step", settings.steps)       # (runs recorded before target_step: their own count)
+    target = to_step if to_step is not None else \
+        info.get("target_step", settings.steps)            # (runs recorded before target_step: their own count)
     if steps is None and done >= target:
         raise ValueError(f"{out} already ran its {target} steps; give the number of further steps to extend it "
                          "(--steps N)")

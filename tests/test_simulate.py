@@ -104,6 +104,9 @@ def test_resume_finishes_a_killed_run_and_extends_a_finished_one_only_when_asked
         resume_simulation(out, progress=False)
     assert resume_simulation(out, steps=20, progress=False).steps_done == 80
     assert json.loads((out / "run.json").read_text())["target_step"] == 80
+    assert resume_simulation(out, to_step=100, progress=False).steps_done == 100    # a length, not a count
+    with pytest.raises(ValueError, match="not both"):
+        resume_simulation(out, steps=10, to_step=120, progress=False)
 
 
 def test_cli_simulate_and_resume(tmp_path, model_file, capsys):
