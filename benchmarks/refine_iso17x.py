@@ -44,7 +44,8 @@ def main() -> None:
 
     from schnet_md.data import concatenate, read_data, read_rmd17
     from schnet_md.reference import label_frames
-    from schnet_md.refine import KEEP_WITHIN, _run_frames, _train, energy_spread, frame_weights, learnable_frames
+    from schnet_md.refine import (RefineSettings, _run_frames, _train, energy_spread, fine_tuning_schedule,
+                                  frame_weights, learnable_frames)
 
     torch.set_num_threads(1)
     data = read_data(DATA, split="train")
@@ -60,9 +61,9 @@ def main() -> None:
     labelled = new.weighted(frame_weights(new, float(np.sqrt(np.mean(data.forces ** 2))), energy_spread(data)))
     new = learnable_frames(labelled, args.label_weight)
     print(f"{len(new)} learnable new frames of {len(labelled)}, weighted x{args.label_weight:g}", flush=True)
+    schedule = RefineSettings(learning_rate=args.learning_rate, frames_per_epoch=args.frames_per_epoch, seed=1)
     _train(args.start, concatenate([data, new], source=f"{data.source} + {new.source}"), out, print,
-           validation=validation, epochs=args.epochs, seed=1, learning_rate=args.learning_rate, lr_patience=25,
-           min_learning_rate=1e-6, frames_per_epoch=args.frames_per_epoch, warmup_steps=args.warmup_steps, keep_within=KEEP_WITHIN)
+           validation=validation, **fine_tuning_schedule(args.epochs, schedule, warmup_steps=args.warmup_steps))
 
 
 if __name__ == "__main__":

@@ -87,6 +87,14 @@ def fine_tuning_recipe(metadata: dict) -> dict:
     return {"batch_size": int(recorded.get("batch_size") or 16), "ema_decay": float(ema) if ema > 0 else 0.99}
 
 
+def fine_tuning_schedule(epochs: int, settings: "RefineSettings", warmup_steps: int = WARMUP_STEPS) -> dict:
+    """A round's fine-tuning schedule (TrainSettings fields besides the recipe): lr halved after 25 epochs without
+    improvement down to 1e-6, ramped up first, and the latest epoch within KEEP_WITHIN of the best kept."""
+    return dict(epochs=epochs, seed=settings.seed, learning_rate=settings.learning_rate, lr_patience=25,
+                min_learning_rate=1e-6, frames_per_epoch=settings.frames_per_epoch, keep_within=KEEP_WITHIN,
+                warmup_steps=warmup_steps)
+
+
 def _train(model_path, data, out: Path, log, validation=None, recipe=None, **settings) -> Path:
     from .modelfile import ModelFileError, load_model
     from .train import TrainSettings, train
@@ -360,11 +368,6 @@ def refine(model, structures: Sequence, data, out_dir, settings: Optional[Refine
         return new, concatenate([original_train, learnable_frames(new, settings.label_weight)],
                                 source=f"{data.source} + {new.source}")
 
-    def round_schedule(epochs: int) -> dict:
-        return dict(epochs=epochs, seed=settings.seed, learning_rate=settings.learning_rate, lr_patience=25,
-                    min_learning_rate=1e-6, frames_per_epoch=settings.frames_per_epoch, keep_within=KEEP_WITHIN,
-                    warmup_steps=WARMUP_STEPS)
-
     current = str(model) if not record["rounds"] else record["rounds"][-1]["model"]
     labelled = [on_data_zero(d) for d in previous] + [on_data_zero(p) for r in record["rounds"] for p in r["labels"]]
     quiet = lambda _: None  # noqa: E731
@@ -443,7 +446,7 @@ def refine(model, structures: Sequence, data, out_dir, settings: Optional[Refine
             f"{len(original_val)} original ones")
         entry["frames_trained_on"] = len(combined) - len(original_train)
         refined = _train(current, combined, folder / "model", quiet, validation=original_val,
-                         **round_schedule(settings.epochs))
+                         **fine_tuning_schedule(settings.epochs, settings))
         entry["model"] = str(refined)
         _evaluate_round(entry, current, refined, new, tests, log)
         record["rounds"].append(entry)
@@ -459,7 +462,7 @@ def refine(model, structures: Sequence, data, out_dir, settings: Optional[Refine
             new, combined = training_set()
             log(f"round {k}: fine-tuning on to epoch {target}")
             (folder / "metrics.json").unlink(missing_ok=True)      # unfinished: _train resumes its checkpoint
-            _train(current, combined, folder, quiet, validation=original_val, **round_schedule(target))
+            _train(current, combined, folder, quiet, validation=original_val, **fine_tuning_schedule(target, settings))
             before = str(model) if k == 1 else record["rounds"][-2]["model"]
             _evaluate_round(entry, before, current, new, tests, log)
             entry["fine_tuning_epochs"] = target
