@@ -94,14 +94,15 @@ def run_row(task: dict) -> dict:
             model, label = preset_model(preset, z), f"{preset}, random weights"
         r = bench(name, s.topology, s.positions_nm, model, label, task["platform"], task["steps"], task["repeats"],
                   task["cuda_graphs"], backend=task["backend"], compile=task.get("compile", False),
-                  fused=task.get("fused", False))
+                  fused=task.get("fused", False), tabulate=task.get("tabulate", False))
     else:
         topology, positions = cached_water_box(task["n_atoms"])
         model, label = benchmark_model(preset, [1, 8], periodic=True)
         label += ", random weights"
         r = bench("water box", topology, positions, model, label, task["platform"], max(5, task["steps"] // 40),
                   max(3, task["repeats"] // 10), task["cuda_graphs"], backend=task["backend"],
-                  compile=task.get("compile", False), fused=task.get("fused", False))
+                  compile=task.get("compile", False), fused=task.get("fused", False),
+                  tabulate=task.get("tabulate", False))
     return r.as_dict()
 
 
@@ -165,6 +166,8 @@ def main() -> None:
                    help="TorchForce (openmm-torch) and/or OpenMM's PythonForce")
     p.add_argument("--compile", action="store_true", help="PythonForce rows: the model through torch.compile")
     p.add_argument("--fused", action="store_true", help="PythonForce rows: the Triton CFConv (schnet_md.fused)")
+    p.add_argument("--filters", nargs="+", choices=["network", "tabulated"], default=["network"],
+                   help="the filter network, and/or spline tables of it (schnet_md.tabulated)")
     p.add_argument("--presets", nargs="+", default=["schnet2017", "schnet2018"])
     p.add_argument("--molecules", nargs="*", default=MOLECULES)
     p.add_argument("--memory-gb", type=float, help="memory cap per row (default: what is free now, less 1 GB)")
@@ -182,8 +185,9 @@ def main() -> None:
     tasks = []
     for threads in args.threads:
         for preset in args.presets:
-            for backend, graphs in forces:
-                force = dict(common, preset=preset, threads=threads, backend=backend, cuda_graphs=graphs)
+            for (backend, graphs), filters in [(f, kind) for f in forces for kind in args.filters]:
+                force = dict(common, preset=preset, threads=threads, backend=backend, cuda_graphs=graphs,
+                             tabulate=filters == "tabulated")
                 tasks += [dict(force, kind="molecule", name=m) for m in args.molecules]
                 if threads == max(args.threads):   # boxes: largest thread count only
                     tasks += [dict(force, kind="water", n_atoms=n) for n in args.water]
@@ -241,7 +245,8 @@ def write_report(out: Path) -> None:
         "MD: `LangevinMiddleIntegrator`, 0.5 fs, 300 K, float32 model, only the SchNet force, after warm-up. "
         "Force: openmm-torch's TorchForce (with or without CUDA graphs) or OpenMM's PythonForce (the model on the "
         "platform's device). Model: median forward+backward of the exported module (TorchScript; compiled or fused "
-        "as the force column says). " + memory_text, "",
+        "as the force column says; 'tabulated filters': spline tables instead of the filter network, "
+        "schnet_md.tabulated). " + memory_text, "",
         f"| system | atoms | model | neighbours | force | torch threads | model fwd+bwd (ms) | MD steps/s | ms/step "
         f"| ns/day | {'peak CUDA memory' if cuda else 'peak RSS'} (MB) | model adds (MB) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -253,6 +258,7 @@ def write_report(out: Path) -> None:
                 + (" + fused CFConv" if t.get("fused") else "")
         else:
             force = "TorchForce" + (" + CUDA graphs" if t.get("cuda_graphs") else "")
+        force += " + tabulated filters" if t.get("tabulate") else ""
         if "failed" in r:
             system = t.get("name", "water box")
             atoms = "" if t["kind"] == "molecule" else f"~{t['n_atoms']}"

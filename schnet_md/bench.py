@@ -39,6 +39,7 @@ class BenchResult:
     backend: str = "torch"      # "torch" (TorchForce) or "python" (PythonForce)
     compile: bool = False       # PythonForce: through torch.compile
     fused: bool = False         # PythonForce: the Triton CFConv
+    tabulate: bool = False      # filters from spline tables (schnet_md.tabulated)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -104,14 +105,16 @@ def _resident_mb() -> float:
 
 def time_model(model: SchNet, atomic_numbers, positions_nm: np.ndarray, box_nm: Optional[np.ndarray] = None,
                repeats: int = 50, device: str = "cpu", neighbor_list: str = "auto", compile: bool = False,
-               fused: bool = False):
+               fused: bool = False, tabulate: bool = False):
     """(median ms of forward+backward, neighbour list used, peak memory MB, memory the calls added MB) of the
     exported TorchScript module, or with compile=True of the same module through torch.compile (inductor:
-    fused Triton kernels on CUDA), or with fused=True eagerly with the Triton CFConv of schnet_md.fused."""
+    fused Triton kernels on CUDA), or with fused=True eagerly with the Triton CFConv of schnet_md.fused; tabulate:
+    filters from spline tables (schnet_md.tabulated)."""
     dev = torch.device(device)
     module, meta = build_module(model, list(atomic_numbers), periodic=box_nm is not None, box_nm=box_nm,
                                 positions_nm=positions_nm, neighbor_list=neighbor_list,
-                                check_errors=not (compile or fused), script=not (compile or fused))
+                                check_errors=not (compile or fused), script=not (compile or fused),
+                                tabulate=tabulate)
     module = module.to(dev)
     if fused:
         from .fused import FusedSchNet
@@ -176,10 +179,10 @@ def time_neighbor_search(positions_nm: np.ndarray, box_nm: np.ndarray, cutoff: f
 
 def time_md(model: SchNet, topology, positions_nm: np.ndarray, platform: str = "CPU", steps: int = 200,
             timestep_fs: float = 0.5, cuda_graphs: bool = False, neighbor_list: str = "auto",
-            backend: str = "torch", compile: bool = False, fused: bool = False) -> float:
+            backend: str = "torch", compile: bool = False, fused: bool = False, tabulate: bool = False) -> float:
     """Steps per second of Langevin MD with only the SchNet force: backend "torch" (openmm-torch's
     TorchForce) or "python" (OpenMM's PythonForce, the model on CUDA when the platform is CUDA; compile:
-    through torch.compile; fused: with the Triton CFConv)."""
+    through torch.compile; fused: with the Triton CFConv; tabulate: spline-table filters)."""
     import openmm
     from openmm import unit
 
@@ -190,10 +193,10 @@ def time_md(model: SchNet, topology, positions_nm: np.ndarray, platform: str = "
     if backend == "python":
         device = "cuda" if platform == "CUDA" else "cpu"
         system.addForce(create_python_force(model, topology, positions=positions_nm, neighbor_list=neighbor_list,
-                                            device=device, compile=compile, fused=fused))
+                                            device=device, compile=compile, fused=fused, tabulate=tabulate))
     else:
         system.addForce(create_torch_force(model, topology, positions=positions_nm, neighbor_list=neighbor_list,
-                                           cuda_graphs=cuda_graphs))
+                                           cuda_graphs=cuda_graphs, tabulate=tabulate))
     integrator = openmm.LangevinMiddleIntegrator(300 * unit.kelvin, 1 / unit.picosecond, timestep_fs * unit.femtosecond)
     context = openmm.Context(system, integrator, openmm.Platform.getPlatformByName(platform))
     context.setPositions(positions_nm)
@@ -209,7 +212,7 @@ def time_md(model: SchNet, topology, positions_nm: np.ndarray, platform: str = "
 def bench(name: str, topology, positions_nm: np.ndarray, model: SchNet, model_label: str, platform: str = "CPU",
           steps: int = 200, repeats: int = 50, cuda_graphs: bool = False, neighbor_list: str = "auto",
           timestep_fs: float = 0.5, backend: str = "torch", compile: bool = False,
-          fused: bool = False) -> BenchResult:
+          fused: bool = False, tabulate: bool = False) -> BenchResult:
     from openmm import unit
 
     z = [a.element.atomic_number for a in topology.atoms()]
@@ -217,8 +220,8 @@ def bench(name: str, topology, positions_nm: np.ndarray, model: SchNet, model_la
     box_nm = None if box is None else np.array(box.value_in_unit(unit.nanometer))
     device = "cuda" if platform == "CUDA" else "cpu"
     ms, used, memory, added = time_model(model, z, positions_nm, box_nm, repeats, device, neighbor_list,
-                                         compile=compile, fused=fused)
+                                         compile=compile, fused=fused, tabulate=tabulate)
     sps = time_md(model, topology, positions_nm, platform, steps, timestep_fs, cuda_graphs, neighbor_list, backend,
-                  compile, fused)
+                  compile, fused, tabulate)
     return BenchResult(name, len(z), model_label, platform, used, cuda_graphs, torch.get_num_threads(), ms, sps,
-                       sps * timestep_fs * 1e-6 * 86400, memory, added, backend, compile, fused)
+                       sps * timestep_fs * 1e-6 * 86400, memory, added, backend, compile, fused, tabulate)

@@ -130,6 +130,8 @@ def _export(args) -> int:
 
         if args.structure or args.atoms:
             raise ValueError("--engine lammps takes no --structure or --atoms: LAMMPS gives the atoms at run time")
+        if args.tabulate:
+            raise ValueError("--tabulate is for OpenMM exports; the LAMMPS module keeps the filter network")
         path = export_lammps(args.model, args.out, dtype=args.precision or "float64")
         print(f"LAMMPS model written to {path}: pair_style schnet; pair_coeff * * {path} <element per atom type>")
         return 0
@@ -138,7 +140,7 @@ def _export(args) -> int:
     args.precision = args.precision or "float32"
     structure = read_structure(args.structure)
     atoms = select_atoms(structure, args.atoms) if args.atoms else None
-    path = export_model(args.model, structure, args.out, atoms=atoms, dtype=args.precision)
+    path = export_model(args.model, structure, args.out, atoms=atoms, dtype=args.precision, tabulate=args.tabulate)
     n = structure.n_atoms if atoms is None else len(atoms)
     print(f"TorchForce module for {n} of {structure.n_atoms} particles written to {path}")
     return 0
@@ -154,6 +156,9 @@ def _simulate(args) -> int:
 
         torch.set_num_threads(args.threads)
     if args.resume:
+        if args.tabulate:
+            raise ValueError("--resume continues with the run's own exported force (force.pt); --tabulate applies "
+                             "to new runs")
         info_path = Path(args.resume) / "run.json"
         info = json.loads(info_path.read_text()) if info_path.is_file() else {}
         for given, key in ((args.structure, "structure"), (args.model, "model")):
@@ -169,7 +174,7 @@ def _simulate(args) -> int:
             steps=1000 if args.steps is None else args.steps, timestep_fs=args.timestep, temperature_k=args.temperature,
             friction_per_ps=args.friction, report_interval=args.report_interval,
             checkpoint_interval=args.checkpoint_interval, minimize=args.minimize, seed=args.seed,
-            platform=args.platform, precision=args.precision, guard=not args.no_guard,
+            platform=args.platform, precision=args.precision, tabulate=args.tabulate, guard=not args.no_guard,
             disagreement_warn=args.disagreement_warn, disagreement_stop=args.disagreement_stop)
         result = run_simulation(args.structure, args.model, args.out, settings)
     seed = json.loads((result.out_dir / "run.json").read_text())["settings"]["seed"]
@@ -415,6 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "syntax; default: all)")
     e.add_argument("--precision", choices=["float32", "float64"],
                    help="default: float32 for OpenMM, float64 for LAMMPS")
+    e.add_argument("--tabulate", action="store_true",
+                   help="filters from spline tables of the distance instead of the filter network: faster, the same "
+                        "forces to float32 precision (OpenMM)")
     e.add_argument("--out", required=True, help="output .pt file (TorchScript)")
     e.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     e.set_defaults(func=_export)
@@ -440,6 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--platform", choices=["CUDA", "OpenCL", "CPU", "Reference"],
                    help="default: fastest available (CUDA > OpenCL > CPU > Reference)")
     s.add_argument("--precision", choices=["float32", "float64"], default="float32", help="model precision")
+    s.add_argument("--tabulate", action="store_true",
+                   help="filters from spline tables (faster; the same forces to float32 precision)")
     s.add_argument("--threads", type=int, help="torch threads for the model on the CPU platform (default: torch's)")
     s.add_argument("--minimize", action="store_true", help="minimise the energy first (checked by the guard)")
     s.add_argument("--seed", type=int, default=0,

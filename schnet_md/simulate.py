@@ -59,6 +59,7 @@ class SimulationSettings:
     seed: int = 0
     platform: Optional[str] = None
     precision: str = "float32"
+    tabulate: bool = False           # filters from spline tables (schnet_md.tabulated): faster, same forces
     ensemble: str = "nvt"            # "nvt": LangevinMiddleIntegrator; "nve": VerletIntegrator
     guard: bool = True               # stop on broken/formed bonds or non-finite values (BlowUpGuard)
     bond_break_factor: float = 1.5   # a bond is broken beyond this x the sum of covalent radii
@@ -352,7 +353,7 @@ def run_simulation(structure_path, model_path, out_dir, settings: SimulationSett
     out.mkdir(parents=True, exist_ok=True)
     write_pdb(structure.topology, structure.positions_nm, out / "input.pdb")     # the structure as given
     force_file = export_model(members if len(members) > 1 else model, structure, out / "force.pt",
-                              dtype=settings.precision)
+                              dtype=settings.precision, tabulate=settings.tabulate)
     system = build_system(structure.topology, force_file)
     simulation, platform = make_simulation(structure.topology, system, settings)
     simulation.context.setPositions(structure.openmm_positions())

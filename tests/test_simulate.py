@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 
 import mdtraj
@@ -119,6 +120,19 @@ def test_cli_simulate_and_resume(tmp_path, model_file, capsys):
     assert [int(r["step"]) for r in rows(out / "state.csv")] == [5, 10, 15, 20, 25, 30]
     assert main(["simulate", "--resume", str(tmp_path / "nothing-here")]) == 1
     assert "holds no run to resume" in capsys.readouterr().err
+
+
+def test_cli_simulate_with_tabulated_filters(tmp_path, model_file, capsys):
+    from schnet_md.export import load_exported
+
+    out = tmp_path / "tabulated"
+    assert main(["simulate", str(ETHANOL), "--model", str(model_file), "--out", str(out), "--steps", "10",
+                 "--report-interval", "5", "--platform", "Reference", "--tabulate"]) == 0
+    assert json.loads((out / "run.json").read_text())["settings"]["tabulate"] is True
+    assert load_exported(out / "force.pt")[1]["filters"]["kind"] == "tabulated"
+    assert len(rows(out / "state.csv")) == 2
+    assert main(["simulate", "--resume", str(out), "--steps", "10", "--tabulate"]) == 1
+    assert "applies to new runs" in capsys.readouterr().err
 
 
 def test_cli_export_writes_a_torchforce_file(tmp_path, model_file, capsys):
