@@ -32,11 +32,13 @@ import triton
 import triton.language as tl
 
 LOG2 = math.log(2.0)
-BLOCK_PAIRS = 32      # pairs per program
+BLOCK_PAIRS = 16      # pairs per program (H100, 24k-atom water box, TF32: 16 -> 67 ms, 32 -> 112, 64 -> 95, 128 -> 120)
 BLOCK_GAUSSIANS = 32  # Gaussians per step through the filter network's first layer
-# Triton multiplies float32 tiles in TF32 on tensor cores unless told otherwise (10-bit mantissa: ~1e-3 relative
-# in the filters); "ieee" keeps float32 throughout, as the reference model. Another value compiles other kernels.
-DOT_PRECISION = "ieee"
+# The filter network's products. "tf32": tensor cores, 10-bit mantissa; on an H100 (benchmarks/gpu.md, 24k-atom
+# water box, schnet2018) energy within 1e-4 relative and forces within 0.2 % of the largest of the float32 model.
+# "ieee": float32 throughout, as the reference model, but Triton then multiplies without tensor cores: 2.3 s per
+# forward+backward of that box, 19x slower than TorchScript. Another value compiles other kernels.
+DOT_PRECISION = "tf32"
 
 
 @triton.jit

@@ -10,10 +10,11 @@ table of cubic Hermite polynomials:
 
 The spline matches W and dW/dd at every grid point (dW/dd from forward-mode autodiff of the exact filter), so
 W and the forces are continuous (energy is conserved in NVE). Its error is checked against the exact filter
-between the grid points when the table is built; the spacing is halved until it is below `tolerance` (relative
-to the largest |W|). Beyond the table the filter is constant, as the exact one is: with a cutoff the
-envelope is zero there; without one every Gaussian sits at the expansion's clamp (e^-80) once d is more than
-sqrt(80 / gamma) beyond the last centre.
+between the grid points when the table is built, in W and in dW/dd (which the forces feel, and which converges
+one order slower); the spacing shrinks until both are below `tolerance`, relative to their largest magnitudes.
+A cutoff is a grid point: W f_cut has a kink in its second derivative there. Beyond the table the filter is
+constant, as the exact one is: with a cutoff the envelope is zero there; without one every Gaussian sits at the
+expansion's clamp (e^-80) once d is more than sqrt(80 / gamma) beyond the last centre.
 
 Everything stays in TorchScript, so it runs inside openmm-torch's TorchForce on every platform and in CUDA
 graphs (`create_torch_force(..., tabulate=True)`, `schnet-md export --tabulate`). It is for MD with frozen

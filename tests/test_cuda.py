@@ -241,12 +241,12 @@ def test_triton_cfconv_equals_torchscript_on_cuda(precision):
     scripted, eager, x, b = water_box_modules(fused_model=True)
     e_ref = scripted(x, b)
     (f_ref,) = torch.autograd.grad(e_ref, x)
-    fused.DOT_PRECISION = precision
+    default, fused.DOT_PRECISION = fused.DOT_PRECISION, precision
     try:
         e_fused = eager(x, b)
         (f_fused,) = torch.autograd.grad(e_fused, x)
     finally:
-        fused.DOT_PRECISION = "ieee"
+        fused.DOT_PRECISION = default
     tol = 1e-5 if precision == "ieee" else 1e-3
     assert float(e_fused) == pytest.approx(float(e_ref), rel=tol)
     torch.testing.assert_close(f_fused, f_ref, rtol=10 * tol, atol=100 * tol * float(f_ref.abs().max()))

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The one prepared GPU run (issue #17), for the device tool on a lent H100/H200:
 #   prepare here:  bash benchmarks/gpu/prepare.sh     (wheels into .whl/, an iso17x subset into .gpu_data/; both ignored)
-#   run there:     carry [".whl", ".gpu_data"], command: OUT=$OUT bash benchmarks/gpu/run.sh, timeout_s ~540
-# Every step has its own time limit, and the whole run stops by DEADLINE seconds (default 480), leaving the rest
+#   run there:     carry [".whl", ".gpu_data"], command: OUT=$OUT bash benchmarks/gpu/run.sh, timeout_s ~580
+# Every step has its own time limit, and the whole run stops by DEADLINE seconds (default 540), leaving the rest
 # of the 15-minute slot for one re-run. At most 8 files come back: summary.txt (install, versions, step times),
 # pytest.txt, profile.txt, speed_cuda.{md,json} (TorchForce, CUDA graphs off and on), speed_python.{md,json}
 # (PythonForce, model on the GPU) and logs.tar (the training run folder, the PythonForce rows with the fused Triton
@@ -10,7 +10,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-gpu-out}
-DEADLINE=${DEADLINE:-480}
+DEADLINE=${DEADLINE:-540}
 mkdir -p "$OUT"
 WORK=$(mktemp -d)
 mkdir -p "$WORK/logs"
@@ -51,23 +51,23 @@ step pytest "CUDA correctness (pytest -m cuda)" 170 "$OUT/pytest.txt" python3 -m
     tests/test_cuda.py "tests/test_neighbor_list.py::test_graph_safe_export_captures_in_a_cuda_graph"
 tail -3 "$OUT/pytest.txt" | tee -a "$OUT/summary.txt"
 
-step speed "speed: TorchForce, CUDA graphs off and on" 170 "$WORK/logs/speed_cuda.log" python3 -u benchmarks/speed.py --platform CUDA --threads 1 \
-    --steps "${STEPS:-1000}" --repeats 30 --cuda-graphs both --molecules ${MOLECULES:-ethanol c7o2h10_1 aspirin alanine-dipeptide} \
-    --water ${WATER:-1000 3000 12000 24000} --search \
-    --out "$OUT/speed_cuda.md"
-grep -c '"steps_per_second"' "$WORK/logs/speed_cuda.log" | sed 's/^/rows measured: /' | tee -a "$OUT/summary.txt"
-
-step profile "profile + fused (torch.compile) forward+backward" 110 "$OUT/profile.txt" python3 -u benchmarks/gpu/profile_cuda.py \
-    --atoms ${PROFILE_ATOMS:-3000 24000}
+step profile "profile: the floor, tabulated and fused filters, torch.compile" 150 "$OUT/profile.txt" python3 -u benchmarks/gpu/profile_cuda.py --fused-tf32-only \
+    --atoms ${PROFILE_ATOMS:-24000} --molecules ${PROFILE_MOLECULES:-c7o2h10_1}
 grep -E "^==|where the|torch.compile" "$OUT/profile.txt" | tee -a "$OUT/summary.txt"
-
-step python "speed: PythonForce, model on the GPU" 70 "$WORK/logs/speed_python.log" python3 -u benchmarks/speed.py --platform CUDA --threads 1 \
-    --steps 1000 --repeats 30 --backend python --molecules c7o2h10_1 --water 3000 24000 --search \
-    --out "$OUT/speed_python.md"
 
 step fused "speed: PythonForce with the fused Triton CFConv" 60 "$WORK/logs/speed_fused.log" python3 -u \
     benchmarks/speed.py --platform CUDA --threads 1 --steps 1000 --repeats 30 --backend python --fused \
     --molecules c7o2h10_1 --water 3000 24000 --search --out "$WORK/logs/speed_fused.md"
+
+step speed "speed: TorchForce, CUDA graphs off and on" 170 "$WORK/logs/speed_cuda.log" python3 -u benchmarks/speed.py --platform CUDA --threads 1 \
+    --steps "${STEPS:-1000}" --repeats 30 --cuda-graphs both --molecules ${MOLECULES:-ethanol c7o2h10_1 aspirin alanine-dipeptide} \
+    --water ${WATER:-1000 3000 12000 24000} --filters ${FILTERS:-tabulated network} --search \
+    --out "$OUT/speed_cuda.md"
+grep -c '"steps_per_second"' "$WORK/logs/speed_cuda.log" | sed 's/^/rows measured: /' | tee -a "$OUT/summary.txt"
+
+step python "speed: PythonForce, model on the GPU" 70 "$WORK/logs/speed_python.log" python3 -u benchmarks/speed.py --platform CUDA --threads 1 \
+    --steps 1000 --repeats 30 --backend python --molecules c7o2h10_1 --water 3000 24000 --search \
+    --out "$OUT/speed_python.md"
 
 step compiled "speed: PythonForce through torch.compile" 70 "$WORK/logs/speed_python_compiled.log" python3 -u \
     benchmarks/speed.py --platform CUDA --threads 1 --steps 1000 --repeats 30 --backend python --compile \
