@@ -130,9 +130,7 @@ def _export(args) -> int:
 
         if args.structure or args.atoms:
             raise ValueError("--engine lammps takes no --structure or --atoms: LAMMPS gives the atoms at run time")
-        if args.tabulate:
-            raise ValueError("--tabulate is for OpenMM exports; the LAMMPS module keeps the filter network")
-        path = export_lammps(args.model, args.out, dtype=args.precision or "float64")
+        path = export_lammps(args.model, args.out, dtype=args.precision or "float64", tabulate=args.tabulate)
         print(f"LAMMPS model written to {path}: pair_style schnet; pair_coeff * * {path} <element per atom type>")
         return 0
     if not args.structure:
@@ -263,8 +261,8 @@ def _bench(args) -> int:
             model, label = load_model(args.model)[0], args.model
         else:
             model, label = benchmark_model(args.preset, z, topology.getPeriodicBoxVectors() is not None, args.cutoff)
-        r = bench(name, topology, positions, model, label, args.platform, args.steps, args.repeats,
-                  args.cuda_graphs, args.neighbor_list)
+        r = bench(name, topology, positions, model, label + (" + tabulated filters" if args.tabulate else ""),
+                  args.platform, args.steps, args.repeats, args.cuda_graphs, args.neighbor_list, tabulate=args.tabulate)
         results.append(r.as_dict())
         print(f"{r.system:28s} {r.n_atoms:6d} atoms  {r.model:34s} {r.neighbor_list:9s} model {r.model_ms:9.2f} ms  "
               f"MD {r.steps_per_second:9.1f} steps/s  {r.ns_per_day:8.2f} ns/day  peak {r.peak_memory_mb:8.0f} MB "
@@ -422,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: float32 for OpenMM, float64 for LAMMPS")
     e.add_argument("--tabulate", action="store_true",
                    help="filters from spline tables of the distance instead of the filter network: faster, the same "
-                        "forces to float32 precision (OpenMM)")
+                        "forces to float32 precision")
     e.add_argument("--out", required=True, help="output .pt file (TorchScript)")
     e.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     e.set_defaults(func=_export)
@@ -529,6 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=50)
     b.add_argument("--cuda-graphs", action="store_true", help="openmm-torch CUDA graphs (graph-safe export)")
     b.add_argument("--neighbor-list", default="auto", choices=["auto", "all_pairs", "cells"])
+    b.add_argument("--tabulate", action="store_true", help="filters from spline tables (schnet_md.tabulated)")
     b.add_argument("--threads", type=int, help="torch CPU threads")
     b.add_argument("--json", help="also write the results here")
     b.set_defaults(func=_bench)

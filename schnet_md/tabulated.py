@@ -17,14 +17,15 @@ constant, as the exact one is: with a cutoff the envelope is zero there; without
 expansion's clamp (e^-80) once d is more than sqrt(80 / gamma) beyond the last centre.
 
 Everything stays in TorchScript, so it runs inside openmm-torch's TorchForce on every platform and in CUDA
-graphs (`create_torch_force(..., tabulate=True)`, `schnet-md export --tabulate`). It is for MD with frozen
-weights; training keeps the network.
+graphs (`create_torch_force(..., tabulate=True)`, `schnet-md export --tabulate`), and in LAMMPS's pair style
+(`export_lammps(..., tabulate=True)`, both ghost modes). It is for MD with frozen weights; training keeps the
+network.
 """
 
 from __future__ import annotations
 
 import math
-from typing import List
+from typing import List, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +35,7 @@ from .model import SchNet, shifted_softplus
 DEFAULT_TOLERANCE = 1e-6   # largest spline error in W and dW/dd, relative to their largest magnitudes: forces then
 # differ from the network's by about float32 rounding (shipped ethanol, aspirin, iso17x)
 MAX_INTERVALS = 1 << 16
+CHUNK = 4096               # distances per piece when the tables are checked
 
 
 def filter_extent(model: SchNet) -> float:
@@ -46,9 +48,18 @@ def filter_extent(model: SchNet) -> float:
 
 def exact_filters(model: SchNet, distances: Tensor) -> List[Tensor]:
     """W(d) * envelope(d) of every interaction block, [n, F] each, in the dtype of `distances`."""
-    expansion = model.expansion(distances)
-    envelope = model.envelope(distances)
-    return [block.cfconv.filter_network(expansion) * envelope[:, None] for block in model.interactions]
+    return [block_filter(model, b, distances) for b in range(len(model.interactions))]
+
+
+def block_filter(model: SchNet, block: int, distances: Tensor) -> Tensor:
+    """W(d) * envelope(d) of one interaction block, [n, F]."""
+    network = model.interactions[block].cfconv.filter_network
+    return network(model.expansion(distances)) * model.envelope(distances)[:, None]
+
+
+def with_slope(function, distances: Tensor):
+    """(f(d), df/dd) of a function acting on each distance separately, by forward-mode autodiff."""
+    return torch.func.jvp(function, (distances,), (torch.ones_like(distances),))
 
 
 def hermite_coefficients(values: Tensor, slopes: Tensor, spacing: float) -> Tensor:
@@ -62,10 +73,6 @@ def evaluate(coefficients: Tensor, k: Tensor, t: Tensor) -> Tensor:
     c = coefficients.index_select(0, k)
     t = t[:, None]
     return c[:, 0] + t * (c[:, 1] + t * (c[:, 2] + t * c[:, 3]))
-
-
-def relative_error(approximate: Tensor, exact: Tensor) -> float:
-    return float((approximate - exact).abs().max() / exact.abs().max().clamp(min=1e-30))
 
 
 def build_tables(model: SchNet, tolerance: float = DEFAULT_TOLERANCE, spacing: float = 0.05):
@@ -82,23 +89,25 @@ def build_tables(model: SchNet, tolerance: float = DEFAULT_TOLERANCE, spacing: f
                 raise ValueError(f"the filters need more than {MAX_INTERVALS} table intervals for a relative error "
                                  f"of {tolerance:g}; ask for a larger tolerance")
             nodes = torch.arange(n + 1, dtype=torch.float64) * spacing
-            values, slopes = [], []
-            for b in range(len(model.interactions)):
-                value, slope = torch.func.jvp(lambda d: exact_filters(model, d)[b], (nodes,), (torch.ones_like(nodes),))
-                values.append(value)
-                slopes.append(slope)
-            tables = [hermite_coefficients(v, s, spacing) for v, s in zip(values, slopes)]
+            tables = [hermite_coefficients(*with_slope(lambda d: block_filter(model, b, d), nodes), spacing)
+                      for b in range(len(model.interactions))]
             # a cubic Hermite spline's error peaks mid-interval in the value and near t = 0.5 -+ 0.29 in the slope
             # (the forces' error: the larger, O(h^3) against O(h^4)); probe every interval there
             probe_t = torch.tensor([0.21, 0.5, 0.79], dtype=torch.float64)
             k = torch.arange(n).repeat_interleave(len(probe_t))
             t = probe_t.repeat(n)
-            d = (k + t) * spacing
             error = 0.0
             for b, c in enumerate(tables):
-                exact, exact_slope = torch.func.jvp(lambda x: exact_filters(model, x)[b], (d,), (torch.ones_like(d),))
-                spline, spline_slope = torch.func.jvp(lambda x: evaluate(c, k, x), (t,), (torch.ones_like(t) / spacing,))
-                error = max(error, relative_error(spline, exact), relative_error(spline_slope, exact_slope))
+                largest = torch.zeros(4, dtype=torch.float64)   # max |W - spline|, |W' - spline'|, |W|, |W'|
+                for start in range(0, len(t), CHUNK):            # in chunks: [probes, K] arrays stay small
+                    kk, tt = k[start:start + CHUNK], t[start:start + CHUNK]
+                    exact, exact_slope = with_slope(lambda x: block_filter(model, b, x), (kk + tt) * spacing)
+                    spline, spline_slope = with_slope(lambda x: evaluate(c, kk, x / spacing - kk), (kk + tt) * spacing)
+                    largest = torch.maximum(largest, torch.stack([
+                        (spline - exact).abs().max(), (spline_slope - exact_slope).abs().max(),
+                        exact.abs().max(), exact_slope.abs().max()]))
+                error = max(error, float(largest[0] / largest[2].clamp(min=1e-30)),
+                            float(largest[1] / largest[3].clamp(min=1e-30)))
             if error <= tolerance:
                 return spacing, tables, error
             spacing *= min(0.9, max(0.25, 0.9 * (tolerance / error) ** (1.0 / 3.0)))
@@ -147,12 +156,15 @@ class TabulatedSchNet(nn.Module):
     def species(self, atomic_numbers: Tensor) -> Tensor:
         return self._model[0].species(atomic_numbers)
 
-    def atomic_energies(self, species: Tensor, vectors: Tensor, i: Tensor, j: Tensor,
-                        include_reference: bool = True, half_list: bool = False) -> Tensor:
-        distances = torch.linalg.norm(vectors, dim=-1)
+    def grid(self, distances: Tensor) -> Tuple[Tensor, Tensor]:
+        """(interval k, position t in it) of each distance; beyond the table its last value, slope zero."""
         x = distances / self.spacing
         k = torch.clamp(torch.floor(x.detach()), max=float(self.n_intervals - 1)).to(torch.long)
-        t = torch.clamp(x - k.to(x.dtype), max=1.0)   # beyond the table: its last value, slope zero
+        return k, torch.clamp(x - k.to(x.dtype), max=1.0)
+
+    def atomic_energies(self, species: Tensor, vectors: Tensor, i: Tensor, j: Tensor,
+                        include_reference: bool = True, half_list: bool = False) -> Tensor:
+        k, t = self.grid(torch.linalg.norm(vectors, dim=-1))
         h = self.embedding(species)
         for interaction in self.interactions:
             h = h + interaction(h, k, t, i, j, half_list)

@@ -196,6 +196,20 @@ def test_float32_export_is_close_to_float64(tmp_path, periodic_case):
     np.testing.assert_allclose(f, f_ref, rtol=1e-3, atol=1e-3)
 
 
+def test_tabulated_filters_in_both_ghost_modes(tmp_path, periodic_case):
+    """export_lammps(tabulate=True): the filters from spline tables (schnet_md.tabulated), on 2 ranks in both ghost
+    modes, against the model with its filter network called directly."""
+    model, _, z, positions = periodic_case
+    cell = np.diag([12.0, 12.0, 12.0])
+    model_file = export_lammps(model, tmp_path / "tabulated.pt", tabulate=True)
+    e_ref, f_ref, _ = direct(model, z, positions, cell, "metal")
+    for settings in ("ghost exchange", "ghost deep"):
+        e, _, _, f, _ = run_lammps(tmp_path / settings.split()[1], model_file, z, positions, cell, ranks=2,
+                                   settings=settings)
+        assert e == pytest.approx(e_ref, rel=1e-7), settings
+        np.testing.assert_allclose(f, f_ref, rtol=0, atol=1e-5 * np.abs(f_ref).max(), err_msg=settings)
+
+
 def failure(tmp_path, **kwargs):
     proc = run_lammps(tmp_path, check=False, **kwargs)
     assert proc.returncode != 0, "LAMMPS should have refused this setup"
