@@ -86,6 +86,15 @@ def water_box(n_atoms: int):
     return modeller.topology, positions
 
 
+def water_box_arrays(n_atoms: int):
+    """(atomic numbers, positions nm [n, 3], box vectors nm [3, 3]) of `water_box(n_atoms)`."""
+    from openmm import unit
+
+    topology, positions = water_box(n_atoms)
+    box = np.array(topology.getPeriodicBoxVectors().value_in_unit(unit.nanometer))
+    return [a.element.atomic_number for a in topology.atoms()], positions, box
+
+
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20

@@ -159,12 +159,10 @@ def water_box_modules(fused_model: bool = False):
     """A 1.5k-atom water box, a small random schnet2018 (float32), its exported TorchScript module and the same
     module in eager form (with the Triton CFConv if fused_model), both on the GPU, and positions/box there."""
     import schnet_md.fused as fused
-    from schnet_md.bench import water_box
+    from schnet_md.bench import water_box_arrays
     from schnet_md.export import build_module
 
-    topology, positions = water_box(1500)
-    box = np.array(topology.getPeriodicBoxVectors().value_in_unit(unit.nanometer))
-    z = [a.element.atomic_number for a in topology.atoms()]
+    z, positions, box = water_box_arrays(1500)
     model = random_model("schnet2018", elements=(1, 8), n_features=32, n_interactions=2, dtype=torch.float32)
     kwargs = dict(periodic=True, box_nm=box, positions_nm=positions, neighbor_list="cells", check_errors=False)
     scripted = build_module(model, z, **kwargs)[0].cuda()
@@ -190,12 +188,10 @@ def test_fused_module_equals_torchscript_on_cuda():
 
 
 def test_overflow_still_reaches_the_user_on_cuda():
-    from schnet_md.bench import water_box
+    from schnet_md.bench import water_box_arrays
     from schnet_md.export import build_module
 
-    topology, positions = water_box(1500)
-    box = np.array(topology.getPeriodicBoxVectors().value_in_unit(unit.nanometer))
-    z = [a.element.atomic_number for a in topology.atoms()]
+    z, positions, box = water_box_arrays(1500)
     model = random_model("schnet2018", elements=(1, 8), n_features=16, n_interactions=2, dtype=torch.float32)
     x = torch.as_tensor(positions, dtype=torch.float32, device="cuda")
     b = torch.as_tensor(box, dtype=torch.float32, device="cuda")

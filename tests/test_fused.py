@@ -54,11 +54,8 @@ CHILD = textwrap.dedent("""
         print(preset, "half" if half else "full", "ok", e_ref, float(f_ref.abs().max()))
 
     # a periodic water box through the exported module's cell list, the model swapped for the fused one
-    from openmm import unit
-    from schnet_md.bench import water_box
-    topology, pos_nm = water_box(250)
-    box = np.array(topology.getPeriodicBoxVectors().value_in_unit(unit.nanometer))
-    zw = [a.element.atomic_number for a in topology.atoms()]
+    from schnet_md.bench import water_box_arrays
+    zw, pos_nm, box = water_box_arrays(250)
     model = random_model("schnet2018", elements=(1, 8), dtype=torch.float32, n_features=16, n_interactions=2,
                          cutoff=3.0)
     reference, meta = build_module(model, zw, periodic=True, box_nm=box, positions_nm=pos_nm,

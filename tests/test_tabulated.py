@@ -64,13 +64,9 @@ def test_tabulated_ethanol_matches_the_shipped_model(ethanol):
 
 
 def test_tabulated_water_box_through_the_cell_list():
-    from openmm import unit
+    from schnet_md.bench import water_box_arrays
 
-    from schnet_md.bench import water_box
-
-    topology, positions = water_box(300)
-    box = np.array(topology.getPeriodicBoxVectors().value_in_unit(unit.nanometer))
-    z = [a.element.atomic_number for a in topology.atoms()]
+    z, positions, box = water_box_arrays(300)
     model = random_model("schnet2018", elements=(1, 8), dtype=torch.float64, n_features=16, n_interactions=2,
                          cutoff=3.0)
     exact, tabulated = exact_and_tabulated(model, z, periodic=True, box_nm=box, positions_nm=positions,

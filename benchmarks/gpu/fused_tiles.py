@@ -4,20 +4,16 @@ forward+backward for each BLOCK_PAIRS (issue #17). Usage (GPU machine): python3 
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
-from openmm import unit
 
 sys.path.insert(0, str(Path(__file__).parent))
 import schnet_md.fused as fused_cfconv  # noqa: E402
 from profile_cuda import time_calls  # noqa: E402
-from schnet_md.bench import benchmark_model, water_box  # noqa: E402
+from schnet_md.bench import benchmark_model, water_box_arrays  # noqa: E402
 from schnet_md.export import build_module  # noqa: E402
 
 n_atoms = int(sys.argv[1]) if len(sys.argv) > 1 else 24000
-topology, positions = water_box(n_atoms)
-box = np.array(topology.getPeriodicBoxVectors().value_in_unit(unit.nanometer))
-z = [a.element.atomic_number for a in topology.atoms()]
+z, positions, box = water_box_arrays(n_atoms)
 model, label = benchmark_model("schnet2018", z, True)
 plain, meta = build_module(model, z, periodic=True, box_nm=box, positions_nm=positions, check_errors=False,
                            script=False)

@@ -21,7 +21,7 @@ from openmm import unit
 
 from pathlib import Path
 
-from schnet_md.bench import benchmark_model, preset_model, water_box
+from schnet_md.bench import benchmark_model, preset_model, water_box_arrays
 from schnet_md.export import build_module
 from schnet_md.structures import read_structure
 
@@ -188,9 +188,7 @@ def main() -> None:
             print(f"== {name}: failed: {type(error).__name__}: {error}", flush=True)
     boxes = []   # every box is profiled before any is compiled (compiling takes the longest)
     for n_atoms in args.atoms:
-        topology, positions = water_box(n_atoms)
-        box = np.array(topology.getPeriodicBoxVectors().value_in_unit(unit.nanometer))
-        z = [a.element.atomic_number for a in topology.atoms()]
+        z, positions, box = water_box_arrays(n_atoms)
         model, label = benchmark_model(args.preset, z, True)
         module, meta = build_module(model, z, periodic=True, box_nm=box, positions_nm=positions, check_errors=False)
         module = module.cuda()
