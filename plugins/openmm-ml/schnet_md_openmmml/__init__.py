@@ -7,7 +7,8 @@
 
 createMixedSystem uses openmm-ml's own embeddings (default: mechanical), which remove the MM bonded
 terms and nonbonded interactions inside the ML region and add `lambda_interpolate` when asked.
-Extra arguments: precision ("float32" | "float64"), backend ("torch" | "python").
+Extra arguments: precision ("float32" | "float64"), backend ("torch" | "python"), tabulate (True: the filters
+from spline tables, schnet_md.tabulated; faster, the same forces to float32 precision).
 In a periodic system a zero-energy CustomBondForce also lists the ML region's bonds, so that periodic output
 (e.g. a DCD) keeps the molecule whole after its MM bonds are gone.
 
@@ -24,14 +25,14 @@ from openmmml.mlpotential import MLPotentialImpl, MLPotentialImplFactory
 
 class SchNetPotentialImplFactory(MLPotentialImplFactory):
     def createImpl(self, name: str, modelPath=None, precision: str = "float32", backend: str = "torch",
-                   **args) -> MLPotentialImpl:
+                   tabulate: bool = False, **args) -> MLPotentialImpl:
         if modelPath is None:
             raise ValueError("MLPotential('schnet') needs modelPath= (a schnet-md model file or shipped model name)")
-        return SchNetPotentialImpl(modelPath, precision, backend)
+        return SchNetPotentialImpl(modelPath, precision, backend, tabulate)
 
 
 class SchNetPotentialImpl(MLPotentialImpl):
-    def __init__(self, modelPath, precision: str = "float32", backend: str = "torch"):
+    def __init__(self, modelPath, precision: str = "float32", backend: str = "torch", tabulate: bool = False):
         from schnet_md.modelfile import load_model
 
         if backend not in ("torch", "python"):
@@ -39,6 +40,7 @@ class SchNetPotentialImpl(MLPotentialImpl):
         self.modelPath = modelPath
         self.precision = precision
         self.backend = backend
+        self.tabulate = bool(tabulate)
         self.model, self.metadata = load_model(modelPath)   # fail early, with schnet-md's clear errors
 
     def addForces(self, topology, system: openmm.System, atoms, forceGroup: int, **args):
@@ -49,7 +51,7 @@ class SchNetPotentialImpl(MLPotentialImpl):
         backend = args.get("backend", self.backend)
         make = create_python_force if backend == "python" else create_torch_force
         force = make(self.model, topology, atoms=None if atoms is None else list(atoms), periodic=periodic,
-                     dtype=precision)
+                     dtype=precision, tabulate=bool(args.get("tabulate", self.tabulate)))
         force.setForceGroup(forceGroup)
         system.addForce(force)
         if periodic:
