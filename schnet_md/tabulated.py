@@ -24,6 +24,7 @@ network.
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import List, Tuple
 
@@ -140,7 +141,7 @@ class TabulatedSchNet(nn.Module):
     def __init__(self, model: SchNet, tolerance: float = DEFAULT_TOLERANCE):
         super().__init__()
         dtype = model.readout.scale.dtype
-        spacing, tables, error = build_tables(_copy(model), tolerance)
+        spacing, tables, error = build_tables(copy.deepcopy(model), tolerance)
         self.config = model.config
         self.cutoff = model.cutoff
         self.spacing = float(spacing)
@@ -148,7 +149,6 @@ class TabulatedSchNet(nn.Module):
         self.max_relative_error = float(error)
         self.embedding = model.embedding
         self.readout = model.readout
-        self.species_of_z = model.species_of_z
         self.interactions = nn.ModuleList([TabulatedInteraction(block, table.to(dtype))
                                            for block, table in zip(model.interactions, tables)])
         self._model = [model]   # not a submodule: only for species(), outside the TorchScript graph
@@ -165,13 +165,8 @@ class TabulatedSchNet(nn.Module):
     def atomic_energies(self, species: Tensor, vectors: Tensor, i: Tensor, j: Tensor,
                         include_reference: bool = True, half_list: bool = False) -> Tensor:
         k, t = self.grid(torch.linalg.norm(vectors, dim=-1))
-        h = self.embedding(species)
+        x = self.embedding(species)
         for interaction in self.interactions:
-            h = h + interaction(h, k, t, i, j, half_list)
-        return self.readout(h, species, include_reference)
+            x = x + interaction(x, k, t, i, j, half_list)
+        return self.readout(x, species, include_reference)
 
-
-def _copy(model: SchNet) -> SchNet:
-    import copy
-
-    return copy.deepcopy(model)
