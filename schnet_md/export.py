@@ -266,8 +266,7 @@ def build_module(model: ModelLike, atomic_numbers: Sequence[int], particle_indic
         from .tabulated import TabulatedSchNet
 
         energy_model = TabulatedSchNet(schnet)
-        filters = {"kind": "tabulated", "spacing_angstrom": energy_model.spacing,
-                   "intervals": energy_model.n_intervals, "max_relative_error": energy_model.max_relative_error}
+        filters = energy_model.record()
     module = OpenMMSchNet(energy_model, atomic_numbers, particle_indices, n_particles, periodic, neighbor_list, cells,
                           cell_capacity, pair_capacity, check_errors)
     if script:

@@ -198,7 +198,7 @@ def fused_atomic_energies(model, species: Tensor, vectors: Tensor, i: Tensor, j:
     for interaction in model.interactions:
         v = fused_cfconv(interaction.cfconv, interaction.cfconv.in2f(x), distances, envelope, i, j,
                          model.expansion.mu, model.expansion.gamma, half_list)
-        x = x + interaction.dense2(torch.nn.functional.softplus(interaction.dense1(v)) - LOG2)
+        x = x + interaction.update(v)
     return model.readout(x, species, include_reference)
 
 

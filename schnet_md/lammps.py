@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from . import __version__
-from .model import SchNet, shifted_softplus
+from .model import SchNet
 from .units import energy_factor
 
 LAMMPS_FORMAT = "schnet-md/lammps"
@@ -74,7 +74,7 @@ class LAMMPSSchNet(nn.Module):
         for k, interaction in enumerate(self.model.interactions):
             if k == block:
                 messages = interaction.cfconv(x, expansion, envelope, i, j, False).narrow(0, 0, n_local)
-                out = out + interaction.dense2(shifted_softplus(interaction.dense1(messages)))
+                out = out + interaction.update(messages)
         return out
 
     @torch.jit.export
@@ -103,7 +103,7 @@ class TabulatedLAMMPSSchNet(LAMMPSSchNet):
         out = x.narrow(0, 0, n_local)
         for b, interaction in enumerate(self.tables.interactions):
             if b == block:
-                out = out + interaction(x, k, t, i, j, False).narrow(0, 0, n_local)
+                out = out + interaction.block.update(interaction.convolve(x, k, t, i, j, False).narrow(0, 0, n_local))
         return out
 
 
@@ -116,11 +116,7 @@ def export_lammps(model, out: str | Path, dtype: str = "float64", tabulate: bool
     schnet, metadata = model_at(model, dtype)
     lammps_module = TabulatedLAMMPSSchNet(schnet) if tabulate else LAMMPSSchNet(schnet)
     module = torch.jit.script(lammps_module)
-    filters = {"kind": "network"}
-    if tabulate:
-        tables = lammps_module.tables
-        filters = {"kind": "tabulated", "spacing_angstrom": tables.spacing, "intervals": tables.n_intervals,
-                   "max_relative_error": tables.max_relative_error}
+    filters = lammps_module.tables.record() if tabulate else {"kind": "network"}
     info = {"format": LAMMPS_FORMAT, "format_version": LAMMPS_FORMAT_VERSION, "schnet_md_version": __version__,
             "elements": schnet.config.elements, "cutoff_angstrom": schnet.config.cutoff,
             "n_interactions": schnet.config.n_interactions, "precision": dtype, "filters": filters,

@@ -157,7 +157,10 @@ class CFConv(nn.Module):
 
     def forward(self, x: Tensor, expansion: Tensor, envelope: Tensor, i: Tensor, j: Tensor,
                 half_list: bool = False) -> Tensor:
-        filters = self.filter_network(expansion) * envelope[:, None]
+        return self.convolve(x, self.filter_network(expansion) * envelope[:, None], i, j, half_list)
+
+    def convolve(self, x: Tensor, filters: Tensor, i: Tensor, j: Tensor, half_list: bool = False) -> Tensor:
+        """The convolution with given filters W(r_ij) [pairs, F] (the filter network's, or a table's)."""
         h = self.in2f(x)
         out = torch.zeros(x.shape[0], h.shape[1], dtype=x.dtype, device=x.device)
         out = out.index_add(0, i, h.index_select(0, j) * filters)
@@ -177,7 +180,10 @@ class Interaction(nn.Module):
 
     def forward(self, x: Tensor, expansion: Tensor, envelope: Tensor, i: Tensor, j: Tensor,
                 half_list: bool = False) -> Tensor:
-        v = self.cfconv(x, expansion, envelope, i, j, half_list)
+        return self.update(self.cfconv(x, expansion, envelope, i, j, half_list))
+
+    def update(self, v: Tensor) -> Tensor:
+        """The atom-wise layers after the cfconv: Dense + ssp -> Dense."""
         return self.dense2(shifted_softplus(self.dense1(v)))
 
 

@@ -31,7 +31,7 @@ from typing import List, Tuple
 import torch
 from torch import Tensor, nn
 
-from .model import SchNet, shifted_softplus
+from .model import SchNet
 
 DEFAULT_TOLERANCE = 1e-6   # largest spline error in W and dW/dd, relative to their largest magnitudes: forces then
 # differ from the network's by about float32 rounding (shipped ethanol, aspirin, iso17x)
@@ -119,19 +119,14 @@ class TabulatedInteraction(nn.Module):
 
     def __init__(self, interaction, coefficients: Tensor):
         super().__init__()
-        self.in2f = interaction.cfconv.in2f
-        self.dense1 = interaction.dense1
-        self.dense2 = interaction.dense2
+        self.block = interaction
         self.register_buffer("coefficients", coefficients)
 
     def forward(self, x: Tensor, k: Tensor, t: Tensor, i: Tensor, j: Tensor, half_list: bool) -> Tensor:
-        filters = evaluate(self.coefficients, k, t)
-        h = self.in2f(x)
-        out = torch.zeros(x.shape[0], h.shape[1], dtype=x.dtype, device=x.device)
-        out = out.index_add(0, i, h.index_select(0, j) * filters)
-        if half_list:
-            out = out.index_add(0, j, h.index_select(0, i) * filters)
-        return self.dense2(shifted_softplus(self.dense1(out)))
+        return self.block.update(self.convolve(x, k, t, i, j, half_list))
+
+    def convolve(self, x: Tensor, k: Tensor, t: Tensor, i: Tensor, j: Tensor, half_list: bool) -> Tensor:
+        return self.block.cfconv.convolve(x, evaluate(self.coefficients, k, t), i, j, half_list)
 
 
 class TabulatedSchNet(nn.Module):
@@ -155,6 +150,11 @@ class TabulatedSchNet(nn.Module):
 
     def species(self, atomic_numbers: Tensor) -> Tensor:
         return self._model[0].species(atomic_numbers)
+
+    def record(self) -> dict:
+        """What an export's metadata says about the tables."""
+        return {"kind": "tabulated", "spacing_angstrom": self.spacing, "intervals": self.n_intervals,
+                "max_relative_error": self.max_relative_error}
 
     def grid(self, distances: Tensor) -> Tuple[Tensor, Tensor]:
         """(interval k, position t in it) of each distance; beyond the table its last value, slope zero."""
