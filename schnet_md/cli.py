@@ -311,7 +311,7 @@ def _refine(args) -> int:
                               members=args.members, member_epochs=args.member_epochs, frames_per_round=args.frames,
                               epochs=args.epochs, learning_rate=args.learning_rate, rounds=args.rounds,
                               check_steps=args.check_steps, seed=args.seed, frames_per_epoch=args.frames_per_epoch,
-                              label_weight=args.label_weight)
+                              label_weight=args.label_weight, transfer_paths=args.transfer_paths)
     record = refine(args.model, args.structure, data, args.out, settings, test=test, validation=validation,
                     log=lambda m: print(m, file=sys.stderr, flush=True), polish_epochs=args.polish_epochs,
                     runs=args.from_runs or (), previous_labels=args.previous_labels or ())
@@ -595,7 +595,10 @@ def build_parser() -> argparse.ArgumentParser:
     rf.add_argument("--check-steps", type=int, default=2000)
     rf.add_argument("--from-runs", nargs="+", metavar="RUN_DIR",
                     help="simulate runs (e.g. ones the blow-up guard stopped): the last 20 frames of each are labelled "
-                         "in the next round, each run once")
+                         "in the next round, each run once; a hydrogen such a run was moving onto another atom also "
+                         "gets frames along that transfer's relaxed path (GFN2-xTB umbrella MD)")
+    rf.add_argument("--no-transfer-paths", dest="transfer_paths", action="store_false",
+                    help="label only the runs' last frames, not the relaxed paths of their hydrogen transfers")
     rf.add_argument("--previous-labels", nargs="+", metavar="LABELS_NPZ",
                     help="labels.npz files of an earlier refinement (same --method): trained on in every round with "
                          "the new ones, so refining a refined model again does not forget them")

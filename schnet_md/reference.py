@@ -263,3 +263,154 @@ def sample(structure: str | Path, out: str | Path, ps: float, temperature_k: flo
         "trajectories": trajectories, "seed": seed, "frames": int(len(coords)),
         "old_indices": "trajectory * 1e6 + MD step"}, indent=1))
     return Path(out)
+
+
+# ---- relaxed paths of hydrogen transfers: umbrella windows in GFN2-xTB MD --------------------------------
+
+TRANSFER_WINDOW = 0.1      # Å between umbrella centres on xi = d(donor-H) - d(acceptor-H)
+TRANSFER_END = 0.3         # Å, the last centre: just past the halfway point (xi = 0)
+TRANSFER_K = 500.0         # kcal/mol/Å^2: ~0.045 Å thermal spread about each centre at 500 K
+
+
+class TransferRestraint:
+    """An ASE calculator: `reference` plus 1/2 k (xi - xi0)^2 on xi = |r_H - r_donor| - |r_H - r_acceptor|.
+    `xi0` is set per window by the sampler."""
+
+    def __init__(self, reference, hydrogen: int, donor: int, acceptor: int, k_ev_per_A2: float):
+        self.reference, self.h, self.d, self.a, self.k = reference, hydrogen, donor, acceptor, k_ev_per_A2
+        self.xi0 = 0.0
+
+    def xi(self, r) -> float:
+        return float(np.linalg.norm(r[self.h] - r[self.d]) - np.linalg.norm(r[self.h] - r[self.a]))
+
+    def energy_forces(self, atoms):
+        plain = atoms.copy()
+        plain.calc = self.reference
+        energy, forces = plain.get_potential_energy(), plain.get_forces().copy()
+        r = atoms.positions
+        u_d = (r[self.h] - r[self.d]) / np.linalg.norm(r[self.h] - r[self.d])
+        u_a = (r[self.h] - r[self.a]) / np.linalg.norm(r[self.h] - r[self.a])
+        stretch = self.xi(r) - self.xi0
+        pull = -self.k * stretch                                     # -dU/dxi
+        forces[self.h] += pull * (u_d - u_a)
+        forces[self.d] -= pull * u_d
+        forces[self.a] += pull * u_a
+        return energy + 0.5 * self.k * stretch ** 2, forces
+
+    # what ASE's dynamics and Atoms ask a calculator for
+    def get_potential_energy(self, atoms=None, force_consistent=False):
+        return self.energy_forces(atoms)[0]
+
+    def get_forces(self, atoms=None):
+        return self.energy_forces(atoms)[1]
+
+    def get_property(self, name, atoms=None, allow_calculation=True):
+        return {"energy": self.get_potential_energy, "forces": self.get_forces}[name](atoms)
+
+
+def _transfer_walk(task):
+    (numbers, start, h, donor, acceptor, windows, k_ev, temperature_k, equilibrate, steps, every, seed, charge,
+     out) = task
+    from ase import Atoms, units
+    from ase.md.langevin import Langevin
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
+
+    atoms = Atoms(numbers=numbers, positions=start)
+    restraint = TransferRestraint(_xtb_calculator("GFN2-xTB", charge), h, donor, acceptor, k_ev)
+    atoms.calc = restraint
+    rng = np.random.default_rng(seed)
+    MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_k, rng=rng)
+    Stationary(atoms)
+    dyn = Langevin(atoms, timestep=0.5 * units.fs, temperature_K=temperature_k, friction=0.01 / units.fs,
+                   fixcm=False, rng=rng)
+    frames, xi, centre = [], [], []
+    for xi0 in windows:                    # each window starts where the last ended: the molecule follows the H
+        restraint.xi0 = float(xi0)
+        dyn.run(equilibrate)
+        for _ in range(steps // every):
+            dyn.run(every)
+            frames.append(atoms.positions.copy())
+            xi.append(restraint.xi(atoms.positions))
+            centre.append(float(xi0))
+    tmp = Path(str(out) + ".tmp.npz")
+    np.savez(tmp, coords=np.array(frames), xi=np.array(xi), centre=np.array(centre))
+    os.replace(tmp, out)
+    return out
+
+
+def transfer_windows(start_angstrom, hydrogen: int, donor: int, acceptor: int, xi_end: float = TRANSFER_END,
+                     window: float = TRANSFER_WINDOW) -> np.ndarray:
+    """Umbrella centres (Å) on xi = d(donor-H) - d(acceptor-H), from the start's xi up to `xi_end`."""
+    r = np.asarray(start_angstrom, dtype=np.float64)
+    xi_start = np.linalg.norm(r[hydrogen] - r[donor]) - np.linalg.norm(r[hydrogen] - r[acceptor])
+    if xi_start >= xi_end:
+        raise ValueError(f"the hydrogen is already past the last window (xi {xi_start:.2f} >= {xi_end:.2f} Å)")
+    return np.arange(np.ceil(xi_start / window) * window, xi_end + 1e-9, window)
+
+
+def sample_transfer(numbers: Sequence[int], start_angstrom: np.ndarray, hydrogen: int, donor: int, acceptor: int,
+                    out: str | Path, method: str = "GFN2-xTB", temperature_k: float = 500.0, walks: int = 2,
+                    xi_end: float = TRANSFER_END, window: float = TRANSFER_WINDOW, k_kcal: float = TRANSFER_K,
+                    equilibrate: int = 100, steps: int = 200, every: int = 20, seed: int = 0, charge: int = 0) -> Path:
+    """Labelled frames along the relaxed path of a hydrogen moving from `donor` to `acceptor` (0-based atom
+    indices): umbrella windows on xi = d(donor-H) - d(acceptor-H), from the start's xi to `xi_end` every `window`
+    Å, walked by GFN2-xTB Langevin MD (0.5 fs) at `temperature_k` so the rest of the molecule follows the hydrogen
+    as it would in MD. `walks` independent walks run in parallel; each window gives `steps // every` frames
+    after `equilibrate` steps. The frames are labelled, unbiased, with `method` (the sampling is always
+    GFN2-xTB: DFT MD would cost hours). A model with too low a barrier for the transfer (iso17x: ~15 kcal/mol
+    where GFN2-xTB has ~50) lets MD cross it; these frames are the slope MD climbs. Writes `out` (rMD17 npz)
+    and OUT.json (each frame's xi and window); resumable by walk."""
+    numbers = [int(v) for v in numbers]
+    start = np.asarray(start_angstrom, dtype=np.float64)
+    if numbers[hydrogen] != 1:
+        raise ValueError(f"atom {hydrogen} is not a hydrogen (Z = {numbers[hydrogen]})")
+    if len({hydrogen, donor, acceptor}) != 3:
+        raise ValueError(f"hydrogen, donor and acceptor must be three atoms (got {hydrogen}, {donor}, {acceptor})")
+    windows = transfer_windows(start, hydrogen, donor, acceptor, xi_end, window)
+    out = Path(out)
+    parts = Path(str(out) + ".parts")
+    parts.mkdir(parents=True, exist_ok=True)
+    k_ev = k_kcal / KCAL_PER_EV
+    tasks = [(numbers, start, hydrogen, donor, acceptor, windows, k_ev, temperature_k, equilibrate, steps, every,
+              seed + w, charge, str(parts / f"walk{w:02d}.npz")) for w in range(walks)]
+    todo = [t for t in tasks if not Path(t[-1]).exists()]
+    if todo:
+        with mp.get_context("spawn").Pool(min(len(todo), max(1, os.cpu_count() or 1)),
+                                          initializer=_worker_init) as pool:
+            list(pool.imap_unordered(_transfer_walk, todo))
+    walked = [np.load(t[-1]) for t in tasks]
+    coords = np.concatenate([w["coords"] for w in walked])
+    label_frames(numbers, coords, out, method=method, charge=charge)
+    Path(str(out) + ".json").write_text(json.dumps({
+        "hydrogen": hydrogen, "donor": donor, "acceptor": acceptor, "sampled_with": "GFN2-xTB", "method": method,
+        "temperature_k": temperature_k, "timestep_fs": 0.5, "friction_per_fs": 0.01, "k_kcal_per_mol_A2": k_kcal,
+        "windows_A": windows.round(4).tolist(), "equilibrate": equilibrate, "steps": steps, "every": every,
+        "walks": walks, "seed": seed, "xi_A": np.concatenate([w["xi"] for w in walked]).round(4).tolist(),
+        "window_of_frame": np.concatenate([w["centre"] for w in walked]).round(4).tolist()}, indent=1))
+    return out
+
+
+def hydrogen_transfers(numbers: Sequence[int], bonds: Sequence[tuple], positions_angstrom: np.ndarray,
+                       reach: float = 1.6) -> List[tuple]:
+    """(hydrogen, donor, acceptor) for each hydrogen that, at `positions_angstrom` (say, the last frame of a run
+    the blow-up guard stopped), is within `reach` Å of a heavy atom other than its own in `bonds` (the
+    topology's): a hydrogen transfer under way. Bonded neighbours of the donor sit ~2.1 Å from its hydrogens."""
+    z = np.asarray(numbers)
+    r = np.asarray(positions_angstrom, dtype=np.float64)
+    partner = {}
+    for i, j in bonds:
+        for h, x in ((i, j), (j, i)):
+            if z[h] == 1:
+                partner.setdefault(int(h), []).append(int(x))
+    found = []
+    for h, own in sorted(partner.items()):
+        if len(own) != 1:
+            continue
+        d = np.linalg.norm(r - r[h], axis=1)
+        d[h] = np.inf
+        d[z == 1] = np.inf
+        d[own[0]] = np.inf
+        acceptor = int(np.argmin(d))
+        if d[acceptor] < reach:
+            found.append((h, own[0], acceptor))
+    return found

@@ -7,7 +7,10 @@ Each round, for every structure given:
   3. candidate frames: Langevin MD with the committee at each target temperature (frames up to where the
      blow-up guard stopped a run included), plus the geometries the failed checks visited: every failing
      bond stretched over the scan's range, the stretched molecule; plus the last frames of any `simulate` runs
-     the user gives (`--from-runs`: production runs the blow-up guard stopped, labelled once);
+     the user gives (`--from-runs`: production runs the blow-up guard stopped, labelled once) and, where such a
+     run was moving a hydrogen onto another atom, frames along that transfer's path: umbrella windows walked
+     in GFN2-xTB MD (the reference's relaxed path, `reference.sample_transfer`) and by the model itself (its own
+     way across, `model_transfer_frames`; iso17x's went 20 kcal/mol downhill where GFN2-xTB climbs 65);
   4. the failed checks' geometries, and the MD frames where the committee disagrees most (sigma_F), are
      labelled with the reference method (GFN2-xTB through tblite, or PBE/def2-SVP through PySCF). Another
      program's energies differ from the data's by a constant (PySCF vs rMD17's ORCA), so a few frames of the
@@ -66,6 +69,8 @@ class RefineSettings:
                                       # and new ones, each at its share: short epochs over a large data set
     label_weight: float = 1.0         # new frames' loss weights x this: with frames_per_epoch, as if drawn this many
                                       # times their share (a few hundred frames among 78k are otherwise barely seen)
+    transfer_paths: bool = True       # a hydrogen a --from-runs run moved onto another atom: label the relaxed path
+                                      # of that transfer too (reference.sample_transfer), not only the lead-up
     member_learning_rate: float = 2e-4
     rounds: int = 3
     check_steps: int = 2000
@@ -169,6 +174,56 @@ def _md_frames(members: List[str], structure_path, temperature: float, steps: in
     return read_trajectory(run / "trajectory.dcd", run / "topology.pdb").xyz.astype(np.float64) * 10.0
 
 
+def model_transfer_frames(model, structure, hydrogen: int, donor: int, acceptor: int, temperature: float,
+                          seed: int, walks: int = 2, equilibrate: int = 100, steps: int = 200, every: int = 20,
+                          platform: str = "CPU", xi_end: Optional[float] = None,
+                          window: Optional[float] = None) -> np.ndarray:
+    """Å frames along the MODEL's own path of a hydrogen transfer: the umbrella windows of
+    `reference.sample_transfer`, walked by Langevin MD on `model` in OpenMM (a CustomCompoundBondForce holds xi).
+    The reference's relaxed path shows where the barrier is; this shows where the model goes instead (its
+    lowest way across need not be the reference's), and labelled it teaches the model its own mistake."""
+    import openmm
+    from openmm import unit
+
+    from .export import create_torch_force
+    from .reference import TRANSFER_END, TRANSFER_K, TRANSFER_WINDOW, transfer_windows
+    from .simulate import particle_system
+    from .units import energy_factor
+
+    start = structure.positions_nm * 10.0
+    windows = transfer_windows(start, hydrogen, donor, acceptor, TRANSFER_END if xi_end is None else xi_end,
+                               TRANSFER_WINDOW if window is None else window)
+    k = TRANSFER_K * energy_factor("kcal/mol", "kJ/mol") * 100.0          # kcal/mol/Å^2 -> kJ/mol/nm^2
+    frames = []
+    for walk in range(walks):
+        system = particle_system(structure.topology)
+        system.addForce(create_torch_force(model, structure.topology))
+        bias = openmm.CustomCompoundBondForce(3, "0.5*k_xi*(distance(p1,p2) - distance(p1,p3) - xi0)^2")
+        bias.addGlobalParameter("k_xi", k)
+        bias.addGlobalParameter("xi0", 0.0)
+        bias.addBond([hydrogen, donor, acceptor], [])
+        system.addForce(bias)
+        integrator = openmm.LangevinMiddleIntegrator(temperature * unit.kelvin, 10.0 / unit.picosecond,
+                                                     0.5 * unit.femtosecond)
+        integrator.setRandomNumberSeed(seed + walk + 1)
+        context = openmm.Context(system, integrator, openmm.Platform.getPlatformByName(platform))
+        context.setPositions(structure.positions_nm)
+        context.setVelocitiesToTemperature(temperature * unit.kelvin, seed + walk + 1)
+        for xi0 in windows:
+            context.setParameter("xi0", float(xi0) / 10.0)
+            integrator.step(equilibrate)
+            for _ in range(steps // every):
+                integrator.step(every)
+                r = context.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.angstrom)
+                if not np.isfinite(r).all():      # the model blew up: what came before is kept
+                    break
+                frames.append(np.array(r))
+            else:
+                continue
+            break
+    return np.array(frames).reshape(-1, structure.n_atoms, 3)
+
+
 def _run_frames(run_dir) -> tuple:
     """(atomic numbers, Å frames): the last RUN_FRAMES frames of a `simulate` run (its trajectory.dcd and
     topology.pdb), e.g. one the blow-up guard stopped: the frames leading up to where the model went wrong."""
@@ -186,6 +241,18 @@ def _run_frames(run_dir) -> tuple:
         raise ValueError(f"{run} holds no frames")
     z = np.array([atom.element.atomic_number for atom in traj.topology.atoms])
     return z, traj.xyz[-RUN_FRAMES:].astype(np.float64) * 10.0
+
+
+def _run_transfers(run_dir) -> tuple:
+    """(the run's start Structure, [(hydrogen, donor, acceptor)]): the hydrogen transfers under way in the last
+    frame of a `simulate` run, judged against the bonds of its topology.pdb."""
+    from .reference import hydrogen_transfers
+    from .structures import read_structure
+
+    start = read_structure(Path(run_dir) / "topology.pdb")
+    z, frames = _run_frames(run_dir)
+    bonds = [(b[0].index, b[1].index) for b in start.topology.bonds()]
+    return start, hydrogen_transfers(z, bonds, frames[-1])
 
 
 def _read_labels(path):
@@ -302,7 +369,7 @@ def refine(model, structures: Sequence, data, out_dir, settings: Optional[Refine
     from .data import concatenate, file_sha256, read_rmd17
     from .elements import formula
     from .modelfile import resolve_model_path
-    from .reference import label_frames
+    from .reference import label_frames, sample_transfer
     from .structures import read_structure
     from .train import split_indices
 
@@ -440,6 +507,30 @@ def refine(model, structures: Sequence, data, out_dir, settings: Optional[Refine
             entry["labels"].append(str(labels))
             entry["frames_added"] += int(len(labelled[-1]))
             entry["frames_from_runs"] += int(len(labelled[-1]))
+            if not settings.transfer_paths:
+                continue
+            start, transfers = _run_transfers(run)
+            for h, donor, acceptor in transfers:     # the reaction itself: the slope the model let MD climb
+                log(f"round {k}: frames along the paths of H{h + 1} from atom {donor + 1} to {acceptor + 1} (as in "
+                    f"{run}): the reference's relaxed one and the model's own, labelled with {settings.method}")
+                name = f"transfer_H{h + 1}_{acceptor + 1}"
+                temperature = max(settings.temperatures)
+                on_reference = sample_transfer(start.atomic_numbers, start.positions_nm * 10.0, h, donor, acceptor,
+                                               where / f"{name}.npz", method=settings.method,
+                                               temperature_k=temperature, seed=settings.seed)
+                if not (where / f"{name}_model_frames.npy").is_file():
+                    np.save(where / f"{name}_model_frames.npy", model_transfer_frames(
+                        current, start, h, donor, acceptor, temperature, settings.seed, platform=settings.platform))
+                on_model = label_frames(start.atomic_numbers, np.load(where / f"{name}_model_frames.npy"),
+                                        where / f"{name}_model.npz", method=settings.method)
+                frames = 0
+                for labels in (on_reference, on_model):
+                    labelled.append(on_data_zero(labels))
+                    entry["labels"].append(str(labels))
+                    frames += int(len(labelled[-1]))
+                entry["frames_added"] += frames
+                entry.setdefault("transfers", []).append({"run": run, "hydrogen": h + 1, "donor": donor + 1,
+                                                          "acceptor": acceptor + 1, "frames": frames})
         new, combined = training_set()
         log(f"round {k}: fine-tuning on {len(combined)} frames ({len(combined) - len(original_train)} of the "
             f"{len(new)} labelled so far, weights {LEARNABLE_WEIGHT:g}-1; the rest lie too far out), validated on "

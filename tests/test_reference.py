@@ -143,3 +143,69 @@ def test_a_small_job_is_cut_so_every_worker_has_work_and_resumes_with_its_chunks
     assert np.allclose(read_rmd17(out).energies, first, atol=1e-6)
     with pytest.raises(ValueError, match="another labelling job"):
         label_frames(z, frames[:2], out, workers=2)
+
+
+def test_the_transfer_restraint_forces_are_minus_its_gradient():
+    """The umbrella bias on xi = d(donor-H) - d(acceptor-H), added to a reference (here Lennard-Jones), gives
+    forces = -dE/dr (float64 central differences)."""
+    from ase import Atoms
+    from ase.calculators.lj import LennardJones
+
+    from schnet_md.reference import TransferRestraint
+
+    s = read_structure(SYSTEMS / "c7o2h10_7" / "c7o2h10_7.pdb")
+    atoms = Atoms(numbers=s.atomic_numbers, positions=s.positions_nm * 10.0)
+    restraint = TransferRestraint(LennardJones(sigma=1.0, epsilon=0.01, rc=6.0), 12, 1, 2, k_ev_per_A2=20.0)
+    restraint.xi0 = -0.4                     # far from the start's -0.98: the bias pulls hard
+    e, f = restraint.energy_forces(atoms)
+    assert e > 0.5 * 20.0 * 0.5 ** 2        # 1/2 k (xi - xi0)^2 with |xi - xi0| > 0.5 Å
+    h = 1e-5
+    for atom in (12, 1, 2, 0):
+        for axis in range(3):
+            plus, minus = atoms.copy(), atoms.copy()
+            plus.positions[atom, axis] += h
+            minus.positions[atom, axis] -= h
+            fd = -(restraint.energy_forces(plus)[0] - restraint.energy_forces(minus)[0]) / (2 * h)
+            assert fd == pytest.approx(f[atom, axis], abs=1e-6), (atom, axis)
+
+
+def test_a_hydrogen_transfer_under_way_is_found():
+    from schnet_md.reference import hydrogen_transfers
+
+    s = read_structure(SYSTEMS / "c7o2h10_7" / "c7o2h10_7.pdb")
+    z, r = s.atomic_numbers, s.positions_nm * 10.0
+    bonds = [(b[0].index, b[1].index) for b in s.topology.bonds()]
+    assert hydrogen_transfers(z, bonds, r) == []              # every H at home (1,2 neighbours ~2.1 Å away)
+    moved = r.copy()
+    moved[12] = r[2] + 1.1 * (r[12] - r[2]) / np.linalg.norm(r[12] - r[2])   # H4 onto C3, as iso17x did
+    assert hydrogen_transfers(z, bonds, moved) == [(12, 1, 2)]
+
+
+def test_transfer_path_frames_are_sampled_labelled_and_resumed(tmp_path):
+    """Umbrella windows from the start's xi (-0.98 Å for isomer 7's H4 between C2 and C3) to xi_end: frames
+    labelled without the bias, xi recorded per frame, finished walks not redone."""
+    from schnet_md.reference import sample_transfer
+
+    s = read_structure(SYSTEMS / "c7o2h10_7" / "c7o2h10_7.pdb")
+    z, r = s.atomic_numbers, s.positions_nm * 10.0
+    with pytest.raises(ValueError, match="not a hydrogen"):
+        sample_transfer(z, r, 1, 0, 2, tmp_path / "bad.npz")
+    kwargs = dict(xi_end=-0.7, equilibrate=2, steps=4, every=2, walks=2)
+    out = sample_transfer(z, r, 12, 1, 2, tmp_path / "path.npz", **kwargs)
+    data = read_rmd17(out)
+    meta = json.loads((tmp_path / "path.npz.json").read_text())
+    assert meta["windows_A"] == [-0.9, -0.8, -0.7] and len(data) == 2 * 3 * 2
+    x = data.positions.reshape(len(data), len(z), 3)
+    xi = np.linalg.norm(x[:, 12] - x[:, 1], axis=1) - np.linalg.norm(x[:, 12] - x[:, 2], axis=1)
+    np.testing.assert_allclose(xi, meta["xi_A"], atol=1e-4)
+    assert meta["window_of_frame"][:6] == [-0.9, -0.9, -0.8, -0.8, -0.7, -0.7]
+    z1, r1, e1, f1 = data.frame(5)
+    # the label is the reference alone: the bias would add k (xi - xi0) ~ 500 kcal/mol/Å^2 x 0.1 Å on H4, C2, C3;
+    # SCF started from another guess differs by ~5e-3 kcal/mol/Å on these strained frames
+    e_ref, f_ref = xtb_energy_forces(z1, r1)
+    assert e1 == pytest.approx(e_ref * KCAL_PER_EV, rel=1e-7)
+    np.testing.assert_allclose(f1, f_ref * KCAL_PER_EV, atol=0.05)
+    walk = tmp_path / "path.npz.parts" / "walk00.npz"
+    before = walk.stat().st_mtime
+    sample_transfer(z, r, 12, 1, 2, tmp_path / "path.npz", **kwargs)
+    assert walk.stat().st_mtime == before

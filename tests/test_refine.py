@@ -23,6 +23,20 @@ def test_one_refinement_round_on_an_iso17x_isomer(tmp_path, capsys, monkeypatch)
     production = tmp_path / "production"
     run_simulation(SYSTEMS / "c7o2h10_7" / "c7o2h10_7.pdb", "iso17x", production, SimulationSettings(
         steps=60, report_interval=10, temperature_k=500.0, platform="CPU", seed=3), progress=False)
+    # as iso17x did at 500 K: H4 moving from C2 onto C3 in the run's last frame (a transfer under way)
+    import mdtraj
+
+    traj = mdtraj.load(str(production / "trajectory.dcd"), top=str(production / "topology.pdb"))
+    c3, h4 = traj.xyz[-1, 2], traj.xyz[-1, 12]
+    traj.xyz[-1, 12] = c3 + 0.12 * (h4 - c3) / np.linalg.norm(h4 - c3)
+    traj.save_dcd(str(production / "trajectory.dcd"))
+    # the transfer's relaxed path, in three short windows here (the defaults take ~1.5 min per transfer)
+    import schnet_md.reference as reference
+
+    short = dict(xi_end=-0.7, equilibrate=2, steps=4, every=2)
+    real_sample, real_walk = reference.sample_transfer, refining.model_transfer_frames
+    monkeypatch.setattr(reference, "sample_transfer", lambda *a, **k: real_sample(*a, **(k | short)))
+    monkeypatch.setattr(refining, "model_transfer_frames", lambda *a, **k: real_walk(*a, **(k | short)))
     assert main(["refine", "iso17x", str(SYSTEMS / "c7o2h10_63" / "c7o2h10_63.pdb"), "--data", str(folder),
                  "--out", str(tmp_path / "bad"), "--from-runs", str(tmp_path)]) == 1   # not a run folder
     assert "not a simulate run folder" in capsys.readouterr().err
@@ -65,7 +79,10 @@ def test_one_refinement_round_on_an_iso17x_isomer(tmp_path, capsys, monkeypatch)
     r = record["rounds"][0]
     assert 1 <= r["frames_from_md"] <= 6
     assert r["runs"] == [str(production.resolve())] and r["frames_from_runs"] == 6      # all 6 frames it wrote
-    assert r["frames_from_md"] + r["frames_from_failed_checks"] + 6 >= r["frames_added"] >= 7
+    # H4 from C2 to C3: 3 windows x 2 frames x 2 walks along the reference's relaxed path, as many along the model's
+    assert [(t["hydrogen"], t["donor"], t["acceptor"], t["frames"]) for t in r["transfers"]] == [(13, 2, 3, 24)]
+    assert r["frames_from_md"] + r["frames_from_failed_checks"] + 6 + 24 >= r["frames_added"] >= 7 + 24
+    assert sum("transfer_H13_3" in path for path in r["labels"]) == 2
     labels = [np.load(path) for path in r["labels"]]        # the structure's frames, then the run's
     assert sum(x["energies"].shape[0] for x in labels) == r["frames_added"]
     assert all(np.isfinite(x["forces"]).all() for x in labels) and labels[1]["energies"].shape[0] == 6
@@ -218,3 +235,20 @@ def test_fine_tuning_continues_with_the_base_model_batch_and_ema():
     assert fine_tuning_recipe({}) == {"batch_size": 16, "ema_decay": 0.99}
     assert fine_tuning_recipe({"training": {"settings": {"batch_size": 8, "ema_decay": 0.0}}}) == \
         {"batch_size": 8, "ema_decay": 0.99}
+
+
+def test_the_model_walks_its_own_path_of_a_hydrogen_transfer():
+    """Umbrella windows on xi = d(C2-H4) - d(C3-H4), walked by the model in OpenMM: frames for each window,
+    xi moving towards the last centre (0.3 Å) from the start's -0.98 Å."""
+    from schnet_md.reference import transfer_windows
+    from schnet_md.refine import model_transfer_frames
+    from schnet_md.structures import read_structure
+
+    isomer7 = read_structure(SYSTEMS / "c7o2h10_7" / "c7o2h10_7.pdb")
+    windows = transfer_windows(isomer7.positions_nm * 10.0, 12, 1, 2)
+    frames = model_transfer_frames("iso17x", isomer7, 12, 1, 2, temperature=500.0, seed=0, walks=1, equilibrate=20,
+                                   steps=20, every=10)
+    assert frames.shape == (2 * len(windows), 19, 3) and np.isfinite(frames).all()
+    xi = np.linalg.norm(frames[:, 12] - frames[:, 1], axis=1) - np.linalg.norm(frames[:, 12] - frames[:, 2], axis=1)
+    assert xi[:2].mean() < -0.6 and xi[-2:].mean() > 0.0
+    assert np.abs(xi[-2:] - windows[-1]).max() < 0.3

@@ -1,0 +1,74 @@
+"""GFN2-xTB frames along a hydrogen transfer (issue #15, refine_iso17x.md): umbrella windows on
+xi = d(A-H) - d(B-H), the hydrogen H moving from its atom A towards B, walked by Langevin MD at the campaign's
+temperature so the rest of the molecule follows the hydrogen. `--driver reference` walks them in GFN2-xTB (the
+reference's relaxed path: `reference.sample_transfer`), `--driver MODEL` with a SchNet model in OpenMM (the
+model's own path: `refine.model_transfer_frames`); either way the frames are labelled with GFN2-xTB.
+
+    python benchmarks/h_transfer_umbrella.py systems/c7o2h10_7/c7o2h10_7.pdb --hydrogen 13 --to 3 \
+        --out DIR/labels.npz [--driver reference|MODEL --walks 2 --temperature 500]
+
+Atoms are numbered from 1 as in the PDB; A is the hydrogen's nearest heavy atom in STRUCTURE. Writes an
+rMD17-format labels file (`refine --previous-labels` and `refine_iso17x.py --labels` take it) and OUT.json. The
+straight-line path of `h_shift_frames.py` put most frames 60-170 kcal/mol above what MD reaches; these sit on the
+slope MD climbs. `refine --from-runs` does the same for each transfer a stopped run was making.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("structure")
+    p.add_argument("--hydrogen", type=int, required=True, help="the moving H (PDB serial, from 1)")
+    p.add_argument("--to", type=int, required=True, help="the atom it moves towards (PDB serial, from 1)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--driver", default="reference", help="'reference' (GFN2-xTB MD) or a model file / name")
+    p.add_argument("--temperature", type=float, default=500.0)
+    p.add_argument("--walks", type=int, default=2, help="independent walks through the windows")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    from schnet_md.reference import label_frames, sample_transfer, transfer_windows
+    from schnet_md.structures import read_structure
+
+    out = Path(args.out)
+    molecule = read_structure(args.structure)
+    z = molecule.atomic_numbers.tolist()
+    r0 = molecule.positions_nm * 10.0
+    h, b = args.hydrogen - 1, args.to - 1
+    heavy = [i for i in range(len(z)) if z[i] > 1]
+    a = min(heavy, key=lambda i: np.linalg.norm(r0[i] - r0[h]))
+    print(f"H{args.hydrogen} from atom {a + 1} towards {args.to}, driven by {args.driver}", flush=True)
+    if args.driver == "reference":
+        sample_transfer(z, r0, h, a, b, out, temperature_k=args.temperature, walks=args.walks, seed=args.seed)
+    else:
+        import torch
+
+        from schnet_md.refine import model_transfer_frames
+
+        torch.set_num_threads(1)
+        frames = model_transfer_frames(args.driver, molecule, h, a, b, args.temperature, args.seed, walks=args.walks)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        label_frames(z, frames, out, method="GFN2-xTB")
+        windows = transfer_windows(r0, h, a, b)
+        per_walk = len(windows) * 10
+        xi = np.linalg.norm(frames[:, h] - frames[:, a], axis=1) - np.linalg.norm(frames[:, h] - frames[:, b], axis=1)
+        Path(str(out) + ".json").write_text(json.dumps({
+            "structure": args.structure, "hydrogen": h, "donor": a, "acceptor": b, "sampled_with": args.driver,
+            "method": "GFN2-xTB", "temperature_k": args.temperature, "walks": args.walks, "seed": args.seed,
+            "windows_A": windows.round(4).tolist(), "xi_A": xi.round(4).tolist(),
+            "window_of_frame": [float(windows[(k % per_walk) // 10].round(4)) for k in range(len(frames))]},
+            indent=1))
+    with np.load(out) as d:
+        e = d["energies"]
+    print(f"{len(e)} frames -> {out}; GFN2-xTB energy above the lowest, percentiles 50/90/100: "
+          f"{np.round(np.percentile(e - e.min(), [50, 90, 100]), 1).tolist()} kcal/mol")
+
+
+if __name__ == "__main__":
+    main()
