@@ -9,8 +9,9 @@ Each round, for every structure given:
      bond stretched over the scan's range, the stretched molecule; plus the last frames of any `simulate` runs
      the user gives (`--from-runs`: production runs the blow-up guard stopped, labelled once) and, where such a
      run was moving a hydrogen onto another atom, frames along that transfer's path: umbrella windows walked
-     in GFN2-xTB MD (the reference's relaxed path, `reference.sample_transfer`) and by the model itself (its own
-     way across, `model_transfer_frames`; iso17x's went 20 kcal/mol downhill where GFN2-xTB climbs 65);
+     in GFN2-xTB MD (the reference's relaxed path, `reference.sample_transfer`, once) and by the current model
+     (its own way across, `model_transfer_frames`, every round: iso17x's went 20 kcal/mol downhill where GFN2-xTB
+     climbs 65, and once taught the reference's path it found another low one);
   4. the failed checks' geometries, and the MD frames where the committee disagrees most (sigma_F), are
      labelled with the reference method (GFN2-xTB through tblite, or PBE/def2-SVP through PySCF). Another
      program's energies differ from the data's by a constant (PySCF vs rMD17's ORCA), so a few frames of the
@@ -69,8 +70,8 @@ class RefineSettings:
                                       # and new ones, each at its share: short epochs over a large data set
     label_weight: float = 1.0         # new frames' loss weights x this: with frames_per_epoch, as if drawn this many
                                       # times their share (a few hundred frames among 78k are otherwise barely seen)
-    transfer_paths: bool = True       # a hydrogen a --from-runs run moved onto another atom: label the relaxed path
-                                      # of that transfer too (reference.sample_transfer), not only the lead-up
+    transfer_paths: bool = True       # a hydrogen a --from-runs run moved onto another atom: label that transfer's
+                                      # paths too (the reference's, once; the current model's, every round)
     member_learning_rate: float = 2e-4
     rounds: int = 3
     check_steps: int = 2000
@@ -507,30 +508,42 @@ def refine(model, structures: Sequence, data, out_dir, settings: Optional[Refine
             entry["labels"].append(str(labels))
             entry["frames_added"] += int(len(labelled[-1]))
             entry["frames_from_runs"] += int(len(labelled[-1]))
-            if not settings.transfer_paths:
-                continue
-            start, transfers = _run_transfers(run)
-            for h, donor, acceptor in transfers:     # the reaction itself: the slope the model let MD climb
-                log(f"round {k}: frames along the paths of H{h + 1} from atom {donor + 1} to {acceptor + 1} (as in "
-                    f"{run}): the reference's relaxed one and the model's own, labelled with {settings.method}")
-                name = f"transfer_H{h + 1}_{acceptor + 1}"
-                temperature = max(settings.temperatures)
-                on_reference = sample_transfer(start.atomic_numbers, start.positions_nm * 10.0, h, donor, acceptor,
-                                               where / f"{name}.npz", method=settings.method,
-                                               temperature_k=temperature, seed=settings.seed)
-                if not (where / f"{name}_model_frames.npy").is_file():
-                    np.save(where / f"{name}_model_frames.npy", model_transfer_frames(
-                        current, start, h, donor, acceptor, temperature, settings.seed, platform=settings.platform))
-                on_model = label_frames(start.atomic_numbers, np.load(where / f"{name}_model_frames.npy"),
-                                        where / f"{name}_model.npz", method=settings.method)
-                frames = 0
-                for labels in (on_reference, on_model):
+            if settings.transfer_paths:            # the reaction itself: the slope the model let MD climb
+                found = [{"run": run, "hydrogen": h + 1, "donor": d + 1, "acceptor": a + 1}
+                         for h, d, a in _run_transfers(run)[1]]
+                record.setdefault("transfers", []).extend(t for t in found if t not in record["transfers"])
+                for t in found:     # the reference's relaxed path, once
+                    start = _run_transfers(run)[0]
+                    log(f"round {k}: {settings.method} MD along the relaxed path of H{t['hydrogen']} from atom "
+                        f"{t['donor']} to {t['acceptor']} (as in {run})")
+                    labels = sample_transfer(start.atomic_numbers, start.positions_nm * 10.0, t["hydrogen"] - 1,
+                                             t["donor"] - 1, t["acceptor"] - 1,
+                                             where / f"transfer_H{t['hydrogen']}_{t['acceptor']}.npz",
+                                             method=settings.method, temperature_k=max(settings.temperatures),
+                                             seed=settings.seed)
                     labelled.append(on_data_zero(labels))
                     entry["labels"].append(str(labels))
-                    frames += int(len(labelled[-1]))
-                entry["frames_added"] += frames
-                entry.setdefault("transfers", []).append({"run": run, "hydrogen": h + 1, "donor": donor + 1,
-                                                          "acceptor": acceptor + 1, "frames": frames})
+                    entry["frames_added"] += int(len(labelled[-1]))
+                    entry.setdefault("transfer_frames", []).append({**t, "path": "reference",
+                                                                    "frames": int(len(labelled[-1]))})
+        # every transfer found so far, walked again by the current model: its own way across moves as it learns
+        # (a model taught the reference's path found another low one beside it)
+        for n, t in enumerate(record.get("transfers", []) if settings.transfer_paths else []):
+            start = _run_transfers(t["run"])[0]
+            where = folder / "transfers"
+            where.mkdir(exist_ok=True)
+            walked = where / f"{n}_H{t['hydrogen']}_{t['acceptor']}_frames.npy"
+            if not walked.is_file():
+                log(f"round {k}: the model's own path of H{t['hydrogen']} from atom {t['donor']} to {t['acceptor']}")
+                np.save(walked, model_transfer_frames(current, start, t["hydrogen"] - 1, t["donor"] - 1,
+                                                      t["acceptor"] - 1, max(settings.temperatures),
+                                                      settings.seed + 1000 * k, platform=settings.platform))
+            labels = label_frames(start.atomic_numbers, np.load(walked), where / f"{n}_H{t['hydrogen']}_"
+                                  f"{t['acceptor']}.npz", method=settings.method)
+            labelled.append(on_data_zero(labels))
+            entry["labels"].append(str(labels))
+            entry["frames_added"] += int(len(labelled[-1]))
+            entry.setdefault("transfer_frames", []).append({**t, "path": "model", "frames": int(len(labelled[-1]))})
         new, combined = training_set()
         log(f"round {k}: fine-tuning on {len(combined)} frames ({len(combined) - len(original_train)} of the "
             f"{len(new)} labelled so far, weights {LEARNABLE_WEIGHT:g}-1; the rest lie too far out), validated on "

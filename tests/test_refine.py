@@ -80,9 +80,9 @@ def test_one_refinement_round_on_an_iso17x_isomer(tmp_path, capsys, monkeypatch)
     assert 1 <= r["frames_from_md"] <= 6
     assert r["runs"] == [str(production.resolve())] and r["frames_from_runs"] == 6      # all 6 frames it wrote
     # H4 from C2 to C3: 3 windows x 2 frames x 2 walks along the reference's relaxed path, as many along the model's
-    assert [(t["hydrogen"], t["donor"], t["acceptor"], t["frames"]) for t in r["transfers"]] == [(13, 2, 3, 24)]
+    assert record["transfers"] == [{"run": str(production.resolve()), "hydrogen": 13, "donor": 2, "acceptor": 3}]
+    assert [(t["path"], t["frames"]) for t in r["transfer_frames"]] == [("reference", 12), ("model", 12)]
     assert r["frames_from_md"] + r["frames_from_failed_checks"] + 6 + 24 >= r["frames_added"] >= 7 + 24
-    assert sum("transfer_H13_3" in path for path in r["labels"]) == 2
     labels = [np.load(path) for path in r["labels"]]        # the structure's frames, then the run's
     assert sum(x["energies"].shape[0] for x in labels) == r["frames_added"]
     assert all(np.isfinite(x["forces"]).all() for x in labels) and labels[1]["energies"].shape[0] == 6
@@ -105,6 +105,15 @@ def test_one_refinement_round_on_an_iso17x_isomer(tmp_path, capsys, monkeypatch)
     assert record["rounds"][0]["fine_tuning_epochs"] == 2
     history = json.loads((tmp_path / "refine" / "round1" / "model" / "metrics.json").read_text())["history"]
     assert [h["epoch"] for h in history] == [0, 1]
+    # a second round walks the transfer again with the refined model (its own path moves as it learns); the
+    # run's lead-up and the reference's path are not labelled twice
+    rounds = args.index("--rounds") + 1
+    assert main(args[:rounds] + ["2"] + args[rounds + 1:]) in (0, 2)
+    record = json.loads((tmp_path / "refine" / "rounds.json").read_text())
+    if "passed_after_round" not in record:          # (a round-1 model that passes every check ends the loop)
+        r2 = record["rounds"][1]
+        assert r2["runs"] == [] and [(t["path"], t["frames"]) for t in r2["transfer_frames"]] == [("model", 12)]
+        assert any("round2/transfers/0_H13_3.npz" in path for path in r2["labels"])
 
 
 def test_frames_far_from_the_data_weigh_less_in_proportion():
