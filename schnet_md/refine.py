@@ -244,6 +244,14 @@ def _run_frames(run_dir) -> tuple:
     return z, traj.xyz[-RUN_FRAMES:].astype(np.float64) * 10.0
 
 
+def _transfer_every(method: str) -> int:
+    """MD steps between the frames a transfer path gives: 10 per window and walk for GFN2-xTB (~7 ms a label),
+    2 for DFT (seconds to minutes a label; 52 frames a path)."""
+    from .reference import DFT_METHODS
+
+    return 100 if method in DFT_METHODS else 20
+
+
 def _run_transfers(run_dir) -> tuple:
     """(the run's start Structure, [(hydrogen, donor, acceptor)]): the hydrogen transfers under way in the last
     frame of a `simulate` run, judged against the bonds of its topology.pdb."""
@@ -514,13 +522,13 @@ def refine(model, structures: Sequence, data, out_dir, settings: Optional[Refine
                 record.setdefault("transfers", []).extend(t for t in found if t not in record["transfers"])
                 for t in found:     # the reference's relaxed path, once
                     start = _run_transfers(run)[0]
-                    log(f"round {k}: {settings.method} MD along the relaxed path of H{t['hydrogen']} from atom "
-                        f"{t['donor']} to {t['acceptor']} (as in {run})")
+                    log(f"round {k}: GFN2-xTB MD along the relaxed path of H{t['hydrogen']} from atom "
+                        f"{t['donor']} to {t['acceptor']} (as in {run}), labelled with {settings.method}")
                     labels = sample_transfer(start.atomic_numbers, start.positions_nm * 10.0, t["hydrogen"] - 1,
                                              t["donor"] - 1, t["acceptor"] - 1,
                                              where / f"transfer_H{t['hydrogen']}_{t['acceptor']}.npz",
                                              method=settings.method, temperature_k=max(settings.temperatures),
-                                             seed=settings.seed)
+                                             seed=settings.seed, every=_transfer_every(settings.method))
                     labelled.append(on_data_zero(labels))
                     entry["labels"].append(str(labels))
                     entry["frames_added"] += int(len(labelled[-1]))
@@ -537,7 +545,8 @@ def refine(model, structures: Sequence, data, out_dir, settings: Optional[Refine
                 log(f"round {k}: the model's own path of H{t['hydrogen']} from atom {t['donor']} to {t['acceptor']}")
                 np.save(walked, model_transfer_frames(current, start, t["hydrogen"] - 1, t["donor"] - 1,
                                                       t["acceptor"] - 1, max(settings.temperatures),
-                                                      settings.seed + 1000 * k, platform=settings.platform))
+                                                      settings.seed + 1000 * k, platform=settings.platform,
+                                                      every=_transfer_every(settings.method)))
             labels = label_frames(start.atomic_numbers, np.load(walked), where / f"{n}_H{t['hydrogen']}_"
                                   f"{t['acceptor']}.npz", method=settings.method)
             labelled.append(on_data_zero(labels))
