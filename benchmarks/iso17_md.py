@@ -6,7 +6,7 @@ and compared with the GFN2-xTB reference trajectories of the same isomers in iso
 
 Isomers: 63 and 128 are known molecules (in iso17x `known_mols`, so their other conformations were in the
 model's training data), 7 is an unknown molecule (not in iso17x's training split; the refined iso17x has seen
-141 GFN2-xTB frames of it from refinement, benchmarks/refine_iso17x.md). They have the most rotatable
+GFN2-xTB frames of it from refinement: 141 through stage 3, 540 more in round 5, benchmarks/refine_iso17x.md). They have the most rotatable
 heavy-atom bonds of their sets, so conformational transitions can happen within picoseconds.
 MD settings follow the reference: Langevin at 500 K, 0.5 fs steps, friction 10/ps (0.01/fs), a frame every
 5 steps. Runs live in $SCHNET_MD_RUNS/iso17_md (default ~/.cache/schnet-md/runs/iso17_md).
