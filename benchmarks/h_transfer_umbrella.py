@@ -107,17 +107,20 @@ def main() -> None:
         from schnet_md.refine import model_transfer_frames
 
         torch.set_num_threads(1)
-        frames = model_transfer_frames(args.driver, molecule, h, a, b, args.temperature, args.seed, walks=args.walks)
+        steps, every = 200, 20                     # as sample_transfer's: 10 frames a window and walk
+        frames = model_transfer_frames(args.driver, molecule, h, a, b, args.temperature, args.seed, walks=args.walks,
+                                       steps=steps, every=every)
         out.parent.mkdir(parents=True, exist_ok=True)
         label_frames(z, frames, out, method="GFN2-xTB")
         windows = transfer_windows(r0, h, a, b)
-        per_walk = len(windows) * 10
+        per_window = steps // every
+        per_walk = len(windows) * per_window
         xi = np.linalg.norm(frames[:, h] - frames[:, a], axis=1) - np.linalg.norm(frames[:, h] - frames[:, b], axis=1)
         Path(str(out) + ".json").write_text(json.dumps({
             "structure": args.structure, "hydrogen": h, "donor": a, "acceptor": b, "sampled_with": args.driver,
             "method": "GFN2-xTB", "temperature_k": args.temperature, "walks": args.walks, "seed": args.seed,
             "windows_A": windows.round(4).tolist(), "xi_A": xi.round(4).tolist(),
-            "window_of_frame": [float(windows[(k % per_walk) // 10].round(4)) for k in range(len(frames))]},
+            "window_of_frame": [float(windows[(k % per_walk) // per_window].round(4)) for k in range(len(frames))]},
             indent=1))
     with np.load(out) as d:
         e = d["energies"]

@@ -252,16 +252,19 @@ def _transfer_every(method: str) -> int:
     return 100 if method in DFT_METHODS else 20
 
 
-def _run_transfers(run_dir) -> tuple:
-    """(the run's start Structure, [(hydrogen, donor, acceptor)]): the hydrogen transfers under way in the last
-    frame of a `simulate` run, judged against the bonds of its topology.pdb."""
-    from .reference import hydrogen_transfers
+def _run_start(run_dir):
+    """The start of a `simulate` run (its topology.pdb: the structure after --minimize, with its bonds)."""
     from .structures import read_structure
 
-    start = read_structure(Path(run_dir) / "topology.pdb")
-    z, frames = _run_frames(run_dir)
-    bonds = [(b[0].index, b[1].index) for b in start.topology.bonds()]
-    return start, hydrogen_transfers(z, bonds, frames[-1])
+    return read_structure(Path(run_dir) / "topology.pdb")
+
+
+def _run_transfers(start, z, frames) -> List[tuple]:
+    """[(hydrogen, donor, acceptor)]: the hydrogen transfers under way in the last of a run's `frames` (Å),
+    judged against the bonds of its `start`."""
+    from .reference import hydrogen_transfers
+
+    return hydrogen_transfers(z, [(b[0].index, b[1].index) for b in start.topology.bonds()], frames[-1])
 
 
 def _read_labels(path):
@@ -504,6 +507,7 @@ def refine(model, structures: Sequence, data, out_dir, settings: Optional[Refine
             entry["labels"].append(str(labels))
             entry["frames_added"] += int(len(labelled[-1]))
         used = {r for e in record["rounds"] for r in e.get("runs", [])}
+        starts = {}                                 # run folder -> its start structure, read once a round
         entry["runs"] = [r for r in from_runs if r not in used]
         entry["frames_from_runs"] = 0
         for run in entry["runs"]:
@@ -517,11 +521,11 @@ def refine(model, structures: Sequence, data, out_dir, settings: Optional[Refine
             entry["frames_added"] += int(len(labelled[-1]))
             entry["frames_from_runs"] += int(len(labelled[-1]))
             if settings.transfer_paths:            # the reaction itself: the slope the model let MD climb
+                start = starts[run] = _run_start(run)
                 found = [{"run": run, "hydrogen": h + 1, "donor": d + 1, "acceptor": a + 1}
-                         for h, d, a in _run_transfers(run)[1]]
+                         for h, d, a in _run_transfers(start, z, frames)]
                 record.setdefault("transfers", []).extend(t for t in found if t not in record["transfers"])
                 for t in found:     # the reference's relaxed path, once
-                    start = _run_transfers(run)[0]
                     log(f"round {k}: GFN2-xTB MD along the relaxed path of H{t['hydrogen']} from atom "
                         f"{t['donor']} to {t['acceptor']} (as in {run}), labelled with {settings.method}")
                     labels = sample_transfer(start.atomic_numbers, start.positions_nm * 10.0, t["hydrogen"] - 1,
@@ -537,7 +541,9 @@ def refine(model, structures: Sequence, data, out_dir, settings: Optional[Refine
         # every transfer found so far, walked again by the current model: its own way across moves as it learns
         # (a model taught the reference's path found another low one beside it)
         for n, t in enumerate(record.get("transfers", []) if settings.transfer_paths else []):
-            start = _run_transfers(t["run"])[0]
+            if t["run"] not in starts:          # a run of an earlier round (or session)
+                starts[t["run"]] = _run_start(t["run"])
+            start = starts[t["run"]]
             where = folder / "transfers"
             where.mkdir(exist_ok=True)
             walked = where / f"{n}_H{t['hydrogen']}_{t['acceptor']}_frames.npy"
