@@ -11,7 +11,8 @@ model's own path: `refine.model_transfer_frames`); either way the frames are lab
 `--evaluate` prints, window by window, the mean GFN2-xTB energy and each model's, both from the first window, and
 the models' force MAE: the barrier the model sees along that path against the reference's.
 
-Atoms are numbered from 1 as in the PDB; A is the hydrogen's nearest heavy atom in STRUCTURE. Writes an
+Atoms are numbered from 1 as in the PDB; A is the hydrogen's nearest heavy atom in STRUCTURE. B may be a
+hydrogen: `--hydrogen 11 --to 12` on isomer 63 pinches two methyl hydrogens together (round 6). Writes an
 rMD17-format labels file (`refine --previous-labels` and `refine_iso17x.py --labels` take it) and OUT.json. The
 straight-line path of `h_shift_frames.py` put most frames 60-170 kcal/mol above what MD reaches; these sit on the
 slope MD climbs. `refine --from-runs` does the same for each transfer a stopped run was making.

@@ -37,6 +37,9 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--frames-per-epoch", type=int, default=4000)
     p.add_argument("--learning-rate", type=float, default=1e-4)
+    p.add_argument("--lr-patience", type=int, default=25,
+                   help="epochs without improvement before the rate halves (refine's rounds: 25, i.e. a constant rate "
+                        "over a round; round 6 annealed with 3)")
     p.add_argument("--warmup-steps", type=int, default=0, help="refine's own rounds use refine.WARMUP_STEPS (250); "
                                                                 "stages 2 and 3 of the shipped model ran without")
     args = p.parse_args()
@@ -63,7 +66,8 @@ def main() -> None:
     print(f"{len(new)} learnable new frames of {len(labelled)}, weighted x{args.label_weight:g}", flush=True)
     schedule = RefineSettings(learning_rate=args.learning_rate, frames_per_epoch=args.frames_per_epoch, seed=1)
     _train(args.start, concatenate([data, new], source=f"{data.source} + {new.source}"), out, print,
-           validation=validation, **fine_tuning_schedule(args.epochs, schedule, warmup_steps=args.warmup_steps))
+           validation=validation, **{**fine_tuning_schedule(args.epochs, schedule, warmup_steps=args.warmup_steps),
+                                     "lr_patience": args.lr_patience})
 
 
 if __name__ == "__main__":

@@ -391,10 +391,12 @@ def sample_transfer(numbers: Sequence[int], start_angstrom: np.ndarray, hydrogen
 
 
 def hydrogen_transfers(numbers: Sequence[int], bonds: Sequence[tuple], positions_angstrom: np.ndarray,
-                       reach: float = 1.6) -> List[tuple]:
+                       reach: float = 1.6, pinch: float = 1.2) -> List[tuple]:
     """(hydrogen, donor, acceptor) for each hydrogen that, at `positions_angstrom` (say, the last frame of a run
     the blow-up guard stopped), is within `reach` Å of a heavy atom other than its own in `bonds` (the
-    topology's): a hydrogen transfer under way. Bonded neighbours of the donor sit ~2.1 Å from its hydrogens."""
+    topology's): a hydrogen transfer under way. Bonded neighbours of the donor sit ~2.1 Å from its hydrogens.
+    Two hydrogens within `pinch` Å of each other (an H-H bond forming; iso17x's closest pair is 1.49 Å, geminal
+    ones ~1.78) count too, the first as the hydrogen and the second as the acceptor."""
     z = np.asarray(numbers)
     r = np.asarray(positions_angstrom, dtype=np.float64)
     partner = {}
@@ -408,9 +410,12 @@ def hydrogen_transfers(numbers: Sequence[int], bonds: Sequence[tuple], positions
             continue
         d = np.linalg.norm(r - r[h], axis=1)
         d[h] = np.inf
+        to_hydrogen = np.where(z == 1, d, np.inf)
         d[z == 1] = np.inf
         d[own[0]] = np.inf
         acceptor = int(np.argmin(d))
         if d[acceptor] < reach:
             found.append((h, own[0], acceptor))
+        to_hydrogen[:h + 1] = np.inf                      # each pair once
+        found.extend((h, own[0], int(o)) for o in np.flatnonzero(to_hydrogen < pinch))
     return found

@@ -181,6 +181,21 @@ def test_a_hydrogen_transfer_under_way_is_found():
     assert hydrogen_transfers(z, bonds, moved) == [(12, 1, 2)]
 
 
+def test_two_hydrogens_pinched_together_are_found():
+    """Isomer 63's 100 ps run stopped with its methyl's H2 and H3 0.64 Å apart, both still ~1.05 Å from C1."""
+    from schnet_md.reference import hydrogen_transfers
+
+    s = read_structure(SYSTEMS / "c7o2h10_63" / "c7o2h10_63.pdb")
+    z, r = s.atomic_numbers, s.positions_nm * 10.0
+    bonds = [(b[0].index, b[1].index) for b in s.topology.bonds()]
+    assert hydrogen_transfers(z, bonds, r) == []
+    pinched = r.copy()
+    mid, half = (r[10] + r[11]) / 2, (r[11] - r[10]) / np.linalg.norm(r[11] - r[10]) * 0.32
+    pinched[10], pinched[11] = mid - half, mid + half         # H2 and H3 (0-based 10, 11) on C1 (0)
+    assert hydrogen_transfers(z, bonds, pinched) == [(10, 0, 11)]
+    assert hydrogen_transfers(z, bonds, pinched, pinch=0.5) == []
+
+
 def test_transfer_path_frames_are_sampled_labelled_and_resumed(tmp_path):
     """Umbrella windows from the start's xi (-0.98 Å for isomer 7's H4 between C2 and C3) to xi_end: frames
     labelled without the bias, xi recorded per frame, finished walks not redone."""
