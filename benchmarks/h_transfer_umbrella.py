@@ -105,10 +105,11 @@ def main() -> None:
     else:
         import torch
 
+        from schnet_md.reference import TRANSFER_EVERY, TRANSFER_STEPS
         from schnet_md.refine import model_transfer_frames
 
         torch.set_num_threads(1)
-        steps, every = 200, 20                     # as sample_transfer's: 10 frames a window and walk
+        steps, every = TRANSFER_STEPS, TRANSFER_EVERY      # sample_transfer's windows: 10 frames a window and walk
         frames = model_transfer_frames(args.driver, molecule, h, a, b, args.temperature, args.seed, walks=args.walks,
                                        steps=steps, every=every)
         out.parent.mkdir(parents=True, exist_ok=True)

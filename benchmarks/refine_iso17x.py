@@ -39,7 +39,7 @@ def main() -> None:
     p.add_argument("--learning-rate", type=float, default=1e-4)
     p.add_argument("--lr-patience", type=int, default=25,
                    help="epochs without improvement before the rate halves (refine's rounds: 25, i.e. a constant rate "
-                        "over a round; round 6 annealed with 3)")
+                        "over a round; round 6's probes ran with 3)")
     p.add_argument("--warmup-steps", type=int, default=0, help="refine's own rounds use refine.WARMUP_STEPS (250); "
                                                                 "stages 2 and 3 of the shipped model ran without")
     args = p.parse_args()

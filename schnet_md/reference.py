@@ -270,6 +270,9 @@ def sample(structure: str | Path, out: str | Path, ps: float, temperature_k: flo
 TRANSFER_WINDOW = 0.1      # Å between umbrella centres on xi = d(donor-H) - d(acceptor-H)
 TRANSFER_END = 0.3         # Å, the last centre: just past the halfway point (xi = 0)
 TRANSFER_K = 500.0         # kcal/mol/Å^2: ~0.045 Å thermal spread about each centre at 500 K
+TRANSFER_EQUILIBRATE = 100  # 0.5 fs steps in each window before frames are taken
+TRANSFER_STEPS = 200       # 0.5 fs steps in each window that give frames
+TRANSFER_EVERY = 20        # steps between frames: 10 a window and walk
 
 
 class TransferRestraint:
@@ -351,7 +354,8 @@ def transfer_windows(start_angstrom, hydrogen: int, donor: int, acceptor: int, x
 def sample_transfer(numbers: Sequence[int], start_angstrom: np.ndarray, hydrogen: int, donor: int, acceptor: int,
                     out: str | Path, method: str = "GFN2-xTB", temperature_k: float = 500.0, walks: int = 2,
                     xi_end: float = TRANSFER_END, window: float = TRANSFER_WINDOW, k_kcal: float = TRANSFER_K,
-                    equilibrate: int = 100, steps: int = 200, every: int = 20, seed: int = 0, charge: int = 0) -> Path:
+                    equilibrate: int = TRANSFER_EQUILIBRATE, steps: int = TRANSFER_STEPS, every: int = TRANSFER_EVERY,
+                    seed: int = 0, charge: int = 0) -> Path:
     """Labelled frames along the relaxed path of a hydrogen moving from `donor` to `acceptor` (0-based atom
     indices): umbrella windows on xi = d(donor-H) - d(acceptor-H), from the start's xi to `xi_end` every `window`
     Å, walked by GFN2-xTB Langevin MD (0.5 fs) at `temperature_k` so the rest of the molecule follows the hydrogen

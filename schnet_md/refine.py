@@ -43,6 +43,8 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 
 from .check import CheckSettings, check
+from .reference import (TRANSFER_END, TRANSFER_EQUILIBRATE, TRANSFER_EVERY, TRANSFER_K, TRANSFER_STEPS,
+                        TRANSFER_WINDOW, transfer_windows)
 
 STRETCH_FACTORS = (1.15, 1.3, 1.5, 1.8, 2.1, 2.5)     # bond lengths labelled along a failing scan (0.9-2.5x)
 MOLECULE_SCALES = (1.05, 1.1, 1.2, 1.4, 1.7, 2.0)     # the molecule scan's range (1-2x)
@@ -176,9 +178,9 @@ def _md_frames(members: List[str], structure_path, temperature: float, steps: in
 
 
 def model_transfer_frames(model, structure, hydrogen: int, donor: int, acceptor: int, temperature: float,
-                          seed: int, walks: int = 2, equilibrate: int = 100, steps: int = 200, every: int = 20,
-                          platform: str = "CPU", xi_end: Optional[float] = None,
-                          window: Optional[float] = None) -> np.ndarray:
+                          seed: int, walks: int = 2, equilibrate: int = TRANSFER_EQUILIBRATE,
+                          steps: int = TRANSFER_STEPS, every: int = TRANSFER_EVERY, platform: str = "CPU",
+                          xi_end: float = TRANSFER_END, window: float = TRANSFER_WINDOW) -> np.ndarray:
     """Å frames along the MODEL's own path of a hydrogen transfer: the umbrella windows of
     `reference.sample_transfer`, walked by Langevin MD on `model` in OpenMM (a CustomCompoundBondForce holds xi).
     The reference's relaxed path shows where the barrier is; this shows where the model goes instead (its
@@ -187,13 +189,11 @@ def model_transfer_frames(model, structure, hydrogen: int, donor: int, acceptor:
     from openmm import unit
 
     from .export import create_torch_force
-    from .reference import TRANSFER_END, TRANSFER_K, TRANSFER_WINDOW, transfer_windows
     from .simulate import particle_system
     from .units import energy_factor
 
     start = structure.positions_nm * 10.0
-    windows = transfer_windows(start, hydrogen, donor, acceptor, TRANSFER_END if xi_end is None else xi_end,
-                               TRANSFER_WINDOW if window is None else window)
+    windows = transfer_windows(start, hydrogen, donor, acceptor, xi_end, window)
     k = TRANSFER_K * energy_factor("kcal/mol", "kJ/mol") * 100.0          # kcal/mol/Å^2 -> kJ/mol/nm^2
     frames = []
     for walk in range(walks):
@@ -249,7 +249,7 @@ def _transfer_every(method: str) -> int:
     2 for DFT (seconds to minutes a label; 52 frames a path)."""
     from .reference import DFT_METHODS
 
-    return 100 if method in DFT_METHODS else 20
+    return 100 if method in DFT_METHODS else TRANSFER_EVERY
 
 
 def _run_start(run_dir):
