@@ -1,0 +1,244 @@
+"""Run folders: one writer at a time, writes that are whole or absent, and records of what a run read.
+
+Every command that writes results (train, simulate, refine, label, sample, check, analyze, compare,
+evaluate) goes through this module, so a folder belongs to one run:
+
+- `exclusive(path, command)` holds an OS lock (flock) on the folder for the command's whole life. The
+  kernel drops it when the process ends, however it ends (kill -9 included), so a lock is never stale. A
+  second writer is refused with one line naming the holder's PID, host and command.
+- `atomic_write` writes through a temporary file of this process's own and renames it into place: a
+  reader, or a resume after a kill at any instant, sees the old file or the new one, never half of one.
+  A full disk is named and leaves no temporary file behind.
+- `input_record` / `changed_inputs`: a run records each input file by absolute path, size and SHA-256 when
+  it starts; a resume compares them and names a file that changed.
+- `claim` refuses a folder that holds files the command would write but no record of a run of it (the
+  user's own files), and with `overwrite` retires the old run's files before the new run starts.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence
+
+LOCK_NAME = ".schnet-md.lock"
+
+
+class RunFolderError(ValueError):
+    """A folder or file that this command must not write now: in use, someone else's, or changed inputs."""
+
+
+class RunFolderBusy(RunFolderError):
+    """Another process holds the folder's lock."""
+
+
+# ---- one writer per folder ----------------------------------------------------------------------------
+
+_held: dict = {}    # lock file -> [fd, depth]: a process that already holds a folder may enter it again
+
+
+def lock_path(path: str | os.PathLike) -> Path:
+    """The lock file of a folder (inside it) or of a single output file (a hidden twin beside it)."""
+    path = Path(path)
+    if path.is_dir() or not path.suffix:
+        return path / LOCK_NAME
+    return path.with_name(f".{path.name}.lock")
+
+
+def _holder(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+    except (OSError, ValueError, UnicodeDecodeError):
+        info = {}
+    if not info:
+        return "another process"
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.get("since", 0)))
+    return f"PID {info.get('pid')} on {info.get('host')} ({info.get('command')}, since {since})"
+
+
+@contextmanager
+def exclusive(path: str | os.PathLike, command: str):
+    """Hold `path` (a folder, or an output file) for the life of the block; refuse if another process does.
+
+    On a network file system the lock is only as good as the server's: NFS v4 and Lustre with flock
+    support honour it across machines; mounts without lock support (`nolock`, some FUSE file systems)
+    make flock a local lock, and two jobs on different nodes are then not kept apart."""
+    target = lock_path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    key = str(target.resolve())
+    if key in _held:                 # re-entered by the same process (refine training its rounds, say)
+        _held[key][1] += 1
+        try:
+            yield
+        finally:
+            _held[key][1] -= 1
+        return
+    fd = os.open(target, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _holder(fd)
+        os.close(fd)
+        where = target.parent if target.name == LOCK_NAME else target.with_name(target.name[1:-len(".lock")])
+        raise RunFolderBusy(f"{where} is in use by {holder}: one writer at a time. Wait for it to finish, or "
+                            "choose another output; a --resume can follow once it has stopped") from None
+    try:
+        record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": command,
+                             "since": time.time()}).encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, record, 0)
+        _held[key] = [fd, 1]
+        yield
+    finally:
+        _held.pop(key, None)
+        os.close(fd)             # (the file stays: removing it would let a waiting process lock a dead inode)
+
+
+# ---- writes that are whole or absent ------------------------------------------------------------------
+
+def atomic_write(path: str | os.PathLike, content: bytes | str | None = None,
+                 writer: Optional[Callable] = None) -> Path:
+    """Write `content` (or call `writer(binary_file)`) to a temporary file of this process beside `path`,
+    flush it to disk and rename it over `path`. On failure nothing is replaced and the temporary is gone."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            if writer is not None:
+                writer(fh)
+            else:
+                fh.write(content.encode() if isinstance(content, str) else content)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise RunFolderError(f"no space left on the device holding {path} ({os.strerror(err.errno)}): it was "
+                                 "not written, and what was there before is unchanged; free space and run the "
+                                 "command again (a run resumes from its last checkpoint)") from None
+        raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: str | os.PathLike, value) -> Path:
+    return atomic_write(path, json.dumps(value, indent=1, ensure_ascii=False) + "\n")
+
+
+def read_json(path: str | os.PathLike, what: str = "record") -> dict:
+    """A JSON record written by this package, with one clear line if it is damaged."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RunFolderError(f"{path} (the {what}) is damaged and cannot be read ({err}); restore it, or start "
+                             "a new run with --overwrite") from None
+    if not isinstance(value, dict):
+        raise RunFolderError(f"{path} (the {what}) is damaged: it holds {type(value).__name__}, not a record")
+    return value
+
+
+# ---- what a run is and what it read -------------------------------------------------------------------
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def input_record(path: str | os.PathLike) -> dict:
+    """{path (absolute), size, sha256} of an input file; a folder (the iso17x data set) also lists each
+    file in it the same way, so a change names the file."""
+    path = Path(path).resolve()
+    if path.is_dir():
+        files = {str(p.relative_to(path)): input_record(p) for p in sorted(path.rglob("*")) if p.is_file()}
+        digest = hashlib.sha256("".join(f"{name}|{r['sha256']}\n" for name, r in files.items()).encode())
+        return {"path": str(path), "size": sum(r["size"] for r in files.values()), "sha256": digest.hexdigest(),
+                "files": files}
+    return {"path": str(path), "size": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def changed_inputs(records: Iterable[dict]) -> list:
+    """One line for each recorded input that is missing or differs now (empty: all as recorded)."""
+    problems = []
+    for record in records:
+        path = Path(record["path"])
+        if not path.exists():
+            problems.append(f"{path} is gone")
+        elif "files" in record:
+            now = input_record(path)["files"]
+            problems += changed_inputs(record["files"].values())
+            problems += [f"{path / name} is new" for name in sorted(set(now) - set(record["files"]))]
+        else:
+            size = path.stat().st_size
+            if size != record["size"]:
+                problems.append(f"{path} changed size ({record['size']} -> {size} bytes)")
+            elif file_sha256(path) != record["sha256"]:
+                problems.append(f"{path} has the same size but other content (SHA-256 differs)")
+    return problems
+
+
+def require_inputs(records: Iterable[dict], out: str | os.PathLike) -> None:
+    """Refuse a resume whose inputs are not those the run started with, naming each file."""
+    problems = changed_inputs(records)
+    if problems:
+        raise RunFolderError(f"cannot resume {out}: its inputs are not those it started with: {'; '.join(problems)}. "
+                             "A resume continues exactly the run it names: restore the file(s), or start a new run "
+                             "(--overwrite, or another output folder)")
+
+
+# ---- a folder for a new run ---------------------------------------------------------------------------
+
+def claim(folder: str | os.PathLike, record: str, owned: Sequence[str], command: str, overwrite: bool) -> Path:
+    """Make `folder` ready for a new run of `command`, whose record file is `record` (run.json,
+    config.json, ...) and which writes the files (or glob patterns) `owned`. Call it holding the lock.
+
+    A folder with a record holds a run: refused unless `overwrite`. A folder without one but with files the
+    command would write holds someone's own files: refused unless `overwrite`. With `overwrite`, the old
+    run's files (owned, its record, checkpoints included) are removed before anything new is written;
+    other files in the folder are left alone."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    present = sorted({p.name for pattern in (record, *owned) for p in folder.glob(pattern) if p.exists()})
+    if present and not overwrite:
+        if (folder / record).exists():
+            raise RunFolderError(f"{folder} already holds a {command} run ({record}); continue it with --resume, "
+                                 "replace it with --overwrite, or choose another output folder")
+        raise RunFolderError(f"{folder} holds files that {command} would write ({', '.join(present)}) but no "
+                             f"{record}, so they are not from a {command} run and were left untouched; choose "
+                             "another output folder, or pass --overwrite to replace them")
+    for name in present:
+        target = folder / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        else:
+            target.unlink()
+    return folder
+
+
+def refuse_existing(paths: Sequence[str | os.PathLike], overwrite: bool, what: str = "output") -> None:
+    """For commands that write named files (evaluate --json, analyze/compare outputs): an existing file is
+    replaced only when asked."""
+    existing = [str(p) for p in paths if Path(p).exists()]
+    if existing and not overwrite:
+        raise RunFolderError(f"{', '.join(existing)} already exist(s); this {what} would replace it: pass --overwrite "
+                             "to replace it, or choose another path")
