@@ -35,8 +35,8 @@ import openmm.app as app
 from openmm import unit
 
 from schnet_md.analysis.load import read_trajectory
-from schnet_md.simulate import (AtomicCheckpointReporter, BlowUpGuard, SimulationSettings, StateCSVReporter, save_checkpoint,
-                                truncate_dcd, truncate_state_csv)
+from schnet_md.simulate import (AtomicCheckpointReporter, BlowUpGuard, SimulationSettings, StateCSVReporter,
+                                load_checkpoint, save_checkpoint, truncate_dcd, truncate_state_csv)
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = Path(os.environ.get("SCHNET_MD_RUNS", Path.home() / ".cache" / "schnet-md" / "runs")) / "mlmm"
@@ -44,6 +44,7 @@ STRUCTURE = ROOT / "systems" / "alanine-dipeptide" / "alanine-dipeptide.pdb"
 OUT = ROOT / "benchmarks" / "mlmm"
 TIMESTEP_FS = 1.0
 REPORT = 100        # steps between frames (0.1 ps)
+RUN_ID = "mlmm"     # its checkpoints' run id: one run per kind folder
 
 
 def solvated():
@@ -121,7 +122,7 @@ def run_md(kind: str, ps: float, platform: str) -> None:
     checkpoint = out / "checkpoint.chk"
     append = checkpoint.exists()
     if append:
-        simulation.loadCheckpoint(str(checkpoint))
+        load_checkpoint(simulation, checkpoint, RUN_ID)
         truncate_dcd(out / "solute.dcd", simulation.currentStep // REPORT)
         truncate_state_csv(out / "state.csv", simulation.currentStep)
     else:
@@ -137,7 +138,7 @@ def run_md(kind: str, ps: float, platform: str) -> None:
             state = simulation.context.getState(getPositions=True)
             xyz = state.getPositions(asNumpy=True).value_in_unit(unit.nanometer)[solute]
             app.PDBFile.writeFile(sub.to_openmm(), xyz * unit.nanometer, fh)
-        save_checkpoint(simulation, checkpoint)
+        save_checkpoint(simulation, checkpoint, RUN_ID)
     remaining = total - simulation.currentStep
     if remaining <= 0:
         return
@@ -145,7 +146,7 @@ def run_md(kind: str, ps: float, platform: str) -> None:
     dcd = app.DCDReporter(str(out / "solute.dcd"), REPORT, append=append, atomSubset=solute)
     guard = BlowUpGuard(topology)
     simulation.reporters += [dcd, StateCSVReporter(out / "state.csv", REPORT, n_dof, TIMESTEP_FS, append, guard),
-                             AtomicCheckpointReporter(checkpoint, settings.checkpoint_interval, guard)]
+                             AtomicCheckpointReporter(checkpoint, settings.checkpoint_interval, RUN_ID, guard)]
     import time
     from schnet_md.simulate import SimulationError
 
@@ -156,7 +157,7 @@ def run_md(kind: str, ps: float, platform: str) -> None:
         (out / "stopped.txt").write_text(f"{error}\n")
         raise
     wall = time.perf_counter() - t0
-    save_checkpoint(simulation, checkpoint)
+    save_checkpoint(simulation, checkpoint, RUN_ID)
     info = {"kind": kind, "ps": simulation.currentStep * TIMESTEP_FS / 1000, "atoms": system.getNumParticles(),
             "platform": platform, "ns_per_day_last_segment": remaining * TIMESTEP_FS * 1e-6 / wall * 86400}
     (out / "run.json").write_text(json.dumps(info, indent=1))

@@ -157,8 +157,9 @@ def _simulate(args) -> int:
         if args.tabulate:
             raise ValueError("--resume continues with the run's own exported force (force.pt); --tabulate applies "
                              "to new runs")
-        info_path = Path(args.resume) / "run.json"
-        info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+        from .simulate import read_run_info
+
+        info = read_run_info(Path(args.resume))
         for given, key in ((args.structure, "structure"), (args.model, "model")):
             if given is not None and info and str(given) != str(info.get(key)) and \
                     Path(str(given)).resolve() != Path(str(info.get(key))).resolve():
@@ -174,7 +175,7 @@ def _simulate(args) -> int:
             checkpoint_interval=args.checkpoint_interval, minimize=args.minimize, seed=args.seed,
             platform=args.platform, precision=args.precision, tabulate=args.tabulate, guard=not args.no_guard,
             disagreement_warn=args.disagreement_warn, disagreement_stop=args.disagreement_stop)
-        result = run_simulation(args.structure, args.model, args.out, settings)
+        result = run_simulation(args.structure, args.model, args.out, settings, overwrite=args.overwrite)
     seed = json.loads((result.out_dir / "run.json").read_text())["settings"]["seed"]
     print(f"trajectory: {result.trajectory}  ({result.n_frames} frames)")
     print(f"state log:  {result.state_csv}")
@@ -435,7 +436,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="committee force disagreement (kJ/mol/nm) that earns a warning")
     s.add_argument("--disagreement-stop", type=float, default=0.0,
                    help="committee force disagreement (kJ/mol/nm) that stops the run (0: never)")
-    s.add_argument("--out", help="output folder (refused if it already holds a run)")
+    s.add_argument("--out", help="output folder (refused if it already holds a run or files a run writes, unless "
+                                 "--overwrite)")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace the run (or the run files) already in --out: its trajectory, checkpoints and records "
+                        "are removed first")
     s.add_argument("--steps", type=int, help="steps to run (default 1000; with --resume: further steps, default "
                                              "up to the step count the run was started with)")
     s.add_argument("--timestep", type=float, default=0.5, help="fs")

@@ -221,7 +221,7 @@ def claim(folder: str | os.PathLike, record: str, owned: Sequence[str], command:
     present = sorted({p.name for pattern in (record, *owned) for p in folder.glob(pattern) if p.exists()})
     if present and not overwrite:
         if (folder / record).exists():
-            raise RunFolderError(f"{folder} already holds a {command} run ({record}); continue it with --resume, "
+            raise RunFolderError(f"{folder} already holds a run ({command}: {record}); continue it with --resume, "
                                  "replace it with --overwrite, or choose another output folder")
         raise RunFolderError(f"{folder} holds files that {command} would write ({', '.join(present)}) but no "
                              f"{record}, so they are not from a {command} run and were left untouched; choose "

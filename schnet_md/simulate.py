@@ -15,7 +15,9 @@ finishes the run to its target_step (a run killed at 60 % runs the other 40 %, a
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
+import io
 import json
 import math
 import random
@@ -23,7 +25,7 @@ import os
 import struct
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Optional
 
@@ -32,10 +34,10 @@ import openmm
 import openmm.app as app
 from openmm import unit
 
-from . import __version__
+from . import __version__, runs
 from .export import export_model, load_exported, molecule_bonds, openmm_torch, torchscript_message
 from .committee import ForceDisagreement, committee_members, is_committee
-from .modelfile import load_model
+from .modelfile import load_model, resolve_model_path
 from .structures import BondMap, read_structure, write_pdb
 
 PLATFORM_PREFERENCE = ("CUDA", "OpenCL", "CPU", "Reference")
@@ -70,6 +72,9 @@ class SimulationSettings:
     def __post_init__(self) -> None:
         if self.steps < 0 or self.report_interval < 1 or self.checkpoint_interval < 1:
             raise ValueError("steps >= 0, report_interval >= 1 and checkpoint_interval >= 1 are required")
+        if not all(math.isfinite(v) for v in (self.timestep_fs, self.temperature_k, self.friction_per_ps)):
+            raise ValueError(f"time step, temperature and friction must be finite numbers (got {self.timestep_fs} fs, "
+                             f"{self.temperature_k} K, {self.friction_per_ps}/ps)")
         if not (self.timestep_fs > 0 and self.temperature_k > 0 and self.friction_per_ps >= 0):
             raise ValueError("time step and temperature must be positive, friction non-negative")
         if self.ensemble not in ("nvt", "nve"):
@@ -246,9 +251,10 @@ class StateCSVReporter:
 class AtomicCheckpointReporter:
     """Saves a checkpoint every N steps via a temporary file, so a kill never leaves half a checkpoint."""
 
-    def __init__(self, path: Path, interval: int, guard: Optional[BlowUpGuard] = None):
+    def __init__(self, path: Path, interval: int, run_id: str, guard: Optional[BlowUpGuard] = None):
         self.path = path
         self.interval = interval
+        self.run_id = run_id
         self.guard = guard
 
     def describeNextReport(self, simulation):
@@ -257,7 +263,7 @@ class AtomicCheckpointReporter:
 
     def report(self, simulation, state):
         _guard_state(self.guard, simulation, state)   # never checkpoint a broken state
-        save_checkpoint(simulation, self.path)
+        save_checkpoint(simulation, self.path, self.run_id)
         _record_steps_done(self.path.parent / "run.json", simulation.currentStep)
 
 
@@ -265,45 +271,78 @@ def _record_steps_done(info_path: Path, step: int, **more) -> None:
     """run.json's steps_done is the step a resume starts from: updated with every checkpoint, atomically."""
     if not info_path.is_file():
         return
-    info = json.loads(info_path.read_text()) | {"steps_done": step} | more
-    tmp = info_path.with_name(info_path.name + ".tmp")
-    tmp.write_text(json.dumps(info, indent=1))
-    os.replace(tmp, info_path)
+    runs.write_json(info_path, runs.read_json(info_path, "run record") | {"steps_done": step} | more)
 
 
-def _digest(data: bytes) -> str:
-    return f"{len(data)} {hashlib.sha256(data).hexdigest()}"
+CHECKPOINT_MAGIC = b"schnet-md checkpoint 1\n"
 
 
-def save_checkpoint(simulation, path: Path) -> None:
-    """Write the checkpoint atomically with its size and SHA-256 beside it (PATH.sha256); the checkpoint it
-    replaces, if sound, becomes PATH's `.prev` twin, the fallback when the new one turns out damaged."""
+class CheckpointError(SimulationError):
+    """A checkpoint that is damaged, cut short, or belongs to another run."""
+
+
+def save_checkpoint(simulation, path: Path, run_id: str, keep_previous: bool = True) -> None:
+    """Write OpenMM's checkpoint behind a one-line header (run id, step, size, SHA-256), as one file renamed
+    into place. The checkpoint it replaces becomes PATH's `.prev` twin first, so a kill at any instant
+    leaves at least one whole checkpoint of this run: PATH, or (between the two renames) its twin.
+    `keep_previous=False` (final.chk) replaces PATH without keeping a twin."""
     data = simulation.context.createCheckpoint()
-    if checkpoint_is_sound(path):
-        previous = previous_checkpoint(path)
-        os.replace(path, previous)
-        os.replace(_digest_file(path), _digest_file(previous))
-    tmp, digest_tmp = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".sha256.tmp")
-    tmp.write_bytes(data)
-    digest_tmp.write_text(_digest(data) + "\n")
-    os.replace(tmp, path)
-    os.replace(digest_tmp, _digest_file(path))
+    header = {"run_id": run_id, "step": simulation.currentStep, "size": len(data),
+              "sha256": hashlib.sha256(data).hexdigest()}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(CHECKPOINT_MAGIC + json.dumps(header).encode() + b"\n" + data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if keep_previous and path.exists():
+            os.replace(path, previous_checkpoint(path))
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise runs.RunFolderError(f"no space left on the device holding {path}: the checkpoint at step "
+                                      f"{simulation.currentStep} was not written; the previous one is kept") from None
+        raise
 
 
-def _digest_file(path: Path) -> Path:
+def read_checkpoint(path: Path, run_id: Optional[str] = None) -> tuple:
+    """(OpenMM checkpoint bytes, step) of a checkpoint written by save_checkpoint, after checking its size,
+    SHA-256 and (given `run_id`) that it belongs to that run. Raises CheckpointError naming what is wrong."""
+    blob = path.read_bytes()
+    if not blob.startswith(CHECKPOINT_MAGIC):
+        digest = _legacy_digest_file(path)        # written before the header existed: its digest lies beside it
+        if digest.is_file() and digest.read_text().strip() == f"{len(blob)} {hashlib.sha256(blob).hexdigest()}":
+            return blob, None
+        raise CheckpointError(f"{path} does not match the size and checksum recorded when it was written "
+                              "(damaged or cut short)")
+    line, _, data = blob[len(CHECKPOINT_MAGIC):].partition(b"\n")
+    try:
+        header = json.loads(line)
+    except ValueError:
+        raise CheckpointError(f"{path} has a damaged header") from None
+    if len(data) != header.get("size") or hashlib.sha256(data).hexdigest() != header.get("sha256"):
+        raise CheckpointError(f"{path} does not match the size and checksum recorded when it was written "
+                              "(damaged or cut short)")
+    if run_id is not None and header.get("run_id") != run_id:
+        raise CheckpointError(f"{path} belongs to another run (run id {header.get('run_id')}, this folder's run is "
+                              f"{run_id}): it was copied in from elsewhere, so it is not resumed")
+    return data, header["step"]
+
+
+def load_checkpoint(simulation, path: Path, run_id: Optional[str] = None) -> None:
+    """Load a schnet-md checkpoint file into an OpenMM Simulation (the same System and platform)."""
+    data, _ = read_checkpoint(path, run_id)
+    simulation.context.loadCheckpoint(data)
+    simulation.currentStep = simulation.context.getStepCount()
+
+
+def _legacy_digest_file(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
 def previous_checkpoint(path: Path) -> Path:
     return path.with_name(path.stem + ".prev" + path.suffix)
-
-
-def checkpoint_is_sound(path: Path) -> bool:
-    """The checkpoint exists and matches the size and SHA-256 recorded when it was written."""
-    digest = _digest_file(path)
-    if not path.is_file() or not digest.is_file():
-        return False
-    return digest.read_text().strip() == _digest(path.read_bytes())
 
 
 def truncate_dcd(path: Path, n_frames: int) -> int:
@@ -331,56 +370,87 @@ def truncate_dcd(path: Path, n_frames: int) -> int:
 
 
 def truncate_state_csv(path: Path, last_step: int) -> None:
-    rows = list(csv.reader(open(path, newline="")))
-    kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= last_step]
-    with open(path, "w", newline="") as fh:
-        csv.writer(fh).writerows(kept)
+    """Drop the rows after `last_step` (written by a run killed after its last checkpoint), atomically."""
+    with open(path, newline="") as fh:
+        rows = list(csv.reader(fh))
+    kept = [rows[0]] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= last_step]
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows(kept)
+    runs.atomic_write(path, buffer.getvalue())
+
+
+# the files a run writes into its folder (run.json is its record); --overwrite retires exactly these
+RUN_FILES = ("input.pdb", "topology.pdb", "force.pt", "trajectory.dcd", "state.csv", "checkpoint.chk",
+             "checkpoint.prev.chk", "checkpoint*.sha256", "final.chk", ".checkpoint.chk.*.tmp")
+RUN_RECORD = "run.json"
 
 
 def run_simulation(structure_path, model_path, out_dir, settings: SimulationSettings,
-                   progress: bool = True) -> SimulationResult:
-    """Start a new run in `out_dir` (which must not already hold one)."""
+                   progress: bool = True, overwrite: bool = False) -> SimulationResult:
+    """Start a new run in `out_dir`. A folder that holds a run, or files a run writes (the user's own), is
+    refused unless `overwrite`, which retires the old run's files first. The folder is locked for the run's
+    whole life: a second writer is refused."""
     out = Path(out_dir)
-    if (out / "run.json").exists():
-        raise ValueError(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
-    structure = read_structure(structure_path)
-    members = committee_members(model_path)
-    model, model_metadata = load_model(members[0])
-    for other in members[1:]:
-        load_model(other)                     # every member readable before anything is written
-    if settings.seed == 0:   # OpenMM would pick a seed and not say which: pick it here and record it
-        settings = replace(settings, seed=random.SystemRandom().randint(1, MAX_SEED))
-    out.mkdir(parents=True, exist_ok=True)
-    write_pdb(structure.topology, structure.positions_nm, out / "input.pdb")     # the structure as given
-    force_file = export_model(members if len(members) > 1 else model, structure, out / "force.pt",
-                              dtype=settings.precision, tabulate=settings.tabulate)
-    system = build_system(structure.topology, force_file)
-    simulation, platform = make_simulation(structure.topology, system, settings)
-    simulation.context.setPositions(structure.openmm_positions())
-    if settings.minimize:
-        simulation.minimizeEnergy()
-    positions = simulation.context.getState(getPositions=True).getPositions(asNumpy=True)
-    if settings.minimize and settings.guard:
-        try:
-            BlowUpGuard(structure.topology, settings.bond_break_factor, settings.bond_form_factor).check(
-                0, positions.value_in_unit(unit.nanometer), structure.box_nm)
-        except SimulationError as err:
-            raise SimulationError(f"energy minimisation broke the molecule, so the run did not start: "
-                                  f"{str(err).split(': ', 1)[1]}. The model has a spurious minimum there (check it with "
-                                  f"more data, or run without --minimize); the input structure is in "
-                                  f"{out / 'input.pdb'}.") from None
-    write_pdb(structure.topology, positions.value_in_unit(unit.nanometer), out / "topology.pdb")
-    simulation.context.setVelocitiesToTemperature(settings.temperature_k * unit.kelvin, settings.seed)
-    run_info = {
-        "schnet_md_version": __version__, "openmm_version": openmm.__version__,
-        "structure": str(structure_path), "model": str(model_path),
-        "model_training": model_metadata.get("training", {}), "settings": asdict(settings),
-        "platform": platform, "steps_done": 0, "target_step": settings.steps,
-    }
-    (out / "run.json").write_text(json.dumps(run_info, indent=1))
-    save_checkpoint(simulation, out / "checkpoint.chk")
-    return _run(simulation, platform, out, settings, settings.steps, append=False, progress=progress,
-                committee=model_path if len(members) > 1 else None)
+    with runs.exclusive(out, "schnet-md simulate"):
+        structure = read_structure(structure_path)
+        members = committee_members(model_path)
+        model, model_metadata = load_model(members[0])
+        for other in members[1:]:
+            load_model(other)                     # every member readable before anything is written
+        runs.claim(out, RUN_RECORD, RUN_FILES, "simulate", overwrite)
+        if settings.seed == 0:   # OpenMM would pick a seed and not say which: pick it here and record it
+            settings = replace(settings, seed=random.SystemRandom().randint(1, MAX_SEED))
+        write_pdb(structure.topology, structure.positions_nm, out / "input.pdb")     # the structure as given
+        force_file = export_model(members if len(members) > 1 else model, structure, out / "force.pt",
+                                  dtype=settings.precision, tabulate=settings.tabulate)
+        system = build_system(structure.topology, force_file)
+        simulation, platform = make_simulation(structure.topology, system, settings)
+        simulation.context.setPositions(structure.openmm_positions())
+        if settings.minimize:
+            simulation.minimizeEnergy()
+        positions = simulation.context.getState(getPositions=True).getPositions(asNumpy=True)
+        if settings.minimize and settings.guard:
+            try:
+                BlowUpGuard(structure.topology, settings.bond_break_factor, settings.bond_form_factor).check(
+                    0, positions.value_in_unit(unit.nanometer), structure.box_nm)
+            except SimulationError as err:
+                raise SimulationError(f"energy minimisation broke the molecule, so the run did not start: "
+                                      f"{str(err).split(': ', 1)[1]}. The model has a spurious minimum there (check it "
+                                      f"with more data, or run without --minimize); the input structure is in "
+                                      f"{out / 'input.pdb'}.") from None
+        write_pdb(structure.topology, positions.value_in_unit(unit.nanometer), out / "topology.pdb")
+        simulation.context.setVelocitiesToTemperature(settings.temperature_k * unit.kelvin, settings.seed)
+        run_id = runs.new_run_id()
+        run_info = {
+            "run_id": run_id, "schnet_md_version": __version__, "openmm_version": openmm.__version__,
+            "structure": str(structure_path), "model": str(model_path),
+            "inputs": [runs.input_record(structure_path)] + [runs.input_record(resolve_model_path(m)) for m in members],
+            # the run's own copies, which a resume reads: checked then, so a swapped file is never continued
+            "run_files": {name: runs.input_record(out / name)["sha256"] for name in ("force.pt", "topology.pdb")},
+            "model_training": model_metadata.get("training", {}), "settings": asdict(settings),
+            "platform": platform, "steps_done": 0, "target_step": settings.steps,
+        }
+        save_checkpoint(simulation, out / "checkpoint.chk", run_id)
+        runs.write_json(out / RUN_RECORD, run_info)       # last: a folder with run.json holds a startable run
+        return _run(simulation, platform, out, settings, settings.steps, run_id, append=False, progress=progress,
+                    committee=model_path if len(members) > 1 else None)
+
+
+def read_run_info(out: Path) -> dict:
+    """run.json of a run folder, checked: written by a run of this package, its settings all known here."""
+    info_path = out / RUN_RECORD
+    if not info_path.is_file():
+        raise ValueError(f"{out} holds no run to resume (no {RUN_RECORD})")
+    info = runs.read_json(info_path, "run record")
+    if not isinstance(info.get("settings"), dict):
+        raise runs.RunFolderError(f"{info_path} has no settings: it is not a schnet-md simulate record, or is damaged")
+    known = {f.name for f in fields(SimulationSettings)}
+    unknown = sorted(set(info["settings"]) - known)
+    if unknown:
+        raise runs.RunFolderError(
+            f"{info_path} was written by schnet-md {info.get('schnet_md_version', '?')} and has settings this version "
+            f"({__version__}) does not know: {', '.join(unknown)}; resume it with the version that started it")
+    return info
 
 
 def resume_simulation(out_dir, steps: Optional[int] = None, platform: Optional[str] = None,
@@ -388,69 +458,79 @@ def resume_simulation(out_dir, steps: Optional[int] = None, platform: Optional[s
     """Continue the run in `out_dir` from its last sound checkpoint for `steps` more steps, or up to step
     `to_step` (default: to the run's target step, so a killed run finishes what it was started for; a finished
     run needs `steps` or a later `to_step`). A checkpoint whose size or checksum does not match what was
-    recorded when it was written is passed over for the previous one, and `log` says so."""
+    recorded when it was written is passed over for the previous one, and `log` says so; one from another
+    run, or a force.pt/topology.pdb that is not the run's own, is refused."""
     log = log or (lambda message: print(message, file=sys.stderr))
     out = Path(out_dir)
-    info_path = out / "run.json"
-    if not info_path.is_file():
-        raise ValueError(f"{out} holds no run to resume (no run.json)")
     if steps is not None and steps < 1:
         raise ValueError(f"--steps must be at least 1 when resuming (got {steps})")
     if steps is not None and to_step is not None:
         raise ValueError("give either steps (further steps) or to_step (the step to end at), not both")
-    info = json.loads(info_path.read_text())
-    settings = SimulationSettings(**info["settings"])
-    if platform:
-        settings.platform = platform
-    structure = read_structure(out / "topology.pdb")
-    system = build_system(structure.topology, out / "force.pt")
-    simulation, platform_name = make_simulation(structure.topology, system, settings)
-    checkpoint = out / "checkpoint.chk"
-    candidates = [c for c in (checkpoint, previous_checkpoint(checkpoint)) if c.is_file()]
-    if not candidates:
-        raise ValueError(f"{out} has no checkpoint.chk to resume from")
-    loaded = None
-    for candidate in candidates:
-        if not checkpoint_is_sound(candidate):
-            log(f"warning: {candidate} does not match the size and checksum recorded when it was written "
-                "(damaged or cut short); trying the previous checkpoint")
-            continue
-        try:
-            simulation.loadCheckpoint(str(candidate))
-        except Exception as err:   # OpenMMException
-            written_on = info.get("platform")
-            hint = (f"; it was written on the {written_on} platform: resume with --platform {written_on}"
-                    if written_on and written_on != platform_name else "")
-            raise SimulationError(f"cannot load {candidate} on the {platform_name} platform ({err}){hint}") from None
-        loaded = candidate
-        break
-    if loaded is None:
-        raise SimulationError(f"no sound checkpoint in {out} (checked {', '.join(c.name for c in candidates)})")
-    if loaded != checkpoint:
-        log(f"resuming from the previous checkpoint {loaded.name} (step {simulation.currentStep})")
-    done = simulation.currentStep
-    trajectory = out / "trajectory.dcd"
-    if done // settings.report_interval == 0 and trajectory.exists():
-        trajectory.unlink()          # no frame was due yet: whatever is there (an empty header) starts over
-    n_frames = truncate_dcd(trajectory, done // settings.report_interval) if trajectory.exists() else 0
-    if n_frames != done // settings.report_interval:
-        raise SimulationError(f"{trajectory} has {n_frames} frames but the checkpoint at step "
-                              f"{done} needs {done // settings.report_interval}; the trajectory is damaged")
-    if (out / "state.csv").exists():
-        truncate_state_csv(out / "state.csv", done)
-    target = to_step if to_step is not None else \
-        info.get("target_step", settings.steps)            # (runs recorded before target_step: their own count)
-    if steps is None and done >= target:
-        raise ValueError(f"{out} already ran its {target} steps; give the number of further steps to extend it "
-                         "(--steps N)")
-    more = target - done if steps is None else steps
-    _record_steps_done(info_path, done, target_step=done + more)
-    committee = info.get("model") if is_committee(info.get("model", "")) else None
-    return _run(simulation, platform_name, out, settings, more, append=True, progress=progress, committee=committee)
+    with runs.exclusive(out, "schnet-md simulate --resume"):
+        info = read_run_info(out)
+        run_id = info.get("run_id")                    # (runs started before run ids: none to compare)
+        for name, digest in info.get("run_files", {}).items():
+            if not (out / name).is_file() or runs.file_sha256(out / name) != digest:
+                raise runs.RunFolderError(f"{out / name} is not the file this run started with (missing, or its "
+                                          "SHA-256 differs), so the run cannot be continued with it; restore it, or "
+                                          "start a new run")
+        settings = SimulationSettings(**info["settings"])
+        if platform:
+            settings.platform = platform
+        structure = read_structure(out / "topology.pdb")
+        system = build_system(structure.topology, out / "force.pt")
+        simulation, platform_name = make_simulation(structure.topology, system, settings)
+        checkpoint = out / "checkpoint.chk"
+        candidates = [c for c in (checkpoint, previous_checkpoint(checkpoint)) if c.is_file()]
+        if not candidates:
+            raise ValueError(f"{out} has no checkpoint.chk to resume from")
+        loaded = None
+        for candidate in candidates:
+            try:
+                data, _ = read_checkpoint(candidate, run_id)
+            except CheckpointError as err:
+                if "another run" in str(err):
+                    raise
+                log(f"warning: {err}; trying the previous checkpoint")
+                continue
+            try:
+                simulation.context.loadCheckpoint(data)
+            except Exception as err:   # OpenMMException
+                written_on = info.get("platform")
+                hint = (f"; it was written on the {written_on} platform: resume with --platform {written_on}"
+                        if written_on and written_on != platform_name else "")
+                raise SimulationError(f"cannot load {candidate} on the {platform_name} platform ({err}){hint}") from None
+            simulation.currentStep = simulation.context.getStepCount()
+            loaded = candidate
+            break
+        if loaded is None:
+            raise SimulationError(f"no sound checkpoint in {out} (checked {', '.join(c.name for c in candidates)})")
+        if loaded != checkpoint:
+            log(f"resuming from the previous checkpoint {loaded.name} (step {simulation.currentStep})")
+        done = simulation.currentStep
+        trajectory = out / "trajectory.dcd"
+        if done // settings.report_interval == 0 and trajectory.exists():
+            trajectory.unlink()          # no frame was due yet: whatever is there (an empty header) starts over
+        n_frames = truncate_dcd(trajectory, done // settings.report_interval) if trajectory.exists() else 0
+        if n_frames != done // settings.report_interval:
+            raise SimulationError(f"{trajectory} has {n_frames} frames but the checkpoint at step "
+                                  f"{done} needs {done // settings.report_interval}; the trajectory is damaged")
+        if (out / "state.csv").exists():
+            truncate_state_csv(out / "state.csv", done)
+        target = to_step if to_step is not None else \
+            info.get("target_step", settings.steps)            # (runs recorded before target_step: their own count)
+        if steps is None and done >= target:
+            raise ValueError(f"{out} already ran its {target} steps; give the number of further steps to extend it "
+                             "(--steps N)")
+        more = target - done if steps is None else steps
+        _record_steps_done(out / RUN_RECORD, done, target_step=done + more)
+        committee = info.get("model") if is_committee(info.get("model", "")) else None
+        return _run(simulation, platform_name, out, settings, more, run_id, append=True, progress=progress,
+                    committee=committee)
 
 
-def _run(simulation, platform: str, out: Path, settings: SimulationSettings, steps: int, append: bool,
-         progress: bool, committee=None) -> SimulationResult:
+def _run(simulation, platform: str, out: Path, settings: SimulationSettings, steps: int, run_id: Optional[str],
+         append: bool, progress: bool, committee=None) -> SimulationResult:
     n_dof = 3 * simulation.system.getNumParticles()
     trajectory = out / "trajectory.dcd"
     dcd = app.DCDReporter(str(trajectory), settings.report_interval, append=append and trajectory.exists())
@@ -463,7 +543,7 @@ def _run(simulation, platform: str, out: Path, settings: SimulationSettings, ste
     state = StateCSVReporter(out / "state.csv", settings.report_interval, n_dof, settings.timestep_fs, append, guard,
                              disagreement, settings.disagreement_warn, settings.disagreement_stop)
     simulation.reporters.extend([dcd, state, AtomicCheckpointReporter(out / "checkpoint.chk",
-                                                                      settings.checkpoint_interval, guard)])
+                                                                      settings.checkpoint_interval, run_id, guard)])
     bar = None
     log_lines = progress and not sys.stderr.isatty()   # a log file or batch queue: a line every 10% or minute
     if progress and not log_lines:
@@ -503,9 +583,9 @@ def _run(simulation, platform: str, out: Path, settings: SimulationSettings, ste
         state.close()
         simulation.reporters.clear()
         dcd._out.close()  # DCDReporter has no public close(); flush the frames now, not at garbage collection
-    save_checkpoint(simulation, out / "checkpoint.chk")
-    save_checkpoint(simulation, out / "final.chk")
-    _record_steps_done(out / "run.json", simulation.currentStep)
+    save_checkpoint(simulation, out / "checkpoint.chk", run_id)
+    save_checkpoint(simulation, out / "final.chk", run_id, keep_previous=False)
+    _record_steps_done(out / RUN_RECORD, simulation.currentStep)
     done = simulation.currentStep - start_step
     sps = done / wall if wall > 0 else float("nan")
     return SimulationResult(out, trajectory, out / "state.csv", simulation.currentStep // settings.report_interval,

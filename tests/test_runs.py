@@ -102,7 +102,7 @@ def test_claim_refuses_a_users_files_and_a_run_and_overwrite_retires_only_the_ru
         runs.claim(tmp_path, "run.json", owned, "simulate", overwrite=False)
     (tmp_path / "run.json").write_text("{}")
     (tmp_path / "checkpoint.prev.chk").write_text("")
-    with pytest.raises(runs.RunFolderError, match="already holds a simulate run"):
+    with pytest.raises(runs.RunFolderError, match=r"already holds a run \(simulate: run.json\)"):
         runs.claim(tmp_path, "run.json", owned, "simulate", overwrite=False)
     runs.claim(tmp_path, "run.json", owned, "simulate", overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
