@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from .runs import Stopped
+
 
 # what --resume may change: how long the recorded run goes on, and where it runs
 RESUME_MAY_CHANGE = {("training", "epochs"), ("training", "max_hours"), ("training", "device")}
@@ -630,6 +632,9 @@ def main(argv=None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
+    except Stopped as err:                    # SIGTERM: checkpointed where it stopped; says how to go on
+        print(f"schnet-md {args.command}: {err}", file=sys.stderr)
+        return err.exit_code
     except (ValueError, RuntimeError, OSError) as err:   # OSError: missing, read-only or full files and folders
         print(f"schnet-md {args.command}: error: {err}", file=sys.stderr)
         return 1

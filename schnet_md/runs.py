@@ -23,7 +23,9 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
+import threading
 import time
 import uuid
 from contextlib import contextmanager
@@ -101,6 +103,41 @@ def exclusive(path: str | os.PathLike, command: str):
     finally:
         _held.pop(key, None)
         os.close(fd)             # (the file stays: removing it would let a waiting process lock a dead inode)
+
+
+# ---- stopping on request ------------------------------------------------------------------------------
+
+class Stopped(RuntimeError):
+    """The run was asked to stop (SIGTERM: a batch system preempting the job, or its time limit) and stopped
+    at a point it can resume from. The command line exits with 143, as a process killed by SIGTERM does."""
+
+    exit_code = 128 + signal.SIGTERM
+
+
+class StopRequest:
+    """Set by SIGTERM while a run is under way; the run looks at it between steps or batches."""
+
+    def __init__(self):
+        self.signal: Optional[int] = None
+
+    def __bool__(self) -> bool:
+        return self.signal is not None
+
+
+@contextmanager
+def stop_on_sigterm():
+    """Within the block SIGTERM does not kill the process: it sets the yielded StopRequest, and the run
+    checkpoints and stops at its next safe point (seconds, not an epoch). Outside the main thread (where
+    Python cannot install handlers) the request simply never comes."""
+    request = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, _frame: setattr(request, "signal", signum))
+    try:
+        yield request
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # ---- writes that are whole or absent ------------------------------------------------------------------

@@ -550,25 +550,31 @@ def _run(simulation, platform: str, out: Path, settings: SimulationSettings, ste
         from tqdm import tqdm
         bar = tqdm(total=steps, unit="step", file=sys.stderr, desc="MD")
     last_line = time.perf_counter()
-    chunk = max(settings.report_interval, min(1000, max(steps // 100, 1)))
+    longest = chunk = max(settings.report_interval, min(1000, max(steps // 100, 1)))
     start_step = simulation.currentStep
     started = time.perf_counter()
+    stopped = None
     try:
         remaining = steps
-        while remaining > 0:
-            n = min(chunk, remaining)
-            simulation.step(n)
-            remaining -= n
-            if bar is not None:
-                bar.update(n)
-            done_here = steps - remaining
-            now = time.perf_counter()
-            if log_lines and (now - last_line >= 60 or done_here * 10 // steps > (done_here - n) * 10 // steps
-                              or remaining == 0):
-                ns_day = done_here * settings.timestep_fs * 1e-6 / max(now - started, 1e-9) * 86400
-                print(f"MD: step {simulation.currentStep} ({done_here}/{steps} this run, {100 * done_here / steps:.0f}%), "
-                      f"{ns_day:.3g} ns/day", file=sys.stderr, flush=True)
-                last_line = now
+        with runs.stop_on_sigterm() as stop:
+            while remaining > 0 and not stop:
+                n = min(chunk, remaining)
+                t0 = time.perf_counter()
+                simulation.step(n)
+                remaining -= n
+                # chunks of at most ~5 s, so a stop request is honoured within seconds on any system size
+                chunk = max(1, min(longest, int(n * 5.0 / max(time.perf_counter() - t0, 1e-9))))
+                if bar is not None:
+                    bar.update(n)
+                done_here = steps - remaining
+                now = time.perf_counter()
+                if log_lines and (now - last_line >= 60 or done_here * 10 // steps > (done_here - n) * 10 // steps
+                                  or remaining == 0):
+                    ns_day = done_here * settings.timestep_fs * 1e-6 / max(now - started, 1e-9) * 86400
+                    print(f"MD: step {simulation.currentStep} ({done_here}/{steps} this run, {100 * done_here / steps:.0f}%), "
+                          f"{ns_day:.3g} ns/day", file=sys.stderr, flush=True)
+                    last_line = now
+            stopped = stop.signal
         if guard is not None:
             _guard_state(guard, simulation, simulation.context.getState(getPositions=True))
     except Exception as err:
@@ -586,6 +592,9 @@ def _run(simulation, platform: str, out: Path, settings: SimulationSettings, ste
     save_checkpoint(simulation, out / "checkpoint.chk", run_id)
     save_checkpoint(simulation, out / "final.chk", run_id, keep_previous=False)
     _record_steps_done(out / RUN_RECORD, simulation.currentStep)
+    if stopped is not None:
+        raise runs.Stopped(f"stopped by signal {stopped} at step {simulation.currentStep} with a checkpoint there; "
+                           f"continue with: schnet-md simulate --resume {out}")
     done = simulation.currentStep - start_step
     sps = done / wall if wall > 0 else float("nan")
     return SimulationResult(out, trajectory, out / "state.csv", simulation.currentStep // settings.report_interval,

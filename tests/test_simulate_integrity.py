@@ -73,6 +73,27 @@ def test_a_second_simulate_and_a_resume_of_a_running_one_are_refused(tmp_path, m
     assert len(mdtraj.load(str(out / "trajectory.dcd"), top=str(out / "topology.pdb"))) == done // 100
 
 
+def test_sigterm_checkpoints_where_it_stops_and_the_run_resumes(tmp_path, model_file):
+    out = tmp_path / "run"
+    job = subprocess.Popen(SCHNET_MD + ["simulate", str(ETHANOL), "--model", str(model_file), "--out", str(out),
+                                        "--steps", "1000000", "--platform", "Reference", "--timestep", "0.1",
+                                        "--temperature", "1", "--report-interval", "10", "--seed", "3",
+                                        "--checkpoint-interval", "100000"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "state.csv").exists() or len(steps_in(out / "state.csv")) < 3:
+        assert job.poll() is None and time.time() < deadline, job.communicate()
+        time.sleep(0.2)
+    job.terminate()                                      # what a batch system sends on preemption
+    _, err = job.communicate(timeout=60)
+    assert job.returncode == 143 and f"simulate --resume {out}" in err and "Traceback" not in err
+    stopped_at = json.loads((out / "run.json").read_text())["steps_done"]
+    assert stopped_at > 0 and stopped_at % 100000 != 0    # checkpointed where it stopped, not at an interval
+    result = resume_simulation(out, steps=30, progress=False)
+    assert result.steps_done == stopped_at + 30
+    assert steps_in(out / "state.csv") == list(range(10, stopped_at + 31, 10))
+
+
 KILL_AT_RENAME = """
 import os, sys
 from schnet_md import simulate
