@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import os
 import pickle
 from pathlib import Path
@@ -20,8 +21,11 @@ from .model import SchNet, SchNetConfig
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 FORMAT = "schnet-md/model"
-FORMAT_VERSION = 2          # 2: a SHA-256 of the tensors guards against damaged bytes (1 had none)
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3          # 3: one SHA-256 over config, metadata and tensors (2: tensors only; 1: none)
+READABLE_VERSIONS = (1, 2, 3)
+
+_log = logging.getLogger(__name__)
+_warned_old_format: set = set()
 
 
 class ModelFileError(ValueError):
@@ -31,13 +35,28 @@ class ModelFileError(ValueError):
 PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
 
 
-def tensors_sha256(state_dict: dict) -> str:
-    """SHA-256 over the names, dtypes, shapes and bytes of the tensors, in name order."""
-    digest = hashlib.sha256()
+def _add_tensors(digest, state_dict: dict) -> None:
     for name in sorted(state_dict):
         tensor = state_dict[name].detach().cpu().contiguous()
         digest.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+
+
+def tensors_sha256(state_dict: dict) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of the tensors, in name order (format 2's checksum)."""
+    digest = hashlib.sha256()
+    _add_tensors(digest, state_dict)
+    return digest.hexdigest()
+
+
+def contents_sha256(config: str, metadata: str, state_dict: dict) -> str:
+    """SHA-256 over everything that determines a number: the config JSON (architecture, element table, energy
+    unit), the metadata JSON (units, training record) and the tensors (weights and energy statistics)."""
+    digest = hashlib.sha256()
+    for name, text in (("config", config), ("metadata", metadata)):
+        data = text.encode()
+        digest.update(f"{name}|{len(data)}|".encode() + data)
+    _add_tensors(digest, state_dict)
     return digest.hexdigest()
 
 
@@ -63,7 +82,7 @@ def save_model(model: SchNet, path: str | os.PathLike, metadata: dict | None = N
         "state_dict": {k: v.detach().cpu().to(torch.float32) if v.is_floating_point() else v.detach().cpu()
                        for k, v in model.state_dict().items()},
     }
-    payload["tensors_sha256"] = tensors_sha256(payload["state_dict"])
+    payload["sha256"] = contents_sha256(payload["config"], payload["metadata"], payload["state_dict"])
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)
@@ -88,6 +107,27 @@ def resolve_model_path(spec: str | os.PathLike) -> Path:
                          f"(shipped: {', '.join(shipped) or 'none'})")
 
 
+def _warn_old_format(path: Path, version: int) -> None:
+    """One line per file and process: an older model file loads, but its checksum covers less."""
+    key = str(path.resolve())
+    if key not in _warned_old_format:
+        _warned_old_format.add(key)
+        covered = "nothing" if version == 1 else "only the weights"
+        _log.warning(f"warning: {path} is a model file of format {version}: its checksum covers {covered}, not its "
+                     f"config, element table, energy statistics or metadata; save it again with this schnet-md "
+                     f"(schnet_md.modelfile.save_model) to cover them")
+
+
+def _checksum_matches(payload: dict) -> bool:
+    try:   # a payload whose parts have the wrong types does not match
+        if payload["format_version"] >= 3:
+            return payload.get("sha256") == contents_sha256(payload["config"], payload["metadata"],
+                                                            payload["state_dict"])
+        return payload.get("tensors_sha256") == tensors_sha256(payload["state_dict"])
+    except Exception:
+        return False
+
+
 def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Tuple[SchNet, dict]:
     """Read a model file (or a shipped model by name); returns (model in eval mode, metadata).
     Raises ModelFileError on missing, damaged or foreign files."""
@@ -103,17 +143,16 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> T
                              f"{type(err).__name__}: {err}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ModelFileError(f"{path} is not a schnet-md model file (no '{FORMAT}' marker)")
-    if payload.get("format_version") not in READABLE_VERSIONS:
-        raise ModelFileError(f"{path} has model format version {payload.get('format_version')}; "
+    version = payload.get("format_version")
+    if version not in READABLE_VERSIONS:
+        raise ModelFileError(f"{path} has model format version {version}; "
                              f"this schnet-md reads versions {', '.join(map(str, READABLE_VERSIONS))}")
-    if payload["format_version"] >= 2:
-        try:
-            intact = payload.get("tensors_sha256") == tensors_sha256(payload["state_dict"])
-        except Exception:   # a state_dict that is not a dict of tensors
-            intact = False
-        if not intact:
-            raise ModelFileError(f"{path} is damaged: its weights do not match the checksum written with them "
-                                 "(a copy cut short or altered?); get the file again")
+    if version >= 2 and not _checksum_matches(payload):
+        damaged = "its config, metadata or weights do not" if version >= 3 else "its weights do not"
+        raise ModelFileError(f"{path} is damaged: {damaged} match the checksum written with them (a copy cut short "
+                             "or altered?); get the file again")
+    if version < FORMAT_VERSION:
+        _warn_old_format(path, version)
     try:
         config = SchNetConfig(**json.loads(payload["config"]))
         metadata = json.loads(payload["metadata"])

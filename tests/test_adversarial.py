@@ -138,7 +138,7 @@ def test_flipped_bytes_in_the_weights_are_refused(tmp_path):
     for k in range(3):
         data[at + 17 * k + 5] ^= 0x40
     path.write_bytes(bytes(data))
-    with pytest.raises(ModelFileError, match="damaged: its weights do not match the checksum"):
+    with pytest.raises(ModelFileError, match="damaged: its config, metadata or weights do not match the checksum"):
         load_model(path)
 
 
