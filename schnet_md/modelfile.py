@@ -12,6 +12,8 @@ import json
 import logging
 import os
 import pickle
+import re
+import zipfile
 from pathlib import Path
 from typing import Tuple
 
@@ -103,8 +105,62 @@ def resolve_model_path(spec: str | os.PathLike) -> Path:
     shipped = shipped_models()
     if str(spec) in shipped:
         return shipped[str(spec)]
+    if path.is_dir():
+        inside = path / "model.pt"
+        raise ModelFileError(f"{path} is a folder, not a model file" +
+                             (f"; did you mean {inside}?" if inside.is_file() else ""))
     raise ModelFileError(f"model {spec} is neither a file nor a shipped model "
                          f"(shipped: {', '.join(shipped) or 'none'})")
+
+
+# What a file that is not a model file is, for the one-line error that says so.
+FILE_KINDS = {
+    "openmm-force": "an exported OpenMM force (TorchScript, written by `schnet-md export`)",
+    "lammps-module": "an exported LAMMPS module (TorchScript, written by `schnet-md export --engine lammps`)",
+    "torchscript": "a TorchScript module",
+    "npz": "a NumPy .npz archive (a data set?)",
+    "pdb": "a PDB structure file",
+    "xyz": "an XYZ structure file",
+    "text": "a text file",
+    "empty": "an empty file",
+}
+EXPORT_METADATA_FILE = "schnet_md.json"   # the TorchScript extra file of every schnet-md export
+
+
+def file_kind(path: str | os.PathLike) -> str:
+    """What a file is, from its first bytes and, for a zip archive, the names inside: one of FILE_KINDS,
+    'archive' (a torch.save zip: perhaps a model file) or 'unknown' (binary: let the loader judge)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4096)
+    except OSError:
+        return "unknown"
+    if not head:
+        return "empty"
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+                exported = [n for n in names if n.endswith("/extra/" + EXPORT_METADATA_FILE)]
+                if exported:
+                    kind = json.loads(archive.read(exported[0])).get("format")
+                    return {"schnet-md/openmm-force": "openmm-force", "schnet-md/lammps": "lammps-module"}.get(
+                        kind, "torchscript")
+        except (zipfile.BadZipFile, OSError, ValueError, AttributeError):
+            return "unknown"
+        if any("/code/" in name for name in names):
+            return "torchscript"
+        if names and all(name.endswith(".npy") for name in names):
+            return "npz"
+        return "archive"
+    if b"\0" in head:
+        return "unknown"
+    text = head.decode("utf-8", errors="replace")
+    if re.search(r"^(ATOM  |HETATM|CRYST1|HEADER)", text, re.MULTILINE):
+        return "pdb"
+    if text.split("\n", 1)[0].strip().isdigit():
+        return "xyz"
+    return "text"
 
 
 def _warn_old_format(path: Path, version: int) -> None:
@@ -132,15 +188,20 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> T
     """Read a model file (or a shipped model by name); returns (model in eval mode, metadata).
     Raises ModelFileError on missing, damaged or foreign files."""
     path = resolve_model_path(path)
+    kind = file_kind(path)
+    if kind in FILE_KINDS:
+        raise ModelFileError(f"{path} is {FILE_KINDS[kind]}, not a schnet-md model file: give the model.pt that "
+                             f"`schnet-md train` writes, or a shipped model name ({', '.join(shipped_models())})")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
         raise ModelFileError(
-            f"{path} was refused by the weights-only loader: it holds objects other than tensors and plain "
-            f"data (possibly code), so it is not a schnet-md model file and was not opened. ({err})") from None
+            f"{path} was refused by the weights-only loader: it holds objects other than tensors and plain data "
+            f"(possibly code{', ' + found.group(1) if found else ''}), so it is not a schnet-md model file and was "
+            "not opened") from None
     except Exception as err:   # on corrupt bytes the unpickler raises nearly anything (IndexError, KeyError, ...)
-        raise ModelFileError(f"{path} is not a readable model file (damaged or truncated?): "
-                             f"{type(err).__name__}: {err}") from None
+        raise ModelFileError(f"{path} is not a readable model file (damaged or truncated?): {_reason(err)}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ModelFileError(f"{path} is not a schnet-md model file (no '{FORMAT}' marker)")
     version = payload.get("format_version")
@@ -161,3 +222,12 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> T
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise ModelFileError(f"{path} has an inconsistent config or weights: {err}") from None
     return model.to(dtype).eval(), metadata
+
+
+def _reason(err: Exception) -> str:
+    """The first line of a loader's error, without torch's advice to load with weights_only=False (which
+    would run any code in the file)."""
+    text = str(err).strip()
+    if not text or "weights_only" in text:
+        return type(err).__name__
+    return f"{type(err).__name__}: {text.splitlines()[0]}"
