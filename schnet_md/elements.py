@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
+from openmm import unit
 from openmm.app import element as _element
 
 
@@ -13,6 +14,11 @@ def symbol(z: int) -> str:
         return _element.Element.getByAtomicNumber(int(z)).symbol
     except (KeyError, AttributeError):
         return f"Z={int(z)}"
+
+
+def mass(z: int) -> float:
+    """Standard atomic mass of atomic number `z` in g/mol (dalton), e.g. 8 -> 15.999."""
+    return _element.Element.getByAtomicNumber(int(z)).mass.value_in_unit(unit.dalton)
 
 
 def atomic_number(sym: str) -> int:

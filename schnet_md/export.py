@@ -9,6 +9,7 @@ particles it acts on, so a solute inside a larger system works; every other part
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import math
@@ -24,13 +25,13 @@ from torch import Tensor, nn
 
 from . import __version__
 from .model import SchNet
-from .modelfile import ModelFileError, model_at
+from .modelfile import EXPORT_METADATA_FILE as METADATA_FILE
+from .modelfile import FILE_KINDS, ModelFileError, file_kind, model_at, tensors_sha256, warn_once
 from .neighbors import (box_heights, box_too_small, cell_grid, cell_list_pairs, check_box,
                         check_molecule_fits_box, minimum_image, unique_pairs)
 from .units import ANGSTROM_PER_NM, energy_factor
 
-EXPORT_FORMAT_VERSION = 1
-METADATA_FILE = "schnet_md.json"   # TorchScript extra file holding the metadata
+EXPORT_FORMAT_VERSION = 2   # 2: the metadata carries a checksum (1: none)
 
 
 class OpenMMSchNet(nn.Module):
@@ -90,6 +91,7 @@ class OpenMMSchNet(nn.Module):
         # after the sum keeps the absolute energy precise in a float32 model (forces are unaffected).
         reference = model.readout.reference_energies.detach().double()[self.species].sum()
         self.reference_energy_kj: float = float(reference) * self.kj_per_model_energy
+        self.metadata_sha1: str = ""   # set by save_exported
 
     def forward(self, positions: Tensor, boxvectors: Optional[Tensor] = None) -> Tensor:
         if positions.dim() != 2 or positions.shape[0] != self.n_particles or positions.shape[1] != 3:
@@ -148,6 +150,7 @@ class CommitteeMean(nn.Module):
         super().__init__()
         self.members = nn.ModuleList(members)
         self.n_members = len(members)
+        self.metadata_sha1: str = ""   # set by save_exported
 
     def forward(self, positions: Tensor, boxvectors: Optional[Tensor] = None) -> Tensor:
         total = torch.zeros((), dtype=torch.float64, device=positions.device)
@@ -515,10 +518,25 @@ def export_model(model: ModelLike, structure, out: str | Path, atoms: Sequence[i
     module, metadata = build_module(model, z, indices, n_particles, periodic, dtype, neighbor_list, box_nm,
                                     positions_nm, capacity, max_per_cell, check_errors=not cuda_graphs,
                                     n_molecules=count_molecules(topology, indices), tabulate=tabulate)
+    return save_exported(module, metadata, out)
+
+
+def metadata_sha1(text: bytes) -> str:
+    """The checksum of an export's metadata. SHA-1 because libtorch ships it (c10::sha1), so the LAMMPS pair style
+    checks the same digest without a hash of its own; it tells a damaged or edited file, not a forged one."""
+    return hashlib.sha1(text).hexdigest()
+
+
+def save_exported(module: torch.jit.ScriptModule, metadata: dict, out: str | Path) -> Path:
+    """Write a scripted OpenMM or LAMMPS module with its metadata (the TorchScript extra file METADATA_FILE),
+    atomically. The metadata carries the SHA-256 of the module's tensors and the module the checksum of the
+    metadata, so an edited or damaged file is refused by load_exported (and by the pair style)."""
+    text = json.dumps(dict(metadata, tensors_sha256=tensors_sha256(module.state_dict())))
+    module.metadata_sha1 = metadata_sha1(text.encode())
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    torch.jit.save(module, str(tmp), _extra_files={METADATA_FILE: json.dumps(metadata)})
+    torch.jit.save(module, str(tmp), _extra_files={METADATA_FILE: text})
     os.replace(tmp, out)
     return out
 
@@ -533,16 +551,40 @@ def torchscript_message(text: str) -> str:
 
 
 def load_exported(path: str | Path) -> Tuple[torch.jit.ScriptModule, dict]:
-    """Load an exported force module and its metadata, with a clear error for bad files."""
+    """Load an exported module (OpenMM force or LAMMPS) and its metadata, with a clear error for a damaged,
+    edited or foreign file."""
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"exported force file {path} does not exist")
+    kind = file_kind(path)
+    if kind not in ("openmm-force", "lammps-module", "torchscript", "unknown"):
+        what = FILE_KINDS.get(kind, "a torch archive (a schnet-md model file?)")
+        raise ModelFileError(f"{path} is {what}, not an exported force: write one with "
+                             "`schnet-md export MODEL --structure FILE --out FORCE.pt`")
     extra = {METADATA_FILE: ""}
     try:
         module = torch.jit.load(str(path), _extra_files=extra, map_location="cpu")
     except (RuntimeError, ValueError) as err:
         raise ModelFileError(f"{path} is not a readable TorchScript force file (damaged or truncated?): "
                              f"{str(err).splitlines()[0]}") from None
-    if not extra[METADATA_FILE]:
+    text = extra[METADATA_FILE]
+    text = text.encode() if isinstance(text, str) else text
+    if not text:
         raise ModelFileError(f"{path} is TorchScript but not a schnet-md export (no {METADATA_FILE})")
-    return module, json.loads(extra[METADATA_FILE])
+    try:
+        metadata = json.loads(text)
+        version = int(metadata["format_version"])
+    except (ValueError, TypeError, KeyError):
+        raise ModelFileError(f"{path} is damaged: its metadata ({METADATA_FILE}) is not readable; export it again") \
+            from None
+    if version < 2:
+        warn_once(path, f"{path} was exported before exports carried a checksum (format {version}): its metadata "
+                        "and weights are not checked; export it again to have them checked")
+        return module, metadata
+    if getattr(module, "metadata_sha1", None) != metadata_sha1(text):
+        raise ModelFileError(f"{path} is damaged: its metadata ({METADATA_FILE}) does not match the checksum inside "
+                             "the module (edited or damaged?); export it again")
+    if metadata.get("tensors_sha256") != tensors_sha256(module.state_dict()):
+        raise ModelFileError(f"{path} is damaged: its weights do not match the checksum in its metadata (a copy "
+                             "altered or damaged?); export it again")
+    return module, metadata

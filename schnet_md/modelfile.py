@@ -27,7 +27,7 @@ FORMAT_VERSION = 3          # 3: one SHA-256 over config, metadata and tensors (
 READABLE_VERSIONS = (1, 2, 3)
 
 _log = logging.getLogger(__name__)
-_warned_old_format: set = set()
+_warned: set = set()
 
 
 class ModelFileError(ValueError):
@@ -163,15 +163,12 @@ def file_kind(path: str | os.PathLike) -> str:
     return "text"
 
 
-def _warn_old_format(path: Path, version: int) -> None:
-    """One line per file and process: an older model file loads, but its checksum covers less."""
-    key = str(path.resolve())
-    if key not in _warned_old_format:
-        _warned_old_format.add(key)
-        covered = "nothing" if version == 1 else "only the weights"
-        _log.warning(f"warning: {path} is a model file of format {version}: its checksum covers {covered}, not its "
-                     f"config, element table, energy statistics or metadata; save it again with this schnet-md "
-                     f"(schnet_md.modelfile.save_model) to cover them")
+def warn_once(path: Path, message: str) -> None:
+    """A one-line warning about a file, once per file and process (older files are loaded again and again)."""
+    key = (str(path.resolve()), message)
+    if key not in _warned:
+        _warned.add(key)
+        _log.warning(f"warning: {message}")
 
 
 def _checksum_matches(payload: dict) -> bool:
@@ -213,7 +210,9 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> T
         raise ModelFileError(f"{path} is damaged: {damaged} match the checksum written with them (a copy cut short "
                              "or altered?); get the file again")
     if version < FORMAT_VERSION:
-        _warn_old_format(path, version)
+        warn_once(path, f"{path} is a model file of format {version}: its checksum covers "
+                        f"{'nothing' if version == 1 else 'only the weights'}, not its config, element table, energy "
+                        "statistics or metadata; save it again with this schnet-md (modelfile.save_model) to cover them")
     try:
         config = SchNetConfig(**json.loads(payload["config"]))
         metadata = json.loads(payload["metadata"])

@@ -10,7 +10,7 @@ import logging
 import pytest
 import torch
 
-from conftest import random_model
+from conftest import SYSTEMS, random_model
 from schnet_md.modelfile import ModelFileError, load_model, save_model, tensors_sha256
 
 
@@ -67,3 +67,49 @@ def test_saving_again_gives_the_current_format_with_the_same_numbers(tmp_path, e
     assert torch.load(new, weights_only=True)["format_version"] == 3
     again, _ = load_model(new)
     assert torch.equal(again(z, r.float()), model(z, r.float()))
+
+
+# ---- exported modules: their metadata checked against a checksum inside the module ---------------------------
+
+def _replaced(path, old: bytes, new: bytes, out):
+    """A copy of `path` with one byte string replaced by another of the same length (zip entries of TorchScript
+    files are stored uncompressed, and torch reads them without checking the zip's CRC)."""
+    data = path.read_bytes()
+    assert data.count(old) == 1 and len(old) == len(new)
+    out.write_bytes(data.replace(old, new))
+    return out
+
+
+def test_an_edited_or_damaged_export_is_refused(tmp_path):
+    from schnet_md.export import export_model, load_exported
+    from schnet_md.structures import read_structure
+
+    structure = read_structure(SYSTEMS / "ethanol" / "ethanol.pdb")
+    path = export_model(small_model(), structure, tmp_path / "force.pt")
+    module, metadata = load_exported(path)
+    assert metadata["atomic_numbers"][:3] == [6, 6, 8]
+    # metadata that no longer describes the module: C C O said to be C O C
+    edited = _replaced(path, b'"atomic_numbers": [6, 6, 8', b'"atomic_numbers": [6, 8, 6', tmp_path / "edited.pt")
+    with pytest.raises(ModelFileError, match=r"edited.pt is damaged: its metadata \(schnet_md.json\) does not match "
+                                             "the checksum inside the module"):
+        load_exported(edited)
+    # a flipped byte in the weights (the zip's own CRC is not checked by torch)
+    weight = module.state_dict()["model.interactions.0.dense1.weight"].numpy().tobytes()[:32]
+    flipped = bytearray(weight)
+    flipped[5] ^= 0x40
+    damaged = _replaced(path, weight, bytes(flipped), tmp_path / "damaged.pt")
+    with pytest.raises(ModelFileError, match="damaged.pt is damaged: its weights do not match the checksum"):
+        load_exported(damaged)
+
+
+def test_exports_written_before_the_checksum_still_load(tmp_path, caplog):
+    """A run folder's force.pt from before format 2 must still resume: loaded, with a one-line warning."""
+    from schnet_md.export import METADATA_FILE, build_module, load_exported
+
+    module, metadata = build_module(small_model(), [8, 1, 1])
+    torch.jit.save(module, str(tmp_path / "old.pt"),
+                   _extra_files={METADATA_FILE: json.dumps(dict(metadata, format_version=1))})
+    with caplog.at_level(logging.WARNING, logger="schnet_md.modelfile"):
+        _, loaded = load_exported(tmp_path / "old.pt")
+    assert loaded["atomic_numbers"] == [8, 1, 1]
+    assert len(caplog.records) == 1 and "exported before exports carried a checksum" in caplog.records[0].getMessage()

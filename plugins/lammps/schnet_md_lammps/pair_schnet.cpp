@@ -21,6 +21,7 @@
 #include "domain.h"
 #include "error.h"
 #include "force.h"
+#include "json.h"
 #include "lammps.h"
 #include "memory.h"
 #include "neigh_list.h"
@@ -30,6 +31,7 @@
 #include "utils.h"
 
 #include <ATen/Parallel.h>
+#include <c10/util/hash.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/jit/runtime/graph_executor.h>
 #include <torch/cuda.h>
@@ -76,6 +78,7 @@ class PairSchNet : public Pair {
   int n_blocks = 0, n_features = 0;
   double energy_to_metal = 1.0, energy_to_real = 1.0, energy_factor = 1.0;
   std::vector<std::string> element_symbols;
+  std::vector<double> element_masses;      // per species, g/mol
   std::vector<double> reference_energy;    // per species, model unit
   std::vector<int> species_of_type;        // -1: NULL (not in the model)
 
@@ -165,35 +168,52 @@ void PairSchNet::coeff(int narg, char **arg)
   model_file = arg[2];
   if (!std::ifstream(model_file).good())
     error->all(FLERR, "pair_style schnet: model file {} does not exist or cannot be read", model_file);
+  torch::jit::ExtraFilesMap extra{{"schnet_md.json", ""}};
   try {
-    module = torch::jit::load(model_file, device());
+    module = torch::jit::load(model_file, device(), extra);
   } catch (const std::exception &err) {
     std::string what = err.what();
     error->all(FLERR, "pair_style schnet: {} is not a readable TorchScript file (damaged or truncated?): {}",
                model_file, what.substr(0, what.find('\n')));
   }
-  if (!module.hasattr("lammps_format") || module.attr("lammps_format").toStringRef() != "schnet-md/lammps")
+  // The metadata (elements, masses, reference energies, unit factors, sizes) comes from the export's extra file,
+  // which carries the module's own checksum of it: an edited or damaged file is refused here.
+  const std::string &text = extra["schnet_md.json"];
+  json meta;
+  try {
+    meta = json::parse(text.empty() ? "{}" : text);
+  } catch (const std::exception &) {
+    error->all(FLERR, "pair_style schnet: {} is damaged: its metadata (schnet_md.json) is not readable; export it "
+                      "again", model_file);
+  }
+  if (!meta.is_object() || meta.value("format", "") != "schnet-md/lammps")
     error->all(FLERR,
                "pair_style schnet: {} is not a schnet-md LAMMPS model (an OpenMM export, or another TorchScript "
                "file?); write one with: schnet-md export MODEL --engine lammps --out FILE.pt",
                model_file);
-  if (module.attr("lammps_format_version").toInt() != 1)
-    error->all(FLERR, "pair_style schnet: {} has LAMMPS format version {}; this plugin reads version 1",
-               model_file, module.attr("lammps_format_version").toInt());
+  if (meta.value("format_version", 0) != 2)
+    error->all(FLERR, "pair_style schnet: {} has LAMMPS format version {}; this plugin reads version 2: export it "
+                      "again with schnet-md export MODEL --engine lammps", model_file, meta.value("format_version", 0));
+  if (!module.hasattr("metadata_sha1") || module.attr("metadata_sha1").toStringRef() != c10::sha1(text).str())
+    error->all(FLERR, "pair_style schnet: {} is damaged: its metadata (schnet_md.json) does not match the checksum "
+                      "inside the module (edited or damaged?); export it again", model_file);
   module.eval();
   // The pair list changes length every step; TorchScript's profiling executor would re-specialise (and
   // re-optimise) its graphs for new shapes again and again. Run the graphs as scripted instead.
   torch::jit::setGraphExecutorOptimize(false);
-  dtype = module.attr("is_double").toBool() ? torch::kFloat64 : torch::kFloat32;
-  model_cutoff = module.attr("cutoff").toDouble();
-  n_blocks = (int) module.attr("n_interactions").toInt();
-  n_features = (int) module.attr("n_features").toInt();
-  energy_to_metal = module.attr("energy_to_ev").toDouble();
-  energy_to_real = module.attr("energy_to_kcal_mol").toDouble();
-  element_symbols.clear();
-  for (const auto &s : module.attr("element_symbols").toListRef()) element_symbols.push_back(s.toStringRef());
-  reference_energy.clear();
-  for (const auto &e : module.attr("reference_energies").toListRef()) reference_energy.push_back(e.toDouble());
+  try {
+    dtype = meta.at("precision").get<std::string>() == "float64" ? torch::kFloat64 : torch::kFloat32;
+    model_cutoff = meta.at("cutoff_angstrom").is_null() ? 0.0 : meta.at("cutoff_angstrom").get<double>();
+    n_blocks = meta.at("n_interactions").get<int>();
+    n_features = meta.at("n_features").get<int>();
+    energy_to_metal = meta.at("energy_to_ev").get<double>();
+    energy_to_real = meta.at("energy_to_kcal_mol").get<double>();
+    element_symbols = meta.at("element_symbols").get<std::vector<std::string>>();
+    element_masses = meta.at("element_masses").get<std::vector<double>>();
+    reference_energy = meta.at("reference_energies").get<std::vector<double>>();
+  } catch (const std::exception &err) {
+    error->all(FLERR, "pair_style schnet: {} has incomplete metadata ({}); export it again", model_file, err.what());
+  }
 
   std::string known;
   for (const auto &s : element_symbols) known += (known.empty() ? "" : " ") + s;
