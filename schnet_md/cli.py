@@ -120,7 +120,7 @@ def _evaluate(args) -> int:
 
 
 def _export(args) -> int:
-    from .export import export_model
+    from .export import expected_atoms, export_model, load_exported
     from .structures import read_structure, select_atoms
 
     if Path(args.out).exists() and not args.overwrite:
@@ -131,7 +131,9 @@ def _export(args) -> int:
         if args.structure or args.atoms:
             raise ValueError("--engine lammps takes no --structure or --atoms: LAMMPS gives the atoms at run time")
         path = export_lammps(args.model, args.out, dtype=args.precision or "float64", tabulate=args.tabulate)
-        print(f"LAMMPS model written to {path}: pair_style schnet; pair_coeff * * {path} <element per atom type>")
+        elements = " ".join(load_exported(path)[1]["element_symbols"])
+        print(f"LAMMPS model written to {path}: pair_style schnet; pair_coeff * * {path} <element per atom type: "
+              f"{elements} or NULL>")
         return 0
     if not args.structure:
         raise ValueError("export for OpenMM needs --structure FILE (the system the force acts on)")
@@ -141,6 +143,9 @@ def _export(args) -> int:
     path = export_model(args.model, structure, args.out, atoms=atoms, dtype=args.precision, tabulate=args.tabulate)
     n = structure.n_atoms if atoms is None else len(atoms)
     print(f"TorchForce module for {n} of {structure.n_atoms} particles written to {path}")
+    # a bare openmmtorch.TorchForce(path) takes whatever particles it is given: say which it expects
+    print(f"it expects {expected_atoms(load_exported(path)[1])} (create_torch_force(FILE, topology) checks this; "
+          "a bare TorchForce cannot)")
     return 0
 
 

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from . import __version__
+from .elements import atom_order, symbol
 from .model import SchNet
 from .modelfile import EXPORT_METADATA_FILE as METADATA_FILE
 from .modelfile import FILE_KINDS, ModelFileError, file_kind, model_at, tensors_sha256, warn_once
@@ -377,22 +378,86 @@ def create_torch_force(model: ModelLike, topology_or_atomic_numbers, atoms: Sequ
     all of them), or on a list of atomic numbers (one per particle). Periodicity follows the
     topology's box unless given. cuda_graphs=True turns on openmm-torch's CUDA graphs and exports the
     graph-safe module (bad input gives a NaN energy instead of an exception; see OpenMMSchNet). tabulate=True
-    takes the filters from spline tables (schnet_md.tabulated): faster, the same forces to float32 precision."""
+    takes the filters from spline tables (schnet_md.tabulated): faster, the same forces to float32 precision.
+
+    `model` may also be a file written by `export_model`: it is used as exported, after checking that its
+    particles and elements are those of the topology (the error names the first atom that differs)."""
     openmmtorch = openmm_torch()
-    z, indices, n_particles, box_nm = _targets(topology_or_atomic_numbers, atoms)
-    periodic = box_nm is not None if periodic is None else periodic
-    box_nm = box_nm if box is None else _nm(box)
-    n_molecules = count_molecules(topology_or_atomic_numbers, indices) \
-        if hasattr(topology_or_atomic_numbers, "bonds") else 1
-    module, _ = build_module(model, z, indices, n_particles, periodic, dtype, neighbor_list, box_nm,
-                             None if positions is None else _nm(positions), capacity, max_per_cell,
-                             check_errors=not cuda_graphs, n_molecules=n_molecules, tabulate=tabulate)
-    force = openmmtorch.TorchForce(module)
+    if isinstance(model, (str, os.PathLike)) and file_kind(model) == "openmm-force":
+        fixed = [name for name, given in (("dtype", dtype != "float32"), ("neighbor_list", neighbor_list != "auto"),
+                                          ("positions", positions is not None), ("box", box is not None),
+                                          ("capacity", capacity is not None), ("max_per_cell", max_per_cell is not None),
+                                          ("tabulate", tabulate)) if given]
+        if fixed:
+            raise ValueError(f"{model} is an exported force, so {', '.join(fixed)} cannot change here (set when it "
+                             "was exported); export it again to change them")
+        _, metadata = load_exported(model)
+        check_atoms(model, metadata, topology_or_atomic_numbers, atoms)
+        if periodic is not None and periodic != metadata["periodic"]:
+            raise ValueError(f"{model} was exported for a {'periodic' if metadata['periodic'] else 'non-periodic'} "
+                             "system; export it again for this one")
+        if cuda_graphs and metadata["check_errors"]:
+            raise ValueError(f"{model} was exported with error checks, which a CUDA graph cannot capture; export it "
+                             "again with cuda_graphs=True")
+        periodic = metadata["periodic"]
+        force = openmmtorch.TorchForce(str(model))
+    else:
+        z, indices, n_particles, box_nm = _targets(topology_or_atomic_numbers, atoms)
+        periodic = box_nm is not None if periodic is None else periodic
+        box_nm = box_nm if box is None else _nm(box)
+        n_molecules = count_molecules(topology_or_atomic_numbers, indices) \
+            if hasattr(topology_or_atomic_numbers, "bonds") else 1
+        module, _ = build_module(model, z, indices, n_particles, periodic, dtype, neighbor_list, box_nm,
+                                 None if positions is None else _nm(positions), capacity, max_per_cell,
+                                 check_errors=not cuda_graphs, n_molecules=n_molecules, tabulate=tabulate)
+        force = openmmtorch.TorchForce(module)
     force.setUsesPeriodicBoundaryConditions(periodic)
     force.setOutputsForces(False)
     if cuda_graphs:
         force.setProperty("useCUDAGraphs", "true")
     return force
+
+
+def expected_atoms(metadata: dict) -> str:
+    """The particles an exported OpenMM force expects, e.g. '9 particles: C2 H6 O1 in this order: C C O H ...'."""
+    n, indices = metadata["n_particles"], metadata["particle_indices"]
+    where = "" if indices == list(range(n)) else f", the model's atoms at particles {_ranges(indices)}"
+    return f"{n} particles{where}: {atom_order(metadata['atomic_numbers'])}"
+
+
+def _ranges(indices: Sequence[int]) -> str:
+    """'0-8, 12, 15-16' for [0, 1, ..., 8, 12, 15, 16]."""
+    runs: List[List[int]] = []
+    for k in indices:
+        if runs and k == runs[-1][1] + 1:
+            runs[-1][1] = k
+        else:
+            runs.append([k, k])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def check_atoms(path, metadata: dict, topology_or_atomic_numbers, atoms: Sequence[int] | None = None) -> None:
+    """Refuse an exported OpenMM force that does not fit the system at hand (an OpenMM Topology or one atomic
+    number per particle): another particle count, other particles selected, or another element order. A bare
+    `TorchForce(path)` cannot tell; the error names the first atom that differs."""
+    if metadata.get("format") != "schnet-md/openmm-force":
+        raise ModelFileError(f"{path} is not an exported OpenMM force (format {metadata.get('format')!r})")
+    if hasattr(topology_or_atomic_numbers, "atoms"):
+        system = list(topology_or_atomic_numbers.atoms())
+        z = [a.element.atomic_number if a.element is not None else 0 for a in system]
+        names = [f"atom {a.index} ({a.residue.name}{a.residue.id}:{a.name})" for a in system]
+    else:
+        z = [int(k) for k in topology_or_atomic_numbers]
+        names = [f"particle {k}" for k in range(len(z))]
+    expected = expected_atoms(metadata)
+    if len(z) != metadata["n_particles"]:
+        raise ValueError(f"{path} was exported for {expected}, but the system has {len(z)} particles")
+    if atoms is not None and [int(k) for k in atoms] != metadata["particle_indices"]:
+        raise ValueError(f"{path} acts on other particles than the {len(atoms)} selected: it expects {expected}")
+    for k, wanted in zip(metadata["particle_indices"], metadata["atomic_numbers"]):
+        if z[k] != wanted:
+            raise ValueError(f"{path} does not fit this system: {names[k]} is {symbol(z[k])} here but {symbol(wanted)} "
+                             f"in the force, which expects {expected}; export it again for this structure")
 
 
 def molecule_bonds(topology, atoms=None, force_group: int = 0):

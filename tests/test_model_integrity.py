@@ -113,3 +113,74 @@ def test_exports_written_before_the_checksum_still_load(tmp_path, caplog):
         _, loaded = load_exported(tmp_path / "old.pt")
     assert loaded["atomic_numbers"] == [8, 1, 1]
     assert len(caplog.records) == 1 and "exported before exports carried a checksum" in caplog.records[0].getMessage()
+
+
+# ---- an exported force knows its atoms --------------------------------------------------------------------
+
+def _energy(force, n_particles, positions_nm):
+    import openmm
+
+    system = openmm.System()
+    for _ in range(n_particles):
+        system.addParticle(12.0)
+    system.addForce(force)
+    context = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
+    context.setPositions(positions_nm)
+    return context.getState(getEnergy=True).getPotentialEnergy()._value
+
+
+ETHANOL_ORDER = "9 particles: C2 H6 O1 in this order: C C O H H H H H H"
+
+
+def test_create_torch_force_checks_an_exported_force_against_the_topology(tmp_path):
+    from schnet_md.export import create_torch_force, export_model
+    from schnet_md.structures import molecule_topology, read_structure
+
+    structure = read_structure(SYSTEMS / "ethanol" / "ethanol.pdb")
+    model = small_model()
+    path = export_model(model, structure, tmp_path / "force.pt")
+    e = _energy(create_torch_force(path, structure.topology), 9, structure.positions_nm)
+    assert e == pytest.approx(_energy(create_torch_force(model, structure.topology), 9, structure.positions_nm),
+                              rel=1e-6)
+    # the same molecule with its oxygen first
+    order = [2, 0, 1, 3, 4, 5, 6, 7, 8]
+    swapped = molecule_topology(structure.atomic_numbers[order], structure.positions_nm[order] * 10)
+    with pytest.raises(ValueError, match=rf"force.pt does not fit this system: atom 0 \(MOL1:O1\) is O here but C in "
+                                         rf"the force, which expects {ETHANOL_ORDER}; export it again"):
+        create_torch_force(path, swapped)
+    with pytest.raises(ValueError, match="particle 0 is O here but C in the force"):
+        create_torch_force(path, structure.atomic_numbers[order].tolist())
+    with pytest.raises(ValueError, match=f"was exported for {ETHANOL_ORDER}, but the system has 8 particles"):
+        create_torch_force(path, structure.atomic_numbers[:8].tolist())
+    with pytest.raises(ValueError, match="acts on other particles than the 3 selected"):
+        create_torch_force(path, structure.topology, atoms=[0, 1, 2])
+    with pytest.raises(ValueError, match="is an exported force, so tabulate cannot change here"):
+        create_torch_force(path, structure.topology, tabulate=True)
+
+
+def test_export_prints_the_atoms_the_file_expects(tmp_path, capsys):
+    from schnet_md.cli import main
+
+    model = save_model(small_model(), tmp_path / "model.pt")
+    assert main(["export", str(model), "--structure", str(SYSTEMS / "ethanol" / "ethanol.pdb"),
+                 "--out", str(tmp_path / "force.pt")]) == 0
+    assert f"it expects {ETHANOL_ORDER}" in capsys.readouterr().out
+    assert main(["export", str(model), "--structure", str(SYSTEMS / "ethanol" / "ethanol.pdb"), "--atoms", "index 3 to 8",
+                 "--out", str(tmp_path / "part.pt")]) == 0
+    assert "it expects 9 particles, the model's atoms at particles 3-8: H6 in this order: H H H H H H" in \
+        capsys.readouterr().out
+
+
+def test_resume_refuses_a_topology_that_no_longer_fits_the_force(tmp_path):
+    from schnet_md.simulate import SimulationSettings, resume_simulation, run_simulation
+    from schnet_md.structures import molecule_topology, read_structure, write_pdb
+
+    out = tmp_path / "md"
+    run_simulation(SYSTEMS / "ethanol" / "ethanol.pdb", save_model(small_model(), tmp_path / "model.pt"), out,
+                   SimulationSettings(steps=4, report_interval=2, platform="Reference"), progress=False)
+    s = read_structure(out / "topology.pdb")
+    order = [2, 0, 1, 3, 4, 5, 6, 7, 8]
+    write_pdb(molecule_topology(s.atomic_numbers[order], s.positions_nm[order] * 10), s.positions_nm[order],
+              out / "topology.pdb")
+    with pytest.raises(ValueError, match=r"force.pt does not fit this system: atom 0 \(MOL1:O1\) is O here but C"):
+        resume_simulation(out, steps=2, progress=False)

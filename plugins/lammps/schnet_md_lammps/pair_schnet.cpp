@@ -2,7 +2,8 @@
 // as a LAMMPS pair style, loaded into the stock LAMMPS with `plugin load`.
 //
 //   pair_style schnet [ghost exchange|deep] [threads N] [device cpu|cuda] [cutoff R]
-//   pair_coeff * * model-lammps.pt C H O          (one element per atom type, NULL: not in the model)
+//   pair_coeff * * model-lammps.pt C H O          (one element per atom type, NULL: not in the model;
+//                                                  checked against the types' masses)
 //
 // SchNet with T interaction blocks gives atom i an energy that depends on atoms up to T cutoffs away.
 // Exact on any number of MPI ranks, two ways:
@@ -86,6 +87,7 @@ class PairSchNet : public Pair {
   int nmax = 0;
 
   void allocate();
+  void check_masses();
   void check_box();
   torch::Device device() const { return use_cuda ? torch::Device(torch::kCUDA) : torch::Device(torch::kCPU); }
   torch::Tensor rows_to_device(int n);
@@ -241,6 +243,7 @@ void PairSchNet::coeff(int narg, char **arg)
 void PairSchNet::init_style()
 {
   if (!loaded) error->all(FLERR, "pair_style schnet: no model (pair_coeff * * FILE.pt ...)");
+  check_masses();
   if (force->newton_pair == 0)
     error->all(FLERR, "pair_style schnet requires newton pair on (forces on ghost atoms go to their owners)");
   if (strcmp(update->unit_style, "metal") == 0) energy_factor = energy_to_metal;
@@ -276,6 +279,29 @@ double PairSchNet::init_one(int i, int j)
 {
   cutghost[i][j] = cutghost[j][i] = cutoff;
   return cutoff;
+}
+
+// pair_coeff names the element of each atom type; the types' masses tell whether that is the order the data
+// file meant. A type whose mass is nearer another of the model's elements than the one named is refused (so
+// deuterium still counts as H). Checked here, when every mass is set; per-atom masses are not checked.
+void PairSchNet::check_masses()
+{
+  if (atom->mass == nullptr || atom->mass_setflag == nullptr) return;
+  for (int t = 1; t <= atom->ntypes; t++) {
+    const int named = species_of_type[t];
+    if (named < 0 || !atom->mass_setflag[t]) continue;
+    const double m = atom->mass[t];
+    size_t nearest = 0;
+    for (size_t s = 1; s < element_masses.size(); s++)
+      if (std::fabs(m - element_masses[s]) < std::fabs(m - element_masses[nearest])) nearest = s;
+    if ((int) nearest != named)
+      error->all(FLERR,
+                 "pair_style schnet: pair_coeff gives atom type {} the element {} ({:.3f} g/mol), but type {} has mass "
+                 "{:.3f}, nearest to {} ({:.3f}) of the model's elements: the elements in pair_coeff are not in the "
+                 "order of the atom types",
+                 t, element_symbols[named], element_masses[named], t, m, element_symbols[nearest],
+                 element_masses[nearest]);
+  }
 }
 
 // A box height below two cutoffs would let an atom see two images of one neighbour; the model was made for
