@@ -92,6 +92,11 @@ def save_model(model: SchNet, path: str | os.PathLike, metadata: dict | None = N
     return path
 
 
+def trained_labels(metadata: dict) -> str:
+    """The label set a model was trained on (a key of data.LABEL_SETS), "" if its file does not record one."""
+    return (metadata.get("labels") or {}).get("set") or ""
+
+
 def shipped_models() -> dict:
     """Names and paths of the trained models shipped inside the package (see models/*/MODEL_CARD.md)."""
     return {p.parent.name: p for p in sorted(MODELS_DIR.glob("*/model.pt"))}

@@ -7,10 +7,11 @@ from __future__ import annotations
 import json
 import logging
 
+import numpy as np
 import pytest
 import torch
 
-from conftest import SYSTEMS, random_model
+from conftest import SYSTEMS, random_model, shared_file
 from schnet_md.modelfile import ModelFileError, load_model, save_model, tensors_sha256
 
 
@@ -184,3 +185,85 @@ def test_resume_refuses_a_topology_that_no_longer_fits_the_force(tmp_path):
               out / "topology.pdb")
     with pytest.raises(ValueError, match=r"force.pt does not fit this system: atom 0 \(MOL1:O1\) is O here but C"):
         resume_simulation(out, steps=2, progress=False)
+
+
+# ---- labels travel with the model ---------------------------------------------------------------------------
+
+TINY = ["--max-frames", "20", "--epochs", "1", "--features", "8", "--interactions", "1", "--batch-size", "10"]
+
+
+@pytest.fixture(scope="module")
+def md17_model(tmp_path_factory):
+    """A tiny model trained one epoch on 20 frames of ethanol's original MD17 labels (`train --labels old`)."""
+    from schnet_md.cli import main
+
+    out = tmp_path_factory.mktemp("md17")
+    assert main(["train", "--data", str(shared_file("rmd17/rmd17_ethanol_train_01.npz")), "--labels", "old", *TINY,
+                 "--out", str(out)]) == 0
+    return out / "model.pt"
+
+
+def test_the_model_records_its_labels_and_evaluate_uses_them(md17_model, tmp_path, capsys):
+    """The README's `train --labels old` then `evaluate` compared MD17 predictions with rMD17 labels, ~120 kcal/mol
+    apart, without a word. Now evaluate reads the labels the model was trained on, and refuses others unless
+    told."""
+    from schnet_md.cli import main
+    from schnet_md.data import read_rmd17
+    from schnet_md.evaluate import evaluate
+
+    test = str(shared_file("rmd17/rmd17_ethanol_test_01.npz"))
+    labels = load_model(md17_model)[1]["labels"]
+    assert labels["set"] == "MD17" and "FHI-aims" in labels["energy_zero"]
+    capsys.readouterr()
+    assert main(["evaluate", str(md17_model), "--data", test, "--json", str(tmp_path / "own.json")]) == 0
+    own = json.loads((tmp_path / "own.json").read_text())
+    assert own["labels"] == "MD17" and "(old labels)" in own["data"]
+    assert capsys.readouterr().err == ""
+    assert main(["evaluate", str(md17_model), "--data", test, "--labels", "new"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "was trained on MD17 labels" in err and "holds rMD17 labels" in err \
+        and "--allow-label-mismatch" in err
+    assert main(["evaluate", str(md17_model), "--data", test, "--labels", "new", "--allow-label-mismatch",
+                 "--json", str(tmp_path / "other.json")]) == 0
+    assert "warning: " in capsys.readouterr().err
+    other = json.loads((tmp_path / "other.json").read_text())
+    # what each command compared the model with: MD17's labels by default, rMD17's only when told
+    model = load_model(md17_model)[0]
+    for metrics, labels in ((own, "old"), (other, "new")):
+        direct = evaluate(model, read_rmd17(test, labels))
+        assert metrics["energy_mae_kcal_mol"] == pytest.approx(direct["energy_mae_kcal_mol"], rel=1e-12)
+    assert abs(own["energy_mae_kcal_mol"] - other["energy_mae_kcal_mol"]) > 10
+
+
+def test_init_across_label_sets_says_what_it_does(md17_model, tmp_path, capsys):
+    from schnet_md.cli import main
+
+    capsys.readouterr()
+    assert main(["train", "--init", str(md17_model), "--data", str(shared_file("rmd17/rmd17_ethanol_train_02.npz")),
+                 *TINY, "--out", str(tmp_path / "tuned")]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("--init")]
+    assert len(lines) == 1 and "was trained on MD17 labels" in lines[0] and "holds rMD17 labels" in lines[0] \
+        and "energies will shift" in lines[0]
+    assert load_model(tmp_path / "tuned" / "model.pt")[1]["labels"]["set"] == "rMD17"
+
+
+def test_models_and_files_without_a_label_record_get_a_note(tmp_path, capsys):
+    from schnet_md.cli import main
+    from schnet_md.data import read_rmd17
+    from schnet_md.reference import write_rmd17
+
+    test = shared_file("rmd17/rmd17_ethanol_test_01.npz")
+    older = save_model(small_model(), tmp_path / "older.pt", {"preset": "custom"})   # no "labels": as before
+    capsys.readouterr()
+    assert main(["evaluate", str(older), "--data", str(test)]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("note: ") and "does not record the labels it was trained on" in err
+    # schnet-md's own label files name their method; one written before that does not say
+    frames = read_rmd17(test).subset(range(3))
+    z, r = frames.atomic_numbers[:9], frames.positions.reshape(3, 9, 3)
+    args = (z, r, frames.energies, frames.forces.reshape(3, 9, 3), np.arange(3))
+    write_rmd17(tmp_path / "xtb.npz", *args, method="GFN2-xTB")
+    write_rmd17(tmp_path / "unnamed.npz", *args)
+    assert read_rmd17(tmp_path / "xtb.npz").label_set == "GFN2-xTB"
+    assert read_rmd17(tmp_path / "unnamed.npz").label_set == ""
+    assert read_rmd17(test, "new").label_set == "rMD17" and read_rmd17(test, "old").label_set == "MD17"
