@@ -142,12 +142,13 @@ def test_flipped_bytes_in_the_weights_are_refused(tmp_path):
         load_model(path)
 
 
-def test_every_shipped_model_carries_a_checksum():
-    from schnet_md.modelfile import shipped_models
+def test_every_shipped_model_carries_a_checksum_and_its_labels():
+    from schnet_md.modelfile import shipped_models, trained_labels
 
     for name, path in shipped_models().items():
-        assert torch.load(path, weights_only=True).get("tensors_sha256"), name
-        load_model(name)
+        payload = torch.load(path, weights_only=True)
+        assert payload["format_version"] == 3 and payload.get("sha256"), name   # config and metadata covered too
+        assert trained_labels(load_model(name)[1]) in ("rMD17", "GFN2-xTB"), name
 
 
 def test_export_refuses_to_overwrite(tmp_path, capsys):
