@@ -109,11 +109,14 @@ def _evaluate(args) -> int:
     import json
 
     from .data import read_data
-    from .evaluate import evaluate, format_table
-    from .modelfile import load_model
+    from .evaluate import check_labels, evaluate, format_table, rmd17_labels_for
+    from .modelfile import load_model, trained_labels
 
-    model, _ = load_model(args.model)
-    metrics = evaluate(model, read_data(args.data, args.format, labels=args.labels, split=args.split))
+    model, metadata = load_model(args.model)
+    trained_on = trained_labels(metadata)
+    data = read_data(args.data, args.format, labels=args.labels or rmd17_labels_for(trained_on), split=args.split)
+    check_labels(args.model, trained_on, data, args.allow_label_mismatch, log=lambda m: print(m, file=sys.stderr))
+    metrics = evaluate(model, data)
     print(f"{metrics['data']}: {metrics['n_frames']} frames")
     print(format_table(metrics))
     if args.json:
@@ -122,7 +125,7 @@ def _evaluate(args) -> int:
 
 
 def _export(args) -> int:
-    from .export import export_model
+    from .export import expected_atoms, export_model, load_exported
     from .structures import read_structure, select_atoms
 
     if Path(args.out).exists() and not args.overwrite:
@@ -133,7 +136,9 @@ def _export(args) -> int:
         if args.structure or args.atoms:
             raise ValueError("--engine lammps takes no --structure or --atoms: LAMMPS gives the atoms at run time")
         path = export_lammps(args.model, args.out, dtype=args.precision or "float64", tabulate=args.tabulate)
-        print(f"LAMMPS model written to {path}: pair_style schnet; pair_coeff * * {path} <element per atom type>")
+        elements = " ".join(load_exported(path)[1]["element_symbols"])
+        print(f"LAMMPS model written to {path}: pair_style schnet; pair_coeff * * {path} <element per atom type: "
+              f"{elements} or NULL>")
         return 0
     if not args.structure:
         raise ValueError("export for OpenMM needs --structure FILE (the system the force acts on)")
@@ -143,6 +148,9 @@ def _export(args) -> int:
     path = export_model(args.model, structure, args.out, atoms=atoms, dtype=args.precision, tabulate=args.tabulate)
     n = structure.n_atoms if atoms is None else len(atoms)
     print(f"TorchForce module for {n} of {structure.n_atoms} particles written to {path}")
+    # a bare openmmtorch.TorchForce(path) takes whatever particles it is given: say which it expects
+    print(f"it expects {expected_atoms(load_exported(path)[1])} (create_torch_force(FILE, topology) checks this; "
+          "a bare TorchForce cannot)")
     return 0
 
 
@@ -404,7 +412,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("model", help=f"model file, or a shipped model name ({SHIPPED})")
     v.add_argument("--data", required=True, help="rMD17 npz, iso17x folder, QM9 npz or any ASE-readable file")
     v.add_argument("--format", choices=["auto", "rmd17", "iso17x", "qm9", "ase"], default="auto")
-    v.add_argument("--labels", choices=["new", "old"], default="new")
+    v.add_argument("--labels", choices=["new", "old"],
+                   help="rMD17 files: new = revised rMD17 labels, old = original MD17 labels (default: those the model "
+                        "was trained on)")
+    v.add_argument("--allow-label-mismatch", action="store_true",
+                   help="evaluate on labels other than those the model was trained on (their energies lie on another "
+                        "zero, which the energy errors then include)")
     v.add_argument("--split", default="test_within", help="iso17x split (default: test_within)")
     v.add_argument("--json", help="also write the metrics to this JSON file")
     v.set_defaults(func=_evaluate)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -20,6 +20,37 @@ from .neighbors import batched_unique_pairs
 
 class DataError(ValueError):
     """A data file that is missing, malformed or holds values that cannot be trained on."""
+
+
+# Label sets a reader can name, each with the energy zero its energies are measured from (what a model's
+# per-element reference energies are fitted to). Two sets differ by more than noise: MD17's and rMD17's
+# energies of the same ethanol frames lie ~120 kcal/mol apart.
+LABEL_SETS = {
+    "rMD17": "PBE/def2-SVP total energies from ORCA (revised MD17)",
+    "MD17": "PBE+vdW-TS total energies from FHI-aims (original MD17)",
+    "GFN2-xTB": "GFN2-xTB total energies from tblite (iso17x; schnet-md label and sample)",
+    "PBE/def2-SVP (PySCF)": "PBE/def2-SVP total energies from PySCF (rMD17's level of theory, another constant)",
+    "QM9 U0": "B3LYP/6-31G(2df,p) internal energies at 0 K (QM9)",
+    "ASE file": "the energies an ASE-readable file holds (their method is not recorded)",
+}
+LABEL_SET_OF_METHOD = {"GFN2-xTB": "GFN2-xTB", "PBE/def2-SVP": "PBE/def2-SVP (PySCF)"}   # schnet-md label --method
+
+
+def compare_labels(model_name: str, trained_on: str, data: "Dataset") -> Optional[Tuple[str, str]]:
+    """None when `data` holds the labels a model was trained on; ("note", why it cannot be told) when the model
+    or the data do not say; ("mismatch", what differs) when they are other labels, on another energy zero."""
+    def named(label_set: str) -> str:
+        return f"{label_set} labels ({LABEL_SETS.get(label_set, 'a label set this schnet-md does not know')})"
+
+    if not trained_on:
+        return "note", (f"{model_name} does not record the labels it was trained on (a model file from before they "
+                        f"were recorded), so whether they are those of {data.source} is not checked")
+    if not data.label_set:
+        return "note", (f"{data.source} does not say which labels it holds, so whether they are those {model_name} "
+                        f"was trained on ({trained_on}) is not checked")
+    if data.label_set == trained_on:
+        return None
+    return "mismatch", f"{model_name} was trained on {named(trained_on)}, but {data.source} holds {named(data.label_set)}"
 
 
 @dataclass
@@ -33,6 +64,7 @@ class Dataset:
     source: str = ""
     sha256: str = ""
     weights: Optional[np.ndarray] = None  # [n_frames] loss weight of each frame (None: all 1)
+    label_set: str = ""                 # a key of LABEL_SETS; "" when the file does not say
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -59,14 +91,14 @@ class Dataset:
                        np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), self.energies[indices],
                        None if self.forces is None else self.forces[atom_index],
                        self.energy_unit, self.source, self.sha256,
-                       None if self.weights is None else self.weights[indices])
+                       None if self.weights is None else self.weights[indices], self.label_set)
 
     def converted(self, energy_unit: str) -> "Dataset":
         """The same frames with energies (and forces) in another unit."""
         f = units.energy_factor(self.energy_unit, energy_unit)
         return Dataset(self.atomic_numbers, self.positions, self.offsets, self.energies * f,
                        None if self.forces is None else self.forces * f, energy_unit, self.source, self.sha256,
-                       self.weights)
+                       self.weights, self.label_set)
 
     def weighted(self, weights) -> "Dataset":
         """The same frames with per-frame loss weights (e.g. refinement frames far from the data)."""
@@ -75,7 +107,7 @@ class Dataset:
             raise DataError(f"{self.source}: need {len(self)} finite, non-negative frame weights")
         digest = hashlib.sha256(self.sha256.encode() + weights.tobytes()).hexdigest()  # weights change training
         return Dataset(self.atomic_numbers, self.positions, self.offsets, self.energies, self.forces,
-                       self.energy_unit, self.source, digest, weights)
+                       self.energy_unit, self.source, digest, weights, self.label_set)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -86,14 +118,15 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _read_npz(path: Path, keys) -> dict:
-    """The named arrays of an npz file, with clear errors for a missing, unreadable or incomplete file."""
+def _read_npz(path: Path, keys, optional=()) -> dict:
+    """The named arrays of an npz file (and those of `optional` it has), with clear errors for a missing,
+    unreadable or incomplete file."""
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
     try:
         with np.load(path) as npz:
             _require(npz, keys, path)
-            return {k: np.asarray(npz[k]) for k in keys}
+            return {k: np.asarray(npz[k]) for k in [*keys, *optional] if k in npz.files}
     except DataError:
         raise
     except Exception as err:   # OSError, EOFError, zipfile.BadZipFile, zlib.error: a damaged or cut file
@@ -113,7 +146,7 @@ def read_rmd17(path: str | Path, labels: str = "new") -> Dataset:
     if labels not in ("new", "old"):
         raise ValueError("labels must be 'new' (rMD17) or 'old' (original MD17)")
     e_key, f_key = ("energies", "forces") if labels == "new" else ("old_energies", "old_forces")
-    arrays = _read_npz(path, ["nuclear_charges", "coords", e_key, f_key])
+    arrays = _read_npz(path, ["nuclear_charges", "coords", e_key, f_key], optional=["method", "energies", "old_energies"])
     z = arrays["nuclear_charges"].astype(np.int64)
     r, e, f = (arrays[k].astype(np.float64) for k in ("coords", e_key, f_key))
     if r.ndim != 3 or r.shape[1:] != (z.shape[0], 3):
@@ -122,7 +155,18 @@ def read_rmd17(path: str | Path, labels: str = "new") -> Dataset:
         raise DataError(f"{path}: {e_key} has shape {e.shape}, expected ({r.shape[0]},)")
     if f.shape != r.shape:
         raise DataError(f"{path}: {f_key} has shape {f.shape}, expected {r.shape}")
-    return _from_frames(z, r, e, f, "kcal/mol", f"{path.name} ({labels} labels)", file_sha256(path), str(path))
+    return _from_frames(z, r, e, f, "kcal/mol", f"{path.name} ({labels} labels)", file_sha256(path), str(path),
+                        _rmd17_label_set(arrays, labels))
+
+
+def _rmd17_label_set(arrays: dict, labels: str) -> str:
+    """rMD17's revised or MD17's original labels, or, in a file `schnet-md label` wrote (one set, stored as both),
+    its method; "" for such a file from before the method was recorded."""
+    if "method" in arrays:
+        return LABEL_SET_OF_METHOD.get(str(arrays["method"]), "")
+    if "energies" in arrays and "old_energies" in arrays and np.array_equal(arrays["energies"], arrays["old_energies"]):
+        return ""
+    return "rMD17" if labels == "new" else "MD17"
 
 
 ISO17X_SPLITS = ("train", "validation", "train_known", "test_within", "test_other", "eq_known", "eq_other", "all")
@@ -140,7 +184,8 @@ def read_iso17x(path: str | Path, split: str = "train") -> Dataset:
     if split != "all":
         index = _read_npz(npz_path.parent / "splits.npz", [split])[split].astype(np.int64)
         z, r, e, f = z[index], r[index], e[index], f[index]
-    return _from_frames(z, r, e, f, "eV", f"{npz_path.name} [{split}]", file_sha256(npz_path), str(npz_path))
+    return _from_frames(z, r, e, f, "eV", f"{npz_path.name} [{split}]", file_sha256(npz_path), str(npz_path),
+                        "GFN2-xTB")
 
 
 def read_qm9(path: str | Path, indices=None) -> Dataset:
@@ -149,7 +194,7 @@ def read_qm9(path: str | Path, indices=None) -> Dataset:
     arrays = _read_npz(path, ["Z", "R", "offsets", "U0_Ha"])
     z, r, offsets, e = (arrays[k] for k in ("Z", "R", "offsets", "U0_Ha"))
     full = Dataset(z.astype(np.int64), r.astype(np.float64), offsets.astype(np.int64), e.astype(np.float64), None,
-                   "Hartree", path.name, file_sha256(path))
+                   "Hartree", path.name, file_sha256(path), label_set="QM9 U0")
     validate(full, str(path))
     return full if indices is None else full.subset(indices)
 
@@ -183,7 +228,7 @@ def read_ase(path: str | Path, index: str = ":", energy_unit: str = "eV") -> Dat
                    np.concatenate([a.positions for a in frames]).astype(np.float64),
                    np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), np.asarray(energies, dtype=np.float64),
                    np.concatenate(forces).astype(np.float64) if has_forces else None,
-                   "eV", path.name, file_sha256(path))
+                   "eV", path.name, file_sha256(path), label_set="ASE file")
     validate(data, str(path))
     return data.converted(energy_unit) if energy_unit != "eV" else data
 
@@ -229,7 +274,8 @@ def _detect_format(path: Path) -> str:
 
 
 def concatenate(datasets: Sequence[Dataset], source: str = "") -> Dataset:
-    """Frames of several data sets in one, in the first one's energy unit (forces needed in all or none)."""
+    """Frames of several data sets in one, in the first one's energy unit (forces needed in all or none) and under
+    its label set: the others must have been put on its energy zero (as refine does with new labels)."""
     unit = datasets[0].energy_unit
     parts = [d if d.energy_unit == unit else d.converted(unit) for d in datasets]
     if len({d.forces is None for d in parts}) != 1:
@@ -243,10 +289,10 @@ def concatenate(datasets: Sequence[Dataset], source: str = "") -> Dataset:
     return Dataset(np.concatenate([d.atomic_numbers for d in parts]), np.concatenate([d.positions for d in parts]),
                    np.concatenate(offsets), np.concatenate([d.energies for d in parts]),
                    None if parts[0].forces is None else np.concatenate([d.forces for d in parts]), unit,
-                   source or " + ".join(d.source for d in parts), digest, weights)
+                   source or " + ".join(d.source for d in parts), digest, weights, parts[0].label_set)
 
 
-def _from_frames(z, r, e, f, energy_unit, source, sha, name) -> Dataset:
+def _from_frames(z, r, e, f, energy_unit, source, sha, name, label_set) -> Dataset:
     """A Dataset from equal-size frames: z [n, atoms] (or [atoms]), r and f [n, atoms, 3], e [n]."""
     n_frames = r.shape[0]
     n_atoms = r.shape[1] if r.ndim == 3 else -1
@@ -261,7 +307,8 @@ def _from_frames(z, r, e, f, energy_unit, source, sha, name) -> Dataset:
         raise DataError(f"{name}: forces have shape {f.shape}, expected {r.shape}")
     data = Dataset(np.ascontiguousarray(z, dtype=np.int64).reshape(-1), r.reshape(-1, 3).astype(np.float64),
                    np.arange(n_frames + 1, dtype=np.int64) * n_atoms, e.astype(np.float64),
-                   None if f is None else f.reshape(-1, 3).astype(np.float64), energy_unit, source, sha)
+                   None if f is None else f.reshape(-1, 3).astype(np.float64), energy_unit, source, sha,
+                   label_set=label_set)
     validate(data, name)
     return data
 

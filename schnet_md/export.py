@@ -9,6 +9,7 @@ particles it acts on, so a solute inside a larger system works; every other part
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import math
@@ -23,14 +24,15 @@ import torch
 from torch import Tensor, nn
 
 from . import __version__
+from .elements import atom_order, symbol
 from .model import SchNet
-from .modelfile import ModelFileError, model_at
+from .modelfile import EXPORT_METADATA_FILE as METADATA_FILE
+from .modelfile import FILE_KINDS, ModelFileError, file_kind, model_at, tensors_sha256, warn_once
 from .neighbors import (box_heights, box_too_small, cell_grid, cell_list_pairs, check_box,
                         check_molecule_fits_box, minimum_image, unique_pairs)
 from .units import ANGSTROM_PER_NM, energy_factor
 
-EXPORT_FORMAT_VERSION = 1
-METADATA_FILE = "schnet_md.json"   # TorchScript extra file holding the metadata
+EXPORT_FORMAT_VERSION = 2   # 2: the metadata carries a checksum (1: none)
 
 
 class OpenMMSchNet(nn.Module):
@@ -90,6 +92,7 @@ class OpenMMSchNet(nn.Module):
         # after the sum keeps the absolute energy precise in a float32 model (forces are unaffected).
         reference = model.readout.reference_energies.detach().double()[self.species].sum()
         self.reference_energy_kj: float = float(reference) * self.kj_per_model_energy
+        self.metadata_sha1: str = ""   # set by save_exported
 
     def forward(self, positions: Tensor, boxvectors: Optional[Tensor] = None) -> Tensor:
         if positions.dim() != 2 or positions.shape[0] != self.n_particles or positions.shape[1] != 3:
@@ -148,6 +151,7 @@ class CommitteeMean(nn.Module):
         super().__init__()
         self.members = nn.ModuleList(members)
         self.n_members = len(members)
+        self.metadata_sha1: str = ""   # set by save_exported
 
     def forward(self, positions: Tensor, boxvectors: Optional[Tensor] = None) -> Tensor:
         total = torch.zeros((), dtype=torch.float64, device=positions.device)
@@ -374,22 +378,86 @@ def create_torch_force(model: ModelLike, topology_or_atomic_numbers, atoms: Sequ
     all of them), or on a list of atomic numbers (one per particle). Periodicity follows the
     topology's box unless given. cuda_graphs=True turns on openmm-torch's CUDA graphs and exports the
     graph-safe module (bad input gives a NaN energy instead of an exception; see OpenMMSchNet). tabulate=True
-    takes the filters from spline tables (schnet_md.tabulated): faster, the same forces to float32 precision."""
+    takes the filters from spline tables (schnet_md.tabulated): faster, the same forces to float32 precision.
+
+    `model` may also be a file written by `export_model`: it is used as exported, after checking that its
+    particles and elements are those of the topology (the error names the first atom that differs)."""
     openmmtorch = openmm_torch()
-    z, indices, n_particles, box_nm = _targets(topology_or_atomic_numbers, atoms)
-    periodic = box_nm is not None if periodic is None else periodic
-    box_nm = box_nm if box is None else _nm(box)
-    n_molecules = count_molecules(topology_or_atomic_numbers, indices) \
-        if hasattr(topology_or_atomic_numbers, "bonds") else 1
-    module, _ = build_module(model, z, indices, n_particles, periodic, dtype, neighbor_list, box_nm,
-                             None if positions is None else _nm(positions), capacity, max_per_cell,
-                             check_errors=not cuda_graphs, n_molecules=n_molecules, tabulate=tabulate)
-    force = openmmtorch.TorchForce(module)
+    if isinstance(model, (str, os.PathLike)) and file_kind(model) == "openmm-force":
+        fixed = [name for name, given in (("dtype", dtype != "float32"), ("neighbor_list", neighbor_list != "auto"),
+                                          ("positions", positions is not None), ("box", box is not None),
+                                          ("capacity", capacity is not None), ("max_per_cell", max_per_cell is not None),
+                                          ("tabulate", tabulate)) if given]
+        if fixed:
+            raise ValueError(f"{model} is an exported force, so {', '.join(fixed)} cannot change here (set when it "
+                             "was exported); export it again to change them")
+        _, metadata = load_exported(model)
+        check_atoms(model, metadata, topology_or_atomic_numbers, atoms)
+        if periodic is not None and periodic != metadata["periodic"]:
+            raise ValueError(f"{model} was exported for a {'periodic' if metadata['periodic'] else 'non-periodic'} "
+                             "system; export it again for this one")
+        if cuda_graphs and metadata["check_errors"]:
+            raise ValueError(f"{model} was exported with error checks, which a CUDA graph cannot capture; export it "
+                             "again with cuda_graphs=True")
+        periodic = metadata["periodic"]
+        force = openmmtorch.TorchForce(str(model))
+    else:
+        z, indices, n_particles, box_nm = _targets(topology_or_atomic_numbers, atoms)
+        periodic = box_nm is not None if periodic is None else periodic
+        box_nm = box_nm if box is None else _nm(box)
+        n_molecules = count_molecules(topology_or_atomic_numbers, indices) \
+            if hasattr(topology_or_atomic_numbers, "bonds") else 1
+        module, _ = build_module(model, z, indices, n_particles, periodic, dtype, neighbor_list, box_nm,
+                                 None if positions is None else _nm(positions), capacity, max_per_cell,
+                                 check_errors=not cuda_graphs, n_molecules=n_molecules, tabulate=tabulate)
+        force = openmmtorch.TorchForce(module)
     force.setUsesPeriodicBoundaryConditions(periodic)
     force.setOutputsForces(False)
     if cuda_graphs:
         force.setProperty("useCUDAGraphs", "true")
     return force
+
+
+def expected_atoms(metadata: dict) -> str:
+    """The particles an exported OpenMM force expects, e.g. '9 particles: C2 H6 O1 in this order: C C O H ...'."""
+    n, indices = metadata["n_particles"], metadata["particle_indices"]
+    where = "" if indices == list(range(n)) else f", the model's atoms at particles {_ranges(indices)}"
+    return f"{n} particles{where}: {atom_order(metadata['atomic_numbers'])}"
+
+
+def _ranges(indices: Sequence[int]) -> str:
+    """'0-8, 12, 15-16' for [0, 1, ..., 8, 12, 15, 16]."""
+    runs: List[List[int]] = []
+    for k in indices:
+        if runs and k == runs[-1][1] + 1:
+            runs[-1][1] = k
+        else:
+            runs.append([k, k])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def check_atoms(path, metadata: dict, topology_or_atomic_numbers, atoms: Sequence[int] | None = None) -> None:
+    """Refuse an exported OpenMM force that does not fit the system at hand (an OpenMM Topology or one atomic
+    number per particle): another particle count, other particles selected, or another element order. A bare
+    `TorchForce(path)` cannot tell; the error names the first atom that differs."""
+    if metadata.get("format") != "schnet-md/openmm-force":
+        raise ModelFileError(f"{path} is not an exported OpenMM force (format {metadata.get('format')!r})")
+    if hasattr(topology_or_atomic_numbers, "atoms"):
+        system = list(topology_or_atomic_numbers.atoms())
+        z = [a.element.atomic_number if a.element is not None else 0 for a in system]
+        names = [f"atom {a.index} ({a.residue.name}{a.residue.id}:{a.name})" for a in system]
+    else:
+        z = [int(k) for k in topology_or_atomic_numbers]
+        names = [f"particle {k}" for k in range(len(z))]
+    expected = expected_atoms(metadata)
+    if len(z) != metadata["n_particles"]:
+        raise ValueError(f"{path} was exported for {expected}, but the system has {len(z)} particles")
+    if atoms is not None and [int(k) for k in atoms] != metadata["particle_indices"]:
+        raise ValueError(f"{path} acts on other particles than the {len(atoms)} selected: it expects {expected}")
+    for k, wanted in zip(metadata["particle_indices"], metadata["atomic_numbers"]):
+        if z[k] != wanted:
+            raise ValueError(f"{path} does not fit this system: {names[k]} is {symbol(z[k])} here but {symbol(wanted)} "
+                             f"in the force, which expects {expected}; export it again for this structure")
 
 
 def molecule_bonds(topology, atoms=None, force_group: int = 0):
@@ -515,10 +583,25 @@ def export_model(model: ModelLike, structure, out: str | Path, atoms: Sequence[i
     module, metadata = build_module(model, z, indices, n_particles, periodic, dtype, neighbor_list, box_nm,
                                     positions_nm, capacity, max_per_cell, check_errors=not cuda_graphs,
                                     n_molecules=count_molecules(topology, indices), tabulate=tabulate)
+    return save_exported(module, metadata, out)
+
+
+def metadata_sha1(text: bytes) -> str:
+    """The checksum of an export's metadata. SHA-1 because libtorch ships it (c10::sha1), so the LAMMPS pair style
+    checks the same digest without a hash of its own; it tells a damaged or edited file, not a forged one."""
+    return hashlib.sha1(text).hexdigest()
+
+
+def save_exported(module: torch.jit.ScriptModule, metadata: dict, out: str | Path) -> Path:
+    """Write a scripted OpenMM or LAMMPS module with its metadata (the TorchScript extra file METADATA_FILE),
+    atomically. The metadata carries the SHA-256 of the module's tensors and the module the checksum of the
+    metadata, so an edited or damaged file is refused by load_exported (and by the pair style)."""
+    text = json.dumps(dict(metadata, tensors_sha256=tensors_sha256(module.state_dict())))
+    module.metadata_sha1 = metadata_sha1(text.encode())
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    torch.jit.save(module, str(tmp), _extra_files={METADATA_FILE: json.dumps(metadata)})
+    torch.jit.save(module, str(tmp), _extra_files={METADATA_FILE: text})
     os.replace(tmp, out)
     return out
 
@@ -533,16 +616,40 @@ def torchscript_message(text: str) -> str:
 
 
 def load_exported(path: str | Path) -> Tuple[torch.jit.ScriptModule, dict]:
-    """Load an exported force module and its metadata, with a clear error for bad files."""
+    """Load an exported module (OpenMM force or LAMMPS) and its metadata, with a clear error for a damaged,
+    edited or foreign file."""
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"exported force file {path} does not exist")
+    kind = file_kind(path)
+    if kind not in ("openmm-force", "lammps-module", "torchscript", "unknown"):
+        what = FILE_KINDS.get(kind, "a torch archive (a schnet-md model file?)")
+        raise ModelFileError(f"{path} is {what}, not an exported force: write one with "
+                             "`schnet-md export MODEL --structure FILE --out FORCE.pt`")
     extra = {METADATA_FILE: ""}
     try:
         module = torch.jit.load(str(path), _extra_files=extra, map_location="cpu")
     except (RuntimeError, ValueError) as err:
         raise ModelFileError(f"{path} is not a readable TorchScript force file (damaged or truncated?): "
                              f"{str(err).splitlines()[0]}") from None
-    if not extra[METADATA_FILE]:
+    text = extra[METADATA_FILE]
+    text = text.encode() if isinstance(text, str) else text
+    if not text:
         raise ModelFileError(f"{path} is TorchScript but not a schnet-md export (no {METADATA_FILE})")
-    return module, json.loads(extra[METADATA_FILE])
+    try:
+        metadata = json.loads(text)
+        version = int(metadata["format_version"])
+    except (ValueError, TypeError, KeyError):
+        raise ModelFileError(f"{path} is damaged: its metadata ({METADATA_FILE}) is not readable; export it again") \
+            from None
+    if version < 2:
+        warn_once(path, f"{path} was exported before exports carried a checksum (format {version}): its metadata "
+                        "and weights are not checked; export it again to have them checked")
+        return module, metadata
+    if getattr(module, "metadata_sha1", None) != metadata_sha1(text):
+        raise ModelFileError(f"{path} is damaged: its metadata ({METADATA_FILE}) does not match the checksum inside "
+                             "the module (edited or damaged?); export it again")
+    if metadata.get("tensors_sha256") != tensors_sha256(module.state_dict()):
+        raise ModelFileError(f"{path} is damaged: its weights do not match the checksum in its metadata (a copy "
+                             "altered or damaged?); export it again")
+    return module, metadata

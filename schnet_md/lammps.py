@@ -4,7 +4,8 @@ LAMMPS hands the pair style the species and positions (Å) of its local and ghos
 neighbour list; this module turns them into per-atom energies in the model's unit. The pair style sums
 the energies of its local atoms, adds the element reference energies in double precision, takes forces
 by autograd and converts the energy unit to LAMMPS's (`energy_to_ev` for `units metal`,
-`energy_to_kcal_mol` for `units real`): that conversion happens there, once.
+`energy_to_kcal_mol` for `units real`): that conversion happens there, once. It reads these numbers, the
+elements and their masses from the export's metadata (export.save_exported: checksummed).
 
 Two ways to be exact across MPI ranks, chosen in the pair style (`ghost deep | exchange`):
   deep      `forward` on all local + ghost atoms, the ghost shell T cutoffs deep (T interaction blocks);
@@ -15,20 +16,18 @@ Two ways to be exact across MPI ranks, chosen in the pair style (`ghost deep | e
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
-from typing import List
 
 import torch
 from torch import Tensor, nn
 
 from . import __version__
+from .elements import mass
 from .model import SchNet
 from .units import energy_factor
 
 LAMMPS_FORMAT = "schnet-md/lammps"
-LAMMPS_FORMAT_VERSION = 1
+LAMMPS_FORMAT_VERSION = 2     # 2: the pair style reads the metadata, checksummed (1: module attributes)
 
 
 class LAMMPSSchNet(nn.Module):
@@ -39,18 +38,7 @@ class LAMMPSSchNet(nn.Module):
         from .export import inference_copy
 
         self.model = inference_copy(model)
-        config = self.model.config
-        # attributes the C++ pair style reads (module.attr(...))
-        self.lammps_format: str = LAMMPS_FORMAT
-        self.lammps_format_version: int = LAMMPS_FORMAT_VERSION
-        self.element_symbols: List[str] = list(self.model.element_symbols)
-        self.reference_energies: List[float] = [float(e) for e in self.model.readout.reference_energies.double()]
-        self.cutoff: float = float(config.cutoff) if config.cutoff is not None else 0.0   # 0: none
-        self.n_interactions: int = int(config.n_interactions)
-        self.n_features: int = int(config.n_features)
-        self.is_double: bool = self.model.readout.scale.dtype == torch.float64
-        self.energy_to_ev: float = energy_factor(config.energy_unit, "eV")
-        self.energy_to_kcal_mol: float = energy_factor(config.energy_unit, "kcal/mol")
+        self.metadata_sha1: str = ""   # set by save_exported; the pair style checks it
 
     def forward(self, species: Tensor, positions: Tensor, i: Tensor, j: Tensor) -> Tensor:
         """Energies [n_atoms] (without the element references) of every atom given."""
@@ -111,19 +99,21 @@ def export_lammps(model, out: str | Path, dtype: str = "float64", tabulate: bool
     """Write the TorchScript file `pair_coeff * * FILE C H O` loads (float64 by default: LAMMPS runs in
     double precision; float32 is faster). tabulate=True takes the filters from spline tables
     (schnet_md.tabulated: fewer operations per step, forces equal to ~1e-6 of the largest)."""
+    from .export import save_exported
     from .modelfile import model_at
 
     schnet, metadata = model_at(model, dtype)
     lammps_module = TabulatedLAMMPSSchNet(schnet) if tabulate else LAMMPSSchNet(schnet)
     module = torch.jit.script(lammps_module)
     filters = lammps_module.tables.record() if tabulate else {"kind": "network"}
+    config = schnet.config
+    # what pair_schnet.cpp reads; species k of the module is elements[k]
     info = {"format": LAMMPS_FORMAT, "format_version": LAMMPS_FORMAT_VERSION, "schnet_md_version": __version__,
-            "elements": schnet.config.elements, "cutoff_angstrom": schnet.config.cutoff,
-            "n_interactions": schnet.config.n_interactions, "precision": dtype, "filters": filters,
-            "model_energy_unit": schnet.config.energy_unit, "model": metadata}
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.jit.save(module, str(tmp), _extra_files={"schnet_md.json": json.dumps(info)})
-    os.replace(tmp, out)
-    return out
+            "elements": config.elements, "element_symbols": list(schnet.element_symbols),
+            "element_masses": [mass(z) for z in config.elements],
+            "reference_energies": lammps_module.model.readout.reference_energies.double().tolist(),
+            "cutoff_angstrom": config.cutoff, "n_interactions": config.n_interactions,
+            "n_features": config.n_features, "precision": dtype, "filters": filters,
+            "model_energy_unit": config.energy_unit, "energy_to_ev": energy_factor(config.energy_unit, "eV"),
+            "energy_to_kcal_mol": energy_factor(config.energy_unit, "kcal/mol"), "model": metadata}
+    return save_exported(module, info, out)

@@ -162,16 +162,18 @@ def label_frames(numbers: Sequence[int], coords_angstrom: np.ndarray, out: str |
               f"{np.flatnonzero(~ok)[:10].tolist()}...; they are left out of {out} (listed in {failed.name})")
     elif failed.exists():
         failed.unlink()
-    write_rmd17(out, numbers, coords[ok], energies[ok] * KCAL_PER_EV, forces[ok] * KCAL_PER_EV, indices[ok])
+    write_rmd17(out, numbers, coords[ok], energies[ok] * KCAL_PER_EV, forces[ok] * KCAL_PER_EV, indices[ok], method)
     return out
 
 
-def write_rmd17(path, numbers, coords, energies_kcal, forces_kcal, indices) -> None:
+def write_rmd17(path, numbers, coords, energies_kcal, forces_kcal, indices, method: str = "") -> None:
+    """An rMD17-format file holding one label set (as both new and old labels); `method` names it, so a model
+    trained on the file records its labels (data.LABEL_SETS)."""
     tmp = Path(str(path) + ".tmp.npz")
     np.savez(tmp, nuclear_charges=np.asarray(numbers, dtype=np.uint8), coords=np.asarray(coords),
              energies=np.asarray(energies_kcal), forces=np.asarray(forces_kcal),
              old_indices=np.asarray(indices, dtype=np.int64), old_energies=np.asarray(energies_kcal),
-             old_forces=np.asarray(forces_kcal))
+             old_forces=np.asarray(forces_kcal), **({"method": np.asarray(method)} if method else {}))
     os.replace(tmp, path)
 
 
@@ -256,7 +258,7 @@ def sample(structure: str | Path, out: str | Path, ps: float, temperature_k: flo
     energies = np.concatenate([r["energies_ev"] for r in runs])
     forces = np.concatenate([r["forces_ev"] for r in runs])
     indices = np.concatenate([k * 1_000_000 + np.arange(1, len(r["coords"]) + 1) * every for k, r in enumerate(runs)])
-    write_rmd17(out, numbers, coords, energies * KCAL_PER_EV, forces * KCAL_PER_EV, indices)
+    write_rmd17(out, numbers, coords, energies * KCAL_PER_EV, forces * KCAL_PER_EV, indices, method)
     (Path(str(out) + ".json")).write_text(json.dumps({
         "structure": str(structure), "method": method, "charge": charge, "temperature_k": temperature_k,
         "timestep_fs": timestep_fs, "steps_per_trajectory": steps, "every": every, "friction_per_fs": friction_per_fs,

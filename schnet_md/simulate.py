@@ -35,7 +35,7 @@ import openmm.app as app
 from openmm import unit
 
 from . import __version__, runs
-from .export import export_model, load_exported, molecule_bonds, openmm_torch, torchscript_message
+from .export import check_atoms, export_model, load_exported, molecule_bonds, openmm_torch, torchscript_message
 from .committee import ForceDisagreement, committee_members, is_committee
 from .modelfile import load_model, resolve_model_path
 from .structures import BondMap, read_structure, write_pdb
@@ -126,9 +126,7 @@ def build_system(topology: app.Topology, force_file: Path) -> openmm.System:
     """A System with one particle per atom (element masses) and the SchNet TorchForce."""
     openmmtorch = openmm_torch()
     _, metadata = load_exported(force_file)
-    if metadata["n_particles"] != topology.getNumAtoms():
-        raise ValueError(f"{force_file} was exported for {metadata['n_particles']} particles, the topology has "
-                         f"{topology.getNumAtoms()}")
+    check_atoms(force_file, metadata, topology)
     system = particle_system(topology)
     force = openmmtorch.TorchForce(str(force_file))
     force.setUsesPeriodicBoundaryConditions(bool(metadata["periodic"]))

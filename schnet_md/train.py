@@ -413,10 +413,14 @@ def train(data: Dataset, config: SchNetConfig, out_dir: str | Path, settings: Tr
 
 
 def _metadata(data, val_data, config, settings, n_train, n_val, epoch, metrics) -> dict:
+    from .data import LABEL_SETS
+
     return {
         "schnet_md_version": __version__,
         "preset": config.preset,
         "units": {"length": "Angstrom", "energy": config.energy_unit},
+        # which labels, and so which energy zero, the reference energies were fitted to ({}: the data do not say)
+        "labels": {"set": data.label_set, "energy_zero": LABEL_SETS[data.label_set]} if data.label_set else {},
         "training": {"data": data.source, "data_sha256": data.sha256, "validation_data": val_data.source,
                      "n_train": n_train, "n_validation": n_val, "epoch": epoch + 1,
                      "settings": asdict(settings), "validation": metrics},
@@ -479,6 +483,21 @@ def size_defaults(n_train: int) -> dict:
     return dict(batch_size=32, lr_patience=3, ema_decay=0.999, epochs=200)
 
 
+def _labels_note(init, base_labels: str, data) -> Optional[str]:
+    """One line when --init crosses label sets (or cannot tell): the base model's reference energies were fitted
+    to its labels' energy zero, and fine-tuning moves its energies onto the new one."""
+    from .data import compare_labels
+
+    found = compare_labels(f"--init {init}", base_labels, data)
+    if found is None:
+        return None
+    kind, message = found
+    if kind == "note":
+        return f"note: {message}"
+    return (f"{message}: fine-tuning starts from the base model's energy zero (its per-element reference energies), "
+            "so its energies will shift to the new labels' as it trains")
+
+
 def train_from_config(config: dict, out_dir: str | Path, resume: bool = False,
                       log: Callable[[str], None] = print) -> dict:
     """Read the data a resolved config names, build the model config, train."""
@@ -505,14 +524,17 @@ def train_from_config(config: dict, out_dir: str | Path, resume: bool = False,
         raise ValueError(f"[model] settings are not valid: {err}") from None
     init_state = None
     if init:
-        from .modelfile import load_model
+        from .modelfile import load_model, trained_labels
 
-        base, _ = load_model(init)
+        base, base_metadata = load_model(init)
         missing = sorted(set(elements) - set(base.config.elements))
         if missing:
             raise ValueError(f"--init {init} was trained for elements {base.config.elements}; the data also has "
                              f"{missing}")
         model_config, init_state = base.config, base.state_dict()
+        note = _labels_note(init, trained_labels(base_metadata), data)
+        if note:
+            log(note)
     auto = config.pop("_size_defaults", [])
     if auto:
         n_train = len(data) if validation is not None else \

@@ -138,16 +138,17 @@ def test_flipped_bytes_in_the_weights_are_refused(tmp_path):
     for k in range(3):
         data[at + 17 * k + 5] ^= 0x40
     path.write_bytes(bytes(data))
-    with pytest.raises(ModelFileError, match="damaged: its weights do not match the checksum"):
+    with pytest.raises(ModelFileError, match="damaged: its config, metadata or weights do not match the checksum"):
         load_model(path)
 
 
-def test_every_shipped_model_carries_a_checksum():
-    from schnet_md.modelfile import shipped_models
+def test_every_shipped_model_carries_a_checksum_and_its_labels():
+    from schnet_md.modelfile import shipped_models, trained_labels
 
     for name, path in shipped_models().items():
-        assert torch.load(path, weights_only=True).get("tensors_sha256"), name
-        load_model(name)
+        payload = torch.load(path, weights_only=True)
+        assert payload["format_version"] == 3 and payload.get("sha256"), name   # config and metadata covered too
+        assert trained_labels(load_model(name)[1]) in ("rMD17", "GFN2-xTB"), name
 
 
 def test_export_refuses_to_overwrite(tmp_path, capsys):

@@ -125,9 +125,57 @@ def test_model_file_with_pickled_object_is_refused_without_running_it(tmp_path):
     torch.save({"format": "schnet-md/model", "format_version": 1, "config": "{}", "metadata": "{}",
                 "state_dict": {}, "extra": _Payload()}, evil)
     assert not _Payload.marker.exists()
-    with pytest.raises(ModelFileError, match="refused by the weights-only loader"):
+    with pytest.raises(ModelFileError, match="refused by the weights-only loader") as refused:
         load_model(evil)
     assert not _Payload.marker.exists(), "loading the model file executed code"
+    assert "weights_only" not in str(refused.value)     # never torch's advice to load it with code execution on
+
+
+def test_files_that_are_not_model_files_say_what_they_are(tmp_path, capsys):
+    """An exported force, a structure or a data file given where a model file belongs: one line that says what
+    the file is and what was expected, never torch's advice to load with weights_only=False."""
+    from schnet_md.cli import main
+    from schnet_md.lammps import export_lammps
+
+    structure = read_structure(SYSTEMS / "ethanol" / "ethanol.pdb")
+    np.savez(tmp_path / "frames.npz", coords=np.zeros((2, 3, 3)))
+    (tmp_path / "mol.xyz").write_text("1\n\nH 0 0 0\n")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    cases = {
+        export_model(hco_model(), structure, tmp_path / "force.pt"): "an exported OpenMM force",
+        export_lammps(hco_model(), tmp_path / "lammps.pt"): "an exported LAMMPS module",
+        SYSTEMS / "ethanol" / "ethanol.pdb": "a PDB structure file",
+        tmp_path / "frames.npz": "a NumPy .npz archive",
+        tmp_path / "mol.xyz": "an XYZ structure file",
+        tmp_path / "empty.pt": "an empty file",
+    }
+    for path, what in cases.items():
+        with pytest.raises(ModelFileError) as refused:
+            load_model(path)
+        message = str(refused.value)
+        assert message.startswith(f"{path} is {what}") and "not a schnet-md model file" in message, message
+        assert "weights_only" not in message and "\n" not in message
+    code = main(["export", str(tmp_path / "force.pt"), "--structure", str(SYSTEMS / "ethanol" / "ethanol.pdb"),
+                 "--out", str(tmp_path / "again.pt")])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "is an exported OpenMM force" in err and "Traceback" not in err
+    run = save_model(hco_model(), tmp_path / "run" / "model.pt").parent
+    with pytest.raises(ModelFileError, match=f"{run} is a folder, not a model file; did you mean {run}/model.pt"):
+        load_model(run)
+
+
+def test_a_model_file_under_a_non_ascii_path(tmp_path):
+    """save, load, export and simulate with a model file at ü/模型.pt"""
+    from schnet_md.simulate import SimulationSettings, run_simulation
+
+    path = save_model(hco_model(), tmp_path / "ü" / "模型.pt")
+    model, _ = load_model(path)
+    structure = read_structure(SYSTEMS / "ethanol" / "ethanol.pdb")
+    force = export_model(path, structure, tmp_path / "ü" / "力.pt")
+    assert load_exported(force)[1]["atomic_numbers"] == structure.atomic_numbers.tolist()
+    result = run_simulation(SYSTEMS / "ethanol" / "ethanol.pdb", path, tmp_path / "ü" / "运行",
+                            SimulationSettings(steps=10, report_interval=5, platform="Reference"), progress=False)
+    assert result.n_frames == 2 and result.steps_done == 10
 
 
 def test_bad_structure_files(tmp_path):

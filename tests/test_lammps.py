@@ -239,6 +239,28 @@ def test_bad_setups_get_clear_errors(tmp_path, periodic_case):
     assert "unknown keyword 'ghosts'" in failure(tmp_path / "keyword", settings="ghosts deep", **common)
 
 
+def test_edited_metadata_is_refused(tmp_path, periodic_case):
+    """The pair style reads elements, reference energies and unit factors from the export's metadata: an edit
+    of it (here H C O said to be H O C) no longer matches the checksum inside the module."""
+    model, model_file, z, positions = periodic_case
+    data = model_file.read_bytes()
+    old, new = b'"element_symbols": ["H", "C", "O"]', b'"element_symbols": ["H", "O", "C"]'
+    assert data.count(old) == 1
+    edited = tmp_path / "edited.pt"
+    edited.write_bytes(data.replace(old, new))
+    error = failure(tmp_path / "run", model_file=edited, z=z, positions=positions, cell=np.diag([12.0, 12.0, 12.0]))
+    assert f"{edited} is damaged: its metadata (schnet_md.json) does not match the checksum inside the module" in error
+
+
+def test_element_order_that_does_not_match_the_types_is_refused(tmp_path, periodic_case):
+    """The data file's types are H C O (by mass); `pair_coeff * * FILE C H O` would run hydrogen as carbon."""
+    model, model_file, z, positions = periodic_case
+    error = failure(tmp_path, model_file=model_file, z=z, positions=positions, cell=np.diag([12.0, 12.0, 12.0]),
+                    elements="C H O")
+    assert "pair_coeff gives atom type 1 the element C (12.011 g/mol), but type 1 has mass 1.008, nearest to H " \
+           "(1.008) of the model's elements: the elements in pair_coeff are not in the order of the atom types" in error
+
+
 def test_models_without_cutoff_only_in_non_periodic_boxes(tmp_path, plugin):
     model_file = export_lammps("ethanol", tmp_path / "ethanol-lammps.pt")
     s = read_structure(SYSTEMS / "ethanol" / "ethanol.pdb")

@@ -153,6 +153,24 @@ def test_periodic_ml_region_in_a_box(model_file):
     assert e == pytest.approx(e_free, rel=1e-6)
 
 
+def test_an_exported_force_is_checked_against_the_topology(model_file, tmp_path):
+    """modelPath may name a file from `schnet-md export`: the same energies as the model file, and a topology whose
+    atoms are in another order is refused, naming the first atom that differs."""
+    from schnet_md.export import export_model
+
+    s = read_structure(SYSTEMS / "ethanol" / "ethanol.pdb")
+    force_file = export_model(str(model_file), s, tmp_path / "force.pt")
+    e, f = energy_forces(MLPotential("schnet", modelPath=str(force_file)).createSystem(s.topology), s.positions_nm)
+    e_ref, f_ref = energy_forces(MLPotential("schnet", modelPath=str(model_file)).createSystem(s.topology),
+                                 s.positions_nm)
+    assert e == pytest.approx(e_ref, rel=1e-6)
+    np.testing.assert_allclose(f, f_ref, rtol=1e-5, atol=1e-4)
+    order = [2, 0, 1, 3, 4, 5, 6, 7, 8]
+    swapped = molecule_topology(s.atomic_numbers[order], s.positions_nm[order] * 10)
+    with pytest.raises(ValueError, match=r"does not fit this system: atom 0 \(MOL1:O1\) is O here but C in the force"):
+        MLPotential("schnet", modelPath=str(force_file)).createSystem(swapped)
+
+
 def test_missing_model_path_is_a_clear_error():
     with pytest.raises(ValueError, match="needs modelPath"):
         MLPotential("schnet")

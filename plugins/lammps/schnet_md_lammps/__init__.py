@@ -179,9 +179,7 @@ def write_data(path, atomic_numbers, positions_angstrom, elements: Sequence[str]
     """A LAMMPS `atom_style atomic` data file; types follow `elements` (type k+1 = elements[k]).
     Without a cell the box encloses the molecule with `margin` Å to spare (use `boundary f f f`). A cell is
     rows a, b, c in LAMMPS's restricted triclinic form (a along x, b in the xy plane)."""
-    from openmm.app import element as _el
-
-    from schnet_md.elements import atomic_number
+    from schnet_md.elements import atomic_number, mass
 
     type_of = {atomic_number(e): k + 1 for k, e in enumerate(elements)}
     r = np.asarray(positions_angstrom, dtype=np.float64)
@@ -197,7 +195,7 @@ def write_data(path, atomic_numbers, positions_angstrom, elements: Sequence[str]
         if abs(c[1, 0]) + abs(c[2, 0]) + abs(c[2, 1]) > 0:
             lines.append(f"{c[1, 0]:.12f} {c[2, 0]:.12f} {c[2, 1]:.12f} xy xz yz")
     lines += ["", "Masses", ""]
-    lines += [f"{k + 1} {_el.Element.getBySymbol(e).mass._value:.6f}" for k, e in enumerate(elements)]
+    lines += [f"{k + 1} {mass(atomic_number(e)):.6f}" for k, e in enumerate(elements)]
     lines += ["", "Atoms # atomic", ""]
     lines += [f"{i + 1} {type_of[int(z)]} {p[0]:.12f} {p[1]:.12f} {p[2]:.12f}"
               for i, (z, p) in enumerate(zip(atomic_numbers, r))]

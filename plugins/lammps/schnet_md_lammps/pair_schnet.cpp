@@ -2,7 +2,8 @@
 // as a LAMMPS pair style, loaded into the stock LAMMPS with `plugin load`.
 //
 //   pair_style schnet [ghost exchange|deep] [threads N] [device cpu|cuda] [cutoff R]
-//   pair_coeff * * model-lammps.pt C H O          (one element per atom type, NULL: not in the model)
+//   pair_coeff * * model-lammps.pt C H O          (one element per atom type, NULL: not in the model;
+//                                                  checked against the types' masses)
 //
 // SchNet with T interaction blocks gives atom i an energy that depends on atoms up to T cutoffs away.
 // Exact on any number of MPI ranks, two ways:
@@ -21,6 +22,7 @@
 #include "domain.h"
 #include "error.h"
 #include "force.h"
+#include "json.h"
 #include "lammps.h"
 #include "memory.h"
 #include "neigh_list.h"
@@ -30,6 +32,7 @@
 #include "utils.h"
 
 #include <ATen/Parallel.h>
+#include <c10/util/hash.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/jit/runtime/graph_executor.h>
 #include <torch/cuda.h>
@@ -76,6 +79,7 @@ class PairSchNet : public Pair {
   int n_blocks = 0, n_features = 0;
   double energy_to_metal = 1.0, energy_to_real = 1.0, energy_factor = 1.0;
   std::vector<std::string> element_symbols;
+  std::vector<double> element_masses;      // per species, g/mol
   std::vector<double> reference_energy;    // per species, model unit
   std::vector<int> species_of_type;        // -1: NULL (not in the model)
 
@@ -83,6 +87,7 @@ class PairSchNet : public Pair {
   int nmax = 0;
 
   void allocate();
+  void check_masses();
   void check_box();
   torch::Device device() const { return use_cuda ? torch::Device(torch::kCUDA) : torch::Device(torch::kCPU); }
   torch::Tensor rows_to_device(int n);
@@ -165,35 +170,52 @@ void PairSchNet::coeff(int narg, char **arg)
   model_file = arg[2];
   if (!std::ifstream(model_file).good())
     error->all(FLERR, "pair_style schnet: model file {} does not exist or cannot be read", model_file);
+  torch::jit::ExtraFilesMap extra{{"schnet_md.json", ""}};
   try {
-    module = torch::jit::load(model_file, device());
+    module = torch::jit::load(model_file, device(), extra);
   } catch (const std::exception &err) {
     std::string what = err.what();
     error->all(FLERR, "pair_style schnet: {} is not a readable TorchScript file (damaged or truncated?): {}",
                model_file, what.substr(0, what.find('\n')));
   }
-  if (!module.hasattr("lammps_format") || module.attr("lammps_format").toStringRef() != "schnet-md/lammps")
+  // The metadata (elements, masses, reference energies, unit factors, sizes) comes from the export's extra file,
+  // which carries the module's own checksum of it: an edited or damaged file is refused here.
+  const std::string &text = extra["schnet_md.json"];
+  json meta;
+  try {
+    meta = json::parse(text.empty() ? "{}" : text);
+  } catch (const std::exception &) {
+    error->all(FLERR, "pair_style schnet: {} is damaged: its metadata (schnet_md.json) is not readable; export it "
+                      "again", model_file);
+  }
+  if (!meta.is_object() || meta.value("format", "") != "schnet-md/lammps")
     error->all(FLERR,
                "pair_style schnet: {} is not a schnet-md LAMMPS model (an OpenMM export, or another TorchScript "
                "file?); write one with: schnet-md export MODEL --engine lammps --out FILE.pt",
                model_file);
-  if (module.attr("lammps_format_version").toInt() != 1)
-    error->all(FLERR, "pair_style schnet: {} has LAMMPS format version {}; this plugin reads version 1",
-               model_file, module.attr("lammps_format_version").toInt());
+  if (meta.value("format_version", 0) != 2)
+    error->all(FLERR, "pair_style schnet: {} has LAMMPS format version {}; this plugin reads version 2: export it "
+                      "again with schnet-md export MODEL --engine lammps", model_file, meta.value("format_version", 0));
+  if (!module.hasattr("metadata_sha1") || module.attr("metadata_sha1").toStringRef() != c10::sha1(text).str())
+    error->all(FLERR, "pair_style schnet: {} is damaged: its metadata (schnet_md.json) does not match the checksum "
+                      "inside the module (edited or damaged?); export it again", model_file);
   module.eval();
   // The pair list changes length every step; TorchScript's profiling executor would re-specialise (and
   // re-optimise) its graphs for new shapes again and again. Run the graphs as scripted instead.
   torch::jit::setGraphExecutorOptimize(false);
-  dtype = module.attr("is_double").toBool() ? torch::kFloat64 : torch::kFloat32;
-  model_cutoff = module.attr("cutoff").toDouble();
-  n_blocks = (int) module.attr("n_interactions").toInt();
-  n_features = (int) module.attr("n_features").toInt();
-  energy_to_metal = module.attr("energy_to_ev").toDouble();
-  energy_to_real = module.attr("energy_to_kcal_mol").toDouble();
-  element_symbols.clear();
-  for (const auto &s : module.attr("element_symbols").toListRef()) element_symbols.push_back(s.toStringRef());
-  reference_energy.clear();
-  for (const auto &e : module.attr("reference_energies").toListRef()) reference_energy.push_back(e.toDouble());
+  try {
+    dtype = meta.at("precision").get<std::string>() == "float64" ? torch::kFloat64 : torch::kFloat32;
+    model_cutoff = meta.at("cutoff_angstrom").is_null() ? 0.0 : meta.at("cutoff_angstrom").get<double>();
+    n_blocks = meta.at("n_interactions").get<int>();
+    n_features = meta.at("n_features").get<int>();
+    energy_to_metal = meta.at("energy_to_ev").get<double>();
+    energy_to_real = meta.at("energy_to_kcal_mol").get<double>();
+    element_symbols = meta.at("element_symbols").get<std::vector<std::string>>();
+    element_masses = meta.at("element_masses").get<std::vector<double>>();
+    reference_energy = meta.at("reference_energies").get<std::vector<double>>();
+  } catch (const std::exception &err) {
+    error->all(FLERR, "pair_style schnet: {} has incomplete metadata ({}); export it again", model_file, err.what());
+  }
 
   std::string known;
   for (const auto &s : element_symbols) known += (known.empty() ? "" : " ") + s;
@@ -221,6 +243,7 @@ void PairSchNet::coeff(int narg, char **arg)
 void PairSchNet::init_style()
 {
   if (!loaded) error->all(FLERR, "pair_style schnet: no model (pair_coeff * * FILE.pt ...)");
+  check_masses();
   if (force->newton_pair == 0)
     error->all(FLERR, "pair_style schnet requires newton pair on (forces on ghost atoms go to their owners)");
   if (strcmp(update->unit_style, "metal") == 0) energy_factor = energy_to_metal;
@@ -256,6 +279,29 @@ double PairSchNet::init_one(int i, int j)
 {
   cutghost[i][j] = cutghost[j][i] = cutoff;
   return cutoff;
+}
+
+// pair_coeff names the element of each atom type; the types' masses tell whether that is the order the data
+// file meant. A type whose mass is nearer another of the model's elements than the one named is refused (so
+// deuterium still counts as H). Checked here, when every mass is set; per-atom masses are not checked.
+void PairSchNet::check_masses()
+{
+  if (atom->mass == nullptr || atom->mass_setflag == nullptr) return;
+  for (int t = 1; t <= atom->ntypes; t++) {
+    const int named = species_of_type[t];
+    if (named < 0 || !atom->mass_setflag[t]) continue;
+    const double m = atom->mass[t];
+    size_t nearest = 0;
+    for (size_t s = 1; s < element_masses.size(); s++)
+      if (std::fabs(m - element_masses[s]) < std::fabs(m - element_masses[nearest])) nearest = s;
+    if ((int) nearest != named)
+      error->all(FLERR,
+                 "pair_style schnet: pair_coeff gives atom type {} the element {} ({:.3f} g/mol), but type {} has mass "
+                 "{:.3f}, nearest to {} ({:.3f}) of the model's elements: the elements in pair_coeff are not in the "
+                 "order of the atom types",
+                 t, element_symbols[named], element_masses[named], t, m, element_symbols[nearest],
+                 element_masses[nearest]);
+  }
 }
 
 // A box height below two cutoffs would let an atom see two images of one neighbour; the model was made for

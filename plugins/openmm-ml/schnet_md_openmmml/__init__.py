@@ -2,6 +2,7 @@
 
     from openmmml import MLPotential
     potential = MLPotential("schnet", modelPath="model.pt")        # or a shipped name, e.g. "ethanol"
+                                                                   # or a force from `schnet-md export`
     system = potential.createSystem(topology)
     mixed = potential.createMixedSystem(topology, mm_system, ml_atoms, interpolate=True)
 
@@ -15,6 +16,8 @@ In a periodic system a zero-energy CustomBondForce also lists the ML region's bo
 backend "torch" (the default, also with interpolate=True, where openmm-ml clones the ML forces) adds an
 openmmtorch.TorchForce; "python" adds the same model as an openmm.PythonForce (no openmm-torch needed).
 Cloning a TorchForce needs OpenMM and openmm-torch built for the same C++ ABI (see `schnet-md doctor`).
+A force file written by `schnet-md export` is used as exported (backend "torch"), once its particles and element
+order are checked against the topology and the ML atoms.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ class SchNetPotentialImplFactory(MLPotentialImplFactory):
 
 class SchNetPotentialImpl(MLPotentialImpl):
     def __init__(self, modelPath, precision: str = "float32", backend: str = "torch", tabulate: bool = False):
-        from schnet_md.modelfile import load_model
+        from schnet_md.export import load_exported
+        from schnet_md.modelfile import file_kind, load_model
 
         if backend not in ("torch", "python"):
             raise ValueError(f"backend must be 'torch' or 'python', got {backend!r}")
@@ -41,7 +45,13 @@ class SchNetPotentialImpl(MLPotentialImpl):
         self.precision = precision
         self.backend = backend
         self.tabulate = bool(tabulate)
-        self.model, self.metadata = load_model(modelPath)   # fail early, with schnet-md's clear errors
+        # fail early, with schnet-md's clear errors
+        if file_kind(modelPath) == "openmm-force":      # an exported force: create_torch_force checks its atoms
+            if backend != "torch":
+                raise ValueError(f"{modelPath} is an exported TorchForce: it runs with backend='torch' only")
+            self.model, self.metadata = str(modelPath), load_exported(modelPath)[1]
+        else:
+            self.model, self.metadata = load_model(modelPath)
 
     def addForces(self, topology, system: openmm.System, atoms, forceGroup: int, **args):
         from schnet_md.export import create_python_force, create_torch_force, molecule_bonds
