@@ -35,7 +35,8 @@ import openmm.app as app
 from openmm import unit
 
 from . import __version__, runs
-from .export import check_atoms, export_model, load_exported, molecule_bonds, openmm_torch, torchscript_message
+from .export import (check_atoms, export_model, load_exported, molecule_bonds, openmm_torch,
+                     torchscript_message)
 from .committee import ForceDisagreement, committee_members, is_committee
 from .modelfile import load_model, resolve_model_path
 from .structures import BondMap, read_structure, write_pdb
