@@ -183,6 +183,11 @@ def test_resume_refuses_a_topology_that_no_longer_fits_the_force(tmp_path):
     order = [2, 0, 1, 3, 4, 5, 6, 7, 8]
     write_pdb(molecule_topology(s.atomic_numbers[order], s.positions_nm[order] * 10), s.positions_nm[order],
               out / "topology.pdb")
+    with pytest.raises(ValueError, match=r"topology.pdb is not the file this run started with"):
+        resume_simulation(out, steps=2, progress=False)
+    info = json.loads((out / "run.json").read_text())
+    del info["run_files"]                   # a run recorded before run files were: the atoms are still checked
+    (out / "run.json").write_text(json.dumps(info))
     with pytest.raises(ValueError, match=r"force.pt does not fit this system: atom 0 \(MOL1:O1\) is O here but C"):
         resume_simulation(out, steps=2, progress=False)
 
