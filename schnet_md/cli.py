@@ -48,7 +48,8 @@ def _train(args) -> int:
     overrides = {
         "data": {"path": args.data, "format": args.format, "labels": args.labels, "split": args.split,
                  "max_frames": args.max_frames, "energy_unit": args.energy_unit,
-                 "validation_path": args.validation_data, "validation_split": args.validation_split},
+                 "validation_path": args.validation_data, "validation_split": args.validation_split,
+                 "energy_only": args.energy_only},
         "model": {"preset": args.preset, "n_features": args.features, "n_interactions": args.interactions,
                   "cutoff": args.cutoff, "init": args.init},
         "training": {"epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": args.lr,
@@ -362,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--validation-data", help="a separate validation file (default: a random fraction)")
     t.add_argument("--validation-split", help="iso17x split to validate on (default: validation)")
     t.add_argument("--energy-unit", help="model energy unit (default: the data's): kcal/mol, eV, kJ/mol, ...")
+    t.add_argument("--energy-only", action="store_true", default=None,
+                   help="train on energies alone, leaving out any forces in the data (needed when forces are all "
+                        "zero in some frames or missing from some)")
     t.add_argument("--out", required=True, help="output folder (model.pt, checkpoint.pt, metrics.json, config.json)")
     t.add_argument("--preset", choices=["schnet2017", "schnet2018"])
     t.add_argument("--init", help="fine-tune from this model (file or shipped name): its architecture, weights and "
