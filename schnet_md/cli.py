@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 
@@ -628,7 +629,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        return args.func(args)
+        with warnings.catch_warnings():     # a warning is one line, like an error (not a source line too)
+            warnings.showwarning = lambda message, *_, **__: print(f"schnet-md {args.command}: warning: {message}",
+                                                                   file=sys.stderr)
+            return args.func(args)
     except (ValueError, RuntimeError, OSError) as err:   # OSError: missing, read-only or full files and folders
         print(f"schnet-md {args.command}: error: {err}", file=sys.stderr)
         return 1
