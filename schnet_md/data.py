@@ -193,7 +193,7 @@ def _read_splits(path: Path, split: str, n_frames: int) -> np.ndarray:
     names = _npz_names(path)
     splits = _read_npz(path, [split] + [k for k in ISO17X_SPLITS[:-1] if k in names and k != split],
                        ISO17X_SPLIT_ARRAYS)
-    problems = []
+    problems, members = [], {}
     for name, index in splits.items():
         if index.ndim != 1:
             problems.append(f"{path}: {name} has shape {index.shape}, expected a flat list of frame indices")
@@ -201,16 +201,19 @@ def _read_splits(path: Path, split: str, n_frames: int) -> np.ndarray:
         checks = [(_not_whole(index), "are not whole numbers"),
                   (index < 0, "are negative (numpy would count them from the end)"),
                   (index >= n_frames, f"lie beyond the last frame of the data ({n_frames - 1})")]
-        for bad, what in checks:
-            if bad.any():
-                problems.append(f"{path}: {name}: {int(bad.sum())} indices {what}, e.g. {_examples(index[bad])}")
-        values, counts = np.unique(index, return_counts=True)
+        found = [f"{path}: {name}: {int(bad.sum())} indices {what}, e.g. {_examples(index[bad])}"
+                 for bad, what in checks if bad.any()]
+        problems += found
+        if found:
+            continue            # (repeats and shared frames are looked for among valid indices)
+        counts = np.bincount(index.astype(np.int64), minlength=n_frames)
         if (counts > 1).any():
             problems.append(f"{path}: {name}: {int((counts > 1).sum())} indices are repeated, e.g. "
-                            f"{_examples(values[counts > 1])}")
+                            f"{_examples(np.flatnonzero(counts > 1))}")
+        members[name] = counts > 0
     for a, b in ISO17X_DISJOINT:
-        if a in splits and b in splits and splits[a].ndim == splits[b].ndim == 1:
-            shared = np.intersect1d(splits[a], splits[b])
+        if a in members and b in members:
+            shared = np.flatnonzero(members[a] & members[b])
             if len(shared):
                 problems.append(f"{path}: {a} and {b} share {len(shared)} frames, e.g. {_examples(shared)}: "
                                 "training, validation and test frames must differ")
@@ -430,8 +433,11 @@ def closest_pairs(positions: np.ndarray, offsets: np.ndarray):
         for start in range(0, len(frames), step):
             chunk = frames[start:start + step]
             r = positions[offsets[chunk, None] + np.arange(n)]          # [frames, n, 3]
+            d2 = np.zeros((len(chunk), len(i)))
             with np.errstate(invalid="ignore", over="ignore"):       # NaN or huge positions are reported apart
-                d2 = ((r[:, i] - r[:, j]) ** 2).sum(axis=2)
+                for axis in range(3):                                 # (3x faster than a sum over the last axis)
+                    x = r[:, :, axis]
+                    d2 += (x[:, i] - x[:, j]) ** 2
             pair = d2.argmin(axis=1)
             distance[chunk] = np.sqrt(d2[np.arange(len(chunk)), pair])
             first[chunk], second[chunk] = i[pair], j[pair]
