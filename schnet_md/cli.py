@@ -113,7 +113,8 @@ def _evaluate(args) -> int:
     from .modelfile import load_model
 
     model, _ = load_model(args.model)
-    metrics = evaluate(model, read_data(args.data, args.format, labels=args.labels, split=args.split))
+    metrics = evaluate(model, read_data(args.data, args.format, labels=args.labels, split=args.split,
+                                        energy_only=args.energy_only))
     print(f"{metrics['data']}: {metrics['n_frames']} frames")
     print(format_table(metrics))
     if args.json:
@@ -408,6 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--format", choices=["auto", "rmd17", "iso17x", "qm9", "ase"], default="auto")
     v.add_argument("--labels", choices=["new", "old"], default="new")
     v.add_argument("--split", default="test_within", help="iso17x split (default: test_within)")
+    v.add_argument("--energy-only", action="store_true", help="score energies alone, leaving out any forces in the "
+                                                              "data")
     v.add_argument("--json", help="also write the metrics to this JSON file")
     v.set_defaults(func=_evaluate)
 

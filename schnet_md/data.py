@@ -25,7 +25,7 @@ MIN_DISTANCE = 0.3      # closer is one site twice: a duplicated atom, or length
 MAX_COORDINATE = 1e4    # 50x the farthest in the data, where float32 (training) still resolves 0.001 Å; beyond:
                         # lengths in the wrong unit or scaled
 
-ENERGY_ONLY = "to train on the energies alone, pass --energy-only (or energy_only = true under [data])"
+ENERGY_ONLY = "to use the energies alone, pass --energy-only (or energy_only = true under a training config's [data])"
 
 # every array of each npz format, read or not; any other array is named in a note (a misspelt one is not used)
 RMD17_ARRAYS = ("nuclear_charges", "coords", "energies", "forces", "old_energies", "old_forces", "old_indices")

@@ -219,3 +219,12 @@ def test_energy_only_training_end_to_end(tmp_path, ethanol, capsys):
     config.write_text(f'[data]\npath = "{path}"\nenergy_only = "yes"\n')
     assert main(["train", "--config", str(config), *tiny, "--out", str(tmp_path / "typo")]) == 1
     assert "[data] energy_only must be true or false, got 'yes'" in capsys.readouterr().err
+
+
+def test_evaluate_scores_energies_alone_when_asked(tmp_path, ethanol, capsys):
+    path = write_rmd17(tmp_path, ethanol, forces=np.zeros_like(ethanol["forces"]))
+    assert main(["evaluate", "ethanol", "--data", str(path)]) == 1
+    assert "forces are all exactly zero" in capsys.readouterr().err
+    assert main(["evaluate", "ethanol", "--data", str(path), "--energy-only"]) == 0
+    out = capsys.readouterr().out
+    assert "energy MAE" in out and "forces" not in out
