@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from .runs import Stopped
@@ -50,7 +51,8 @@ def _train(args) -> int:
     overrides = {
         "data": {"path": args.data, "format": args.format, "labels": args.labels, "split": args.split,
                  "max_frames": args.max_frames, "energy_unit": args.energy_unit,
-                 "validation_path": args.validation_data, "validation_split": args.validation_split},
+                 "validation_path": args.validation_data, "validation_split": args.validation_split,
+                 "energy_only": args.energy_only},
         "model": {"preset": args.preset, "n_features": args.features, "n_interactions": args.interactions,
                   "cutoff": args.cutoff, "init": args.init},
         "training": {"epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": args.lr,
@@ -114,7 +116,8 @@ def _evaluate(args) -> int:
 
     model, metadata = load_model(args.model)
     trained_on = trained_labels(metadata)
-    data = read_data(args.data, args.format, labels=args.labels or rmd17_labels_for(trained_on), split=args.split)
+    data = read_data(args.data, args.format, labels=args.labels or rmd17_labels_for(trained_on), split=args.split,
+                     energy_only=args.energy_only)
     check_labels(args.model, trained_on, data, args.allow_label_mismatch, log=lambda m: print(m, file=sys.stderr))
     metrics = evaluate(model, data)
     print(f"{metrics['data']}: {metrics['n_frames']} frames")
@@ -373,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--validation-data", help="a separate validation file (default: a random fraction)")
     t.add_argument("--validation-split", help="iso17x split to validate on (default: validation)")
     t.add_argument("--energy-unit", help="model energy unit (default: the data's): kcal/mol, eV, kJ/mol, ...")
+    t.add_argument("--energy-only", action="store_true", default=None,
+                   help="train on energies alone, leaving out any forces in the data (needed when forces are all "
+                        "zero in some frames or missing from some)")
     t.add_argument("--out", required=True, help="output folder (model.pt, checkpoint.pt, metrics.json, config.json)")
     t.add_argument("--preset", choices=["schnet2017", "schnet2018"])
     t.add_argument("--init", help="fine-tune from this model (file or shipped name): its architecture, weights and "
@@ -419,6 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate on labels other than those the model was trained on (their energies lie on another "
                         "zero, which the energy errors then include)")
     v.add_argument("--split", default="test_within", help="iso17x split (default: test_within)")
+    v.add_argument("--energy-only", action="store_true", help="score energies alone, leaving out any forces in the "
+                                                              "data")
     v.add_argument("--json", help="also write the metrics to this JSON file")
     v.set_defaults(func=_evaluate)
 
@@ -644,7 +652,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        return args.func(args)
+        with warnings.catch_warnings():     # a warning is one line, like an error (not a source line too)
+            warnings.showwarning = lambda message, *_, **__: print(f"schnet-md {args.command}: warning: {message}",
+                                                                   file=sys.stderr)
+            return args.func(args)
     except Stopped as err:                    # SIGTERM: checkpointed where it stopped; says how to go on
         print(f"schnet-md {args.command}: {err}", file=sys.stderr)
         return err.exit_code

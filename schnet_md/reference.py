@@ -108,7 +108,8 @@ def _label_chunk(task):
 
 def label_frames(numbers: Sequence[int], coords_angstrom: np.ndarray, out: str | Path, method: str = "GFN2-xTB",
                  charge: int = 0, workers: int = 0, indices: Optional[np.ndarray] = None) -> Path:
-    """Label frames [n, atoms, 3] (Å) of one molecule; writes `out` (rMD17 npz). Resumable."""
+    """Label frames [n, atoms, 3] (Å) of one molecule; writes `out` (rMD17 npz). Resumable. Frames the method
+    fails on, or that put two atoms closer than data.MIN_DISTANCE, are left out, and said so."""
     out = Path(out)
     coords = np.asarray(coords_angstrom, dtype=np.float64)
     if coords.ndim != 3 or coords.shape[1:] != (len(numbers), 3):
@@ -162,6 +163,17 @@ def label_frames(numbers: Sequence[int], coords_angstrom: np.ndarray, out: str |
               f"{np.flatnonzero(~ok)[:10].tolist()}...; they are left out of {out} (listed in {failed.name})")
     elif failed.exists():
         failed.unlink()
+    from .data import MIN_DISTANCE, closest_pairs
+
+    # labelled, but no training set takes them (data.validate): e.g. the end of a minimisation that fused two atoms
+    fused = ok & (closest_pairs(coords.reshape(-1, 3), np.arange(len(coords) + 1) * len(numbers))[0] < MIN_DISTANCE)
+    if fused.any():
+        if fused.sum() == ok.sum():
+            raise RuntimeError(f"every frame labelled puts two atoms closer than {MIN_DISTANCE} Å; none can be "
+                               "trained on")
+        print(f"warning: {int(fused.sum())} of {len(coords)} frames put two atoms closer than {MIN_DISTANCE} Å "
+              f"{np.flatnonzero(fused)[:10].tolist()}...; they are left out of {out}")
+        ok &= ~fused
     write_rmd17(out, numbers, coords[ok], energies[ok] * KCAL_PER_EV, forces[ok] * KCAL_PER_EV, indices[ok], method)
     return out
 

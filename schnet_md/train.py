@@ -430,7 +430,7 @@ def _metadata(data, val_data, config, settings, n_train, n_val, epoch, metrics) 
 # ---- configuration: a TOML file ([data], [model], [training]) plus command-line overrides ----------
 
 DATA_DEFAULTS = {"path": None, "format": "auto", "labels": "new", "split": "train", "max_frames": 0,
-                 "energy_unit": None, "validation_path": None, "validation_split": "validation"}
+                 "energy_unit": None, "validation_path": None, "validation_split": "validation", "energy_only": False}
 MODEL_DEFAULTS = {"preset": "schnet2017"}
 
 
@@ -458,6 +458,8 @@ def resolve_config(file: Optional[str | Path] = None, overrides: Optional[dict] 
     unknown = set(config["data"]) - set(DATA_DEFAULTS)
     if unknown:
         raise ValueError(f"unknown [data] key(s) {', '.join(sorted(unknown))}; known: {', '.join(DATA_DEFAULTS)}")
+    if not isinstance(config["data"]["energy_only"], bool):
+        raise ValueError(f"[data] energy_only must be true or false, got {config['data']['energy_only']!r}")
     model_keys = ({f.name for f in fields(SchNetConfig)} - {"elements", "energy_unit"}) | {"init"}
     unknown = set(config["model"]) - model_keys
     if unknown:
@@ -505,14 +507,17 @@ def train_from_config(config: dict, out_dir: str | Path, resume: bool = False,
     from .model import config_from_preset
 
     d = config["data"]
-    data = read_data(d["path"], d["format"], labels=d["labels"], split=d["split"])
+    energy_only = d["energy_only"]          # (the validation set's forces are left out too: not scored)
+    data = read_data(d["path"], d["format"], labels=d["labels"], split=d["split"], energy_only=energy_only)
     if d["max_frames"]:
         data = data.subset(range(min(int(d["max_frames"]), len(data))))
     validation = None
     if d["validation_path"]:
-        validation = read_data(d["validation_path"], labels=d["labels"], split=d["validation_split"])
+        validation = read_data(d["validation_path"], labels=d["labels"], split=d["validation_split"],
+                               energy_only=energy_only)
     elif d["format"] in ("auto", "iso17x") and Path(d["path"]).is_dir() and d["split"] == "train":
-        validation = read_data(d["path"], "iso17x", split=d["validation_split"])   # iso17x's own split
+        validation = read_data(d["path"], "iso17x", split=d["validation_split"],     # iso17x's own split
+                               energy_only=energy_only)
     model_values = dict(config["model"])
     preset = model_values.pop("preset")
     init = model_values.pop("init", None)

@@ -85,6 +85,18 @@ def test_frames_the_reference_fails_on_are_left_out_and_listed(tmp_path, ethanol
         label_frames(z, frames, tmp_path / "all_bad.npz", workers=1)
 
 
+def test_frames_with_two_atoms_on_one_site_are_left_out(tmp_path, ethanol, capsys):
+    """GFN2-xTB labels two hydrogens 0.05 Å apart without complaint (the end of a minimisation that fused them),
+    but training data with such a frame is refused: the labels file must not hold it, or a refinement round
+    would stop at reading its own labels."""
+    z, r = ethanol
+    frames = np.stack([r, r + 0.01, r + 0.02])
+    frames[1, 4] = frames[1, 3] + [0.05, 0.0, 0.0]          # H5 onto H4
+    out = label_frames(z, frames, tmp_path / "labels.npz", workers=1)
+    assert np.load(out)["old_indices"].tolist() == [0, 2] and len(read_rmd17(out)) == 2
+    assert "1 of 3 frames put two atoms closer than 0.3 Å [1]" in capsys.readouterr().out
+
+
 def test_sampling_makes_consistent_labelled_frames_and_resumes(tmp_path):
     structure = SYSTEMS / "ethanol" / "ethanol.pdb"
     out = sample(structure, tmp_path / "md.npz", ps=0.01, timestep_fs=0.5, every=5, trajectories=2)

@@ -128,9 +128,10 @@ def test_cli_train(tmp_path, capsys):
 
 
 def test_reader_errors(tmp_path):
-    good = dict(nuclear_charges=np.array([8, 1, 1], dtype=np.uint8), coords=np.zeros((4, 3, 3)),
-                energies=np.zeros(4), forces=np.zeros((4, 3, 3)), old_energies=np.zeros(4),
-                old_forces=np.zeros((4, 3, 3)))
+    water = np.array([[0.0, 0.0, 0.0], [0.96, 0.0, 0.0], [-0.24, 0.93, 0.0]])     # Å (atoms on one site are refused)
+    forces = np.full((4, 3, 3), 0.1)                                                 # (all-zero forces are refused)
+    good = dict(nuclear_charges=np.array([8, 1, 1], dtype=np.uint8), coords=np.tile(water, (4, 1, 1)),
+                energies=np.zeros(4), forces=forces, old_energies=np.zeros(4), old_forces=forces)
     np.savez(tmp_path / "good.npz", **good)
     assert len(read_rmd17(tmp_path / "good.npz")) == 4
     np.savez(tmp_path / "missing.npz", **{k: v for k, v in good.items() if k != "forces"})
