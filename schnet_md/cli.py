@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from . import runs
+
 
 # what --resume may change: how long the recorded run goes on, and where it runs
 RESUME_MAY_CHANGE = {("training", "epochs"), ("training", "max_hours"), ("training", "device")}
@@ -202,8 +204,10 @@ def _compare(args) -> int:
 def _label(args) -> int:
     from .reference import frames_from, label_frames
 
-    z, coords = frames_from(args.input, args.top)
-    out = label_frames(z, coords, args.out, method=args.method, charge=args.charge, workers=args.workers)
+    with runs.exclusive(args.out, "label", file=True):       # from before the input is read: a second writer is
+        z, coords, files = frames_from(args.input, args.top)  # refused at once (label_frames holds it again)
+        out = label_frames(z, coords, args.out, method=args.method, charge=args.charge, workers=args.workers,
+                           inputs=files, overwrite=args.overwrite)
     print(f"{len(coords)} frames labelled with {args.method}: {out} (rMD17 format: Å, kcal/mol)")
     return 0
 
@@ -212,7 +216,7 @@ def _sample(args) -> int:
     from .reference import sample
 
     out = sample(args.structure, args.out, args.ps, args.temperature, args.timestep, args.every, args.friction,
-                 args.trajectories, args.seed, args.method, args.charge)
+                 args.trajectories, args.seed, args.method, args.charge, overwrite=args.overwrite)
     print(f"reference MD frames written to {out} (rMD17 format: Å, kcal/mol); settings in {out}.json")
     return 0
 
@@ -478,10 +482,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     lb = sub.add_parser("label", help="GFN2-xTB energies and forces for structures or trajectories (tblite)",
                         description="Label frames with GFN2-xTB (tblite); writes an rMD17-format npz the trainer "
-                                    "reads. Parallel over cores; rerunning resumes.")
+                                    "reads. Parallel over cores; the work is kept in OUT.parts/, and rerunning resumes "
+                                    "it if the input file(s), frames, method and charge are those it started with "
+                                    "(else it is refused, naming what changed).")
     lb.add_argument("input", help="structure file, run folder, or trajectory file (with --top)")
     lb.add_argument("--top", help="topology for a bare trajectory file")
-    lb.add_argument("--out", required=True, help="output .npz")
+    lb.add_argument("--out", required=True, help="output .npz (an existing file no labelling made is refused unless "
+                                                "--overwrite)")
+    lb.add_argument("--overwrite", action="store_true",
+                    help="start afresh: replace --out and any earlier labelling of it (OUT.parts/)")
     lb.add_argument("--method", default="GFN2-xTB",
                     help="GFN2-xTB or GFN1-xTB (tblite), or PBE/def2-SVP (PySCF, rMD17's level of theory)")
     lb.add_argument("--charge", type=int, default=0)
@@ -490,15 +499,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("sample", help="reference MD with GFN2-xTB to make a training set",
                         description="Langevin MD with GFN2-xTB (ASE + tblite), independent trajectories in parallel; "
-                                    "every --every-th step becomes a labelled frame. Rerunning resumes.")
+                                    "every --every-th step becomes a labelled frame. Rerunning resumes (OUT.parts/), "
+                                    "also with a larger --ps; other settings or a changed structure file are refused, "
+                                    "by name.")
     sp.add_argument("structure")
-    sp.add_argument("--out", required=True, help="output .npz (rMD17 format)")
+    sp.add_argument("--out", required=True, help="output .npz (rMD17 format; an existing file no sampling made is "
+                                                "refused unless --overwrite)")
+    sp.add_argument("--overwrite", action="store_true",
+                    help="start afresh: replace --out and any earlier sampling of it (OUT.parts/)")
     sp.add_argument("--ps", type=float, required=True, help="simulated time per trajectory (ps)")
     sp.add_argument("--temperature", type=float, default=500.0, help="K")
     sp.add_argument("--timestep", type=float, default=0.5, help="fs")
     sp.add_argument("--every", type=int, default=10, help="steps between saved frames")
     sp.add_argument("--friction", type=float, default=0.01, help="1/fs")
-    sp.add_argument("--trajectories", type=int, default=0, help="independent runs (default: one per core)")
+    sp.add_argument("--trajectories", type=int, default=0,
+                    help="independent runs (default: one per core; resuming: the run's own number)")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--method", default="GFN2-xTB")
     sp.add_argument("--charge", type=int, default=0)
