@@ -189,7 +189,8 @@ def _simulate(args) -> int:
 def _analyze(args) -> int:
     from .analysis.analyze import analyze_to
 
-    print(f"report: {analyze_to(args.trajectory, args.out, top=args.top, timestep_ps=args.timestep)}")
+    report = analyze_to(args.trajectory, args.out, top=args.top, timestep_ps=args.timestep, overwrite=args.overwrite)
+    print(f"report: {report}")
     return 0
 
 
@@ -197,7 +198,7 @@ def _compare(args) -> int:
     from .analysis.compare import compare_to
 
     labels = args.labels.split(",") if args.labels else None
-    print(f"report: {compare_to(args.trajectories, args.out, top=args.top, labels=labels)}")
+    print(f"report: {compare_to(args.trajectories, args.out, top=args.top, labels=labels, overwrite=args.overwrite)}")
     return 0
 
 
@@ -469,7 +470,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--top", help="topology (PDB) for a bare trajectory file")
     a.add_argument("--timestep", type=float, help="picoseconds between frames of a bare trajectory file (a run "
                                                   "folder, or a file beside its run.json, knows its own)")
-    a.add_argument("--out", required=True, help="output folder (report.md, summary.json, *.png)")
+    a.add_argument("--out", required=True, help="output folder (report.md, summary.json, *.png); one that already "
+                                                "holds any of these, an earlier analysis too, is refused unless "
+                                                "--overwrite")
+    a.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier output in --out (all its files go first; other files stay)")
     a.set_defaults(func=_analyze)
 
     c = sub.add_parser("compare", help="compare trajectories of one molecule (dihedral and distance distributions)")
@@ -477,7 +482,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "the first is the reference")
     c.add_argument("--top", help="topology (PDB) for bare trajectory files")
     c.add_argument("--labels", help="comma-separated names for the trajectories")
-    c.add_argument("--out", required=True, help="output folder (compare.md, compare.json, *.png)")
+    c.add_argument("--out", required=True, help="output folder (compare.md, compare.json, *.png); one that already "
+                                                "holds any of these, an earlier comparison too, is refused unless "
+                                                "--overwrite")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier output in --out (all its files go first; other files stay)")
     c.set_defaults(func=_compare)
 
     lb = sub.add_parser("label", help="GFN2-xTB energies and forces for structures or trajectories (tblite)",
