@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import runs
@@ -105,19 +106,30 @@ def _train(args) -> int:
     return 0
 
 
-def _evaluate(args) -> int:
-    import json
+@contextmanager
+def _json_output(path, command: str, overwrite: bool):
+    """--json FILE: held for the command's life (one writer at a time), and refused before any work if it exists,
+    unless --overwrite."""
+    if not path:
+        yield
+        return
+    with runs.exclusive(path, command, file=True):
+        runs.refuse_existing([path], overwrite, f"{command} report")
+        yield
 
+
+def _evaluate(args) -> int:
     from .data import read_data
     from .evaluate import evaluate, format_table
     from .modelfile import load_model
 
-    model, _ = load_model(args.model)
-    metrics = evaluate(model, read_data(args.data, args.format, labels=args.labels, split=args.split))
-    print(f"{metrics['data']}: {metrics['n_frames']} frames")
-    print(format_table(metrics))
-    if args.json:
-        Path(args.json).write_text(json.dumps(metrics, indent=1))
+    with _json_output(args.json, "evaluate", args.overwrite):
+        model, _ = load_model(args.model)
+        metrics = evaluate(model, read_data(args.data, args.format, labels=args.labels, split=args.split))
+        print(f"{metrics['data']}: {metrics['n_frames']} frames")
+        print(format_table(metrics))
+        if args.json:
+            runs.write_json(args.json, metrics)
     return 0
 
 
@@ -286,10 +298,11 @@ def _check(args) -> int:
         torch.set_num_threads(args.threads)
     settings = CheckSettings(temperature_k=args.temperature, md_steps=args.steps, platform=args.platform,
                              seed=args.seed)
-    report = check(args.model, args.structure, settings, log=lambda m: print(m, file=sys.stderr))
-    print(format_report(report))
-    if args.json:
-        write_json(report, args.json)
+    with _json_output(args.json, "check", args.overwrite):
+        report = check(args.model, args.structure, settings, log=lambda m: print(m, file=sys.stderr))
+        print(format_report(report))
+        if args.json:
+            write_json(report, args.json)
     return 0 if report["passed"] else 2
 
 
@@ -408,7 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--format", choices=["auto", "rmd17", "iso17x", "qm9", "ase"], default="auto")
     v.add_argument("--labels", choices=["new", "old"], default="new")
     v.add_argument("--split", default="test_within", help="iso17x split (default: test_within)")
-    v.add_argument("--json", help="also write the metrics to this JSON file")
+    v.add_argument("--json", help="also write the metrics to this JSON file (an existing one is refused before any "
+                                  "work, unless --overwrite)")
+    v.add_argument("--overwrite", action="store_true", help="replace the --json file if it exists")
     v.set_defaults(func=_evaluate)
 
     e = sub.add_parser("export", help="write an openmmtorch.TorchForce module for a structure",
@@ -568,7 +583,9 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--platform", default="CPU", choices=["CUDA", "OpenCL", "CPU", "Reference"])
     ck.add_argument("--seed", type=int, default=1)
     ck.add_argument("--threads", type=int, help="torch threads")
-    ck.add_argument("--json", help="write the full report (every scan energy) here")
+    ck.add_argument("--json", help="write the full report (every scan energy) here (an existing file is refused "
+                                   "before any check runs, unless --overwrite)")
+    ck.add_argument("--overwrite", action="store_true", help="replace the --json file if it exists")
     ck.set_defaults(func=_check)
 
     rf = sub.add_parser("refine", help="make a model robust: check, committee MD, label what it gets wrong, "
