@@ -316,23 +316,27 @@ def _refine(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    data = read_data(args.data, args.format, labels=args.labels, split=args.split)
-    if args.max_frames and args.max_frames < len(data):      # evenly spaced: every molecule of a multi-molecule set
-        data = data.subset(np.unique(np.linspace(0, len(data) - 1, args.max_frames).round().astype(np.int64)))
-    test = [read_data(args.test, labels=args.labels, split=split) for split in args.test_split] if args.test else None
-    if test and args.test_frames:
-        test = [t.subset(np.unique(np.linspace(0, len(t) - 1, args.test_frames).round().astype(np.int64)))
-                if args.test_frames < len(t) else t for t in test]
-    validation = read_data(args.validation_data, labels=args.labels, split=args.validation_split) \
-        if args.validation_data else None
-    settings = RefineSettings(method=args.method, temperatures=args.temperatures, md_steps=args.md_steps,
-                              members=args.members, member_epochs=args.member_epochs, frames_per_round=args.frames,
-                              epochs=args.epochs, learning_rate=args.learning_rate, rounds=args.rounds,
-                              check_steps=args.check_steps, seed=args.seed, frames_per_epoch=args.frames_per_epoch,
-                              label_weight=args.label_weight, transfer_paths=args.transfer_paths)
-    record = refine(args.model, args.structure, data, args.out, settings, test=test, validation=validation,
-                    log=lambda m: print(m, file=sys.stderr, flush=True), polish_epochs=args.polish_epochs,
-                    runs=args.from_runs or (), previous_labels=args.previous_labels or ())
+    # held from before the data are read: a second refine into OUT is refused at once (refine() holds it again)
+    with runs.exclusive(args.out, "refine", file=False):
+        data = read_data(args.data, args.format, labels=args.labels, split=args.split)
+        if args.max_frames and args.max_frames < len(data):      # evenly spaced: every molecule of a multi-molecule set
+            data = data.subset(np.unique(np.linspace(0, len(data) - 1, args.max_frames).round().astype(np.int64)))
+        test = [read_data(args.test, labels=args.labels, split=split) for split in args.test_split] \
+            if args.test else None
+        if test and args.test_frames:
+            test = [t.subset(np.unique(np.linspace(0, len(t) - 1, args.test_frames).round().astype(np.int64)))
+                    if args.test_frames < len(t) else t for t in test]
+        validation = read_data(args.validation_data, labels=args.labels, split=args.validation_split) \
+            if args.validation_data else None
+        settings = RefineSettings(method=args.method, temperatures=args.temperatures, md_steps=args.md_steps,
+                                  members=args.members, member_epochs=args.member_epochs, frames_per_round=args.frames,
+                                  epochs=args.epochs, learning_rate=args.learning_rate, rounds=args.rounds,
+                                  check_steps=args.check_steps, seed=args.seed, frames_per_epoch=args.frames_per_epoch,
+                                  label_weight=args.label_weight, transfer_paths=args.transfer_paths)
+        record = refine(args.model, args.structure, data, args.out, settings, test=test, validation=validation,
+                        log=lambda m: print(m, file=sys.stderr, flush=True), polish_epochs=args.polish_epochs,
+                        runs=args.from_runs or (), previous_labels=args.previous_labels or (),
+                        data_files={"data": args.data, "validation": args.validation_data, "test": args.test})
     final = record["final_check"]
     worse = [r["round"] for r in record["rounds"] if r.get("test_not_worse") is False]   # said, not hidden
     print(f"rounds: {len(record['rounds'])}; final model {record['final_model']}; check "
@@ -595,7 +599,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "checks visited are labelled with the reference method (GFN2-xTB, or PBE/def2-SVP in "
                                     "PySCF for rMD17-trained models) and added to the training data; "
                                     "the model is fine-tuned. Stops when the check passes (exit 0) or after --rounds "
-                                    "(exit 2). Resumable; OUT/rounds.json records every round.")
+                                    "(exit 2). Resumable; OUT/rounds.json records every round, and the model, "
+                                    "settings and input files it started with: a resume that would change one is "
+                                    "refused, naming it.")
     rf.add_argument("model", help=f"model file or shipped model name ({SHIPPED})")
     rf.add_argument("structure", nargs="+", help="the molecule(s) to make it robust for (a round passes when "
                                                  "every one passes the check)")
