@@ -29,6 +29,8 @@ from typing import Optional
 
 import numpy as np
 
+from . import runs
+
 SCAN_DROP_KCAL = 1.0          # tolerated fall of a stretched bond's energy past its equilibrium length
 BOND_CHANGE_LIMIT = 0.25      # largest relative bond-length change a minimisation may make
 KJ_PER_KCAL = 4.184
@@ -233,5 +235,5 @@ def format_report(report: dict) -> str:
 
 
 def write_json(report: dict, path) -> None:
-    Path(path).write_text(json.dumps(report, indent=1, default=lambda o: o if not isinstance(o, float)
-                                     or math.isfinite(o) else None))
+    runs.atomic_write(path, json.dumps(report, indent=1, default=lambda o: o if not isinstance(o, float)
+                                       or math.isfinite(o) else None))

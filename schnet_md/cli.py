@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
+from . import runs
 from .runs import Stopped
 
 
@@ -107,23 +109,35 @@ def _train(args) -> int:
     return 0
 
 
-def _evaluate(args) -> int:
-    import json
+@contextmanager
+def _json_output(path, command: str, overwrite: bool):
+    """--json FILE: held for the command's life (one writer at a time), and refused before any work if it exists,
+    unless --overwrite."""
+    if not path:
+        yield
+        return
+    with runs.exclusive(path, command, file=True):
+        runs.refuse_existing([path], overwrite, f"{command} report")
+        yield
 
+
+def _evaluate(args) -> int:
     from .data import read_data
     from .evaluate import check_labels, evaluate, format_table, rmd17_labels_for
     from .modelfile import load_model, trained_labels
 
-    model, metadata = load_model(args.model)
-    trained_on = trained_labels(metadata)
-    data = read_data(args.data, args.format, labels=args.labels or rmd17_labels_for(trained_on), split=args.split,
-                     energy_only=args.energy_only)
-    check_labels(args.model, trained_on, data, args.allow_label_mismatch, log=lambda m: print(m, file=sys.stderr))
-    metrics = evaluate(model, data)
-    print(f"{metrics['data']}: {metrics['n_frames']} frames")
-    print(format_table(metrics))
-    if args.json:
-        Path(args.json).write_text(json.dumps(metrics, indent=1))
+    with _json_output(args.json, "evaluate", args.overwrite):
+        model, metadata = load_model(args.model)
+        trained_on = trained_labels(metadata)
+        data = read_data(args.data, args.format, labels=args.labels or rmd17_labels_for(trained_on),
+                         split=args.split, energy_only=args.energy_only)
+        check_labels(args.model, trained_on, data, args.allow_label_mismatch,
+                     log=lambda m: print(m, file=sys.stderr))
+        metrics = evaluate(model, data)
+        print(f"{metrics['data']}: {metrics['n_frames']} frames")
+        print(format_table(metrics))
+        if args.json:
+            runs.write_json(args.json, metrics)
     return 0
 
 
@@ -201,7 +215,8 @@ def _simulate(args) -> int:
 def _analyze(args) -> int:
     from .analysis.analyze import analyze_to
 
-    print(f"report: {analyze_to(args.trajectory, args.out, top=args.top, timestep_ps=args.timestep)}")
+    report = analyze_to(args.trajectory, args.out, top=args.top, timestep_ps=args.timestep, overwrite=args.overwrite)
+    print(f"report: {report}")
     return 0
 
 
@@ -209,15 +224,17 @@ def _compare(args) -> int:
     from .analysis.compare import compare_to
 
     labels = args.labels.split(",") if args.labels else None
-    print(f"report: {compare_to(args.trajectories, args.out, top=args.top, labels=labels)}")
+    print(f"report: {compare_to(args.trajectories, args.out, top=args.top, labels=labels, overwrite=args.overwrite)}")
     return 0
 
 
 def _label(args) -> int:
     from .reference import frames_from, label_frames
 
-    z, coords = frames_from(args.input, args.top)
-    out = label_frames(z, coords, args.out, method=args.method, charge=args.charge, workers=args.workers)
+    with runs.exclusive(args.out, "label", file=True):       # from before the input is read: a second writer is
+        z, coords, files = frames_from(args.input, args.top)  # refused at once (label_frames holds it again)
+        out = label_frames(z, coords, args.out, method=args.method, charge=args.charge, workers=args.workers,
+                           inputs=files, overwrite=args.overwrite)
     print(f"{len(coords)} frames labelled with {args.method}: {out} (rMD17 format: Å, kcal/mol)")
     return 0
 
@@ -226,7 +243,7 @@ def _sample(args) -> int:
     from .reference import sample
 
     out = sample(args.structure, args.out, args.ps, args.temperature, args.timestep, args.every, args.friction,
-                 args.trajectories, args.seed, args.method, args.charge)
+                 args.trajectories, args.seed, args.method, args.charge, overwrite=args.overwrite)
     print(f"reference MD frames written to {out} (rMD17 format: Å, kcal/mol); settings in {out}.json")
     return 0
 
@@ -295,10 +312,11 @@ def _check(args) -> int:
         torch.set_num_threads(args.threads)
     settings = CheckSettings(temperature_k=args.temperature, md_steps=args.steps, platform=args.platform,
                              seed=args.seed)
-    report = check(args.model, args.structure, settings, log=lambda m: print(m, file=sys.stderr))
-    print(format_report(report))
-    if args.json:
-        write_json(report, args.json)
+    with _json_output(args.json, "check", args.overwrite):
+        report = check(args.model, args.structure, settings, log=lambda m: print(m, file=sys.stderr))
+        print(format_report(report))
+        if args.json:
+            write_json(report, args.json)
     return 0 if report["passed"] else 2
 
 
@@ -312,23 +330,27 @@ def _refine(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    data = read_data(args.data, args.format, labels=args.labels, split=args.split)
-    if args.max_frames and args.max_frames < len(data):      # evenly spaced: every molecule of a multi-molecule set
-        data = data.subset(np.unique(np.linspace(0, len(data) - 1, args.max_frames).round().astype(np.int64)))
-    test = [read_data(args.test, labels=args.labels, split=split) for split in args.test_split] if args.test else None
-    if test and args.test_frames:
-        test = [t.subset(np.unique(np.linspace(0, len(t) - 1, args.test_frames).round().astype(np.int64)))
-                if args.test_frames < len(t) else t for t in test]
-    validation = read_data(args.validation_data, labels=args.labels, split=args.validation_split) \
-        if args.validation_data else None
-    settings = RefineSettings(method=args.method, temperatures=args.temperatures, md_steps=args.md_steps,
-                              members=args.members, member_epochs=args.member_epochs, frames_per_round=args.frames,
-                              epochs=args.epochs, learning_rate=args.learning_rate, rounds=args.rounds,
-                              check_steps=args.check_steps, seed=args.seed, frames_per_epoch=args.frames_per_epoch,
-                              label_weight=args.label_weight, transfer_paths=args.transfer_paths)
-    record = refine(args.model, args.structure, data, args.out, settings, test=test, validation=validation,
-                    log=lambda m: print(m, file=sys.stderr, flush=True), polish_epochs=args.polish_epochs,
-                    runs=args.from_runs or (), previous_labels=args.previous_labels or ())
+    # held from before the data are read: a second refine into OUT is refused at once (refine() holds it again)
+    with runs.exclusive(args.out, "refine", file=False):
+        data = read_data(args.data, args.format, labels=args.labels, split=args.split)
+        if args.max_frames and args.max_frames < len(data):      # evenly spaced: every molecule of a multi-molecule set
+            data = data.subset(np.unique(np.linspace(0, len(data) - 1, args.max_frames).round().astype(np.int64)))
+        test = [read_data(args.test, labels=args.labels, split=split) for split in args.test_split] \
+            if args.test else None
+        if test and args.test_frames:
+            test = [t.subset(np.unique(np.linspace(0, len(t) - 1, args.test_frames).round().astype(np.int64)))
+                    if args.test_frames < len(t) else t for t in test]
+        validation = read_data(args.validation_data, labels=args.labels, split=args.validation_split) \
+            if args.validation_data else None
+        settings = RefineSettings(method=args.method, temperatures=args.temperatures, md_steps=args.md_steps,
+                                  members=args.members, member_epochs=args.member_epochs, frames_per_round=args.frames,
+                                  epochs=args.epochs, learning_rate=args.learning_rate, rounds=args.rounds,
+                                  check_steps=args.check_steps, seed=args.seed, frames_per_epoch=args.frames_per_epoch,
+                                  label_weight=args.label_weight, transfer_paths=args.transfer_paths)
+        record = refine(args.model, args.structure, data, args.out, settings, test=test, validation=validation,
+                        log=lambda m: print(m, file=sys.stderr, flush=True), polish_epochs=args.polish_epochs,
+                        runs=args.from_runs or (), previous_labels=args.previous_labels or (),
+                        data_files={"data": args.data, "validation": args.validation_data, "test": args.test})
     final = record["final_check"]
     worse = [r["round"] for r in record["rounds"] if r.get("test_not_worse") is False]   # said, not hidden
     print(f"rounds: {len(record['rounds'])}; final model {record['final_model']}; check "
@@ -427,7 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--split", default="test_within", help="iso17x split (default: test_within)")
     v.add_argument("--energy-only", action="store_true", help="score energies alone, leaving out any forces in the "
                                                               "data")
-    v.add_argument("--json", help="also write the metrics to this JSON file")
+    v.add_argument("--json", help="also write the metrics to this JSON file (an existing one is refused before any "
+                                  "work, unless --overwrite)")
+    v.add_argument("--overwrite", action="store_true", help="replace the --json file if it exists")
     v.set_defaults(func=_evaluate)
 
     e = sub.add_parser("export", help="write an openmmtorch.TorchForce module for a structure",
@@ -493,7 +517,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--top", help="topology (PDB) for a bare trajectory file")
     a.add_argument("--timestep", type=float, help="picoseconds between frames of a bare trajectory file (a run "
                                                   "folder, or a file beside its run.json, knows its own)")
-    a.add_argument("--out", required=True, help="output folder (report.md, summary.json, *.png)")
+    a.add_argument("--out", required=True, help="output folder (report.md, summary.json, *.png); one that already "
+                                                "holds any of these, an earlier analysis too, is refused unless "
+                                                "--overwrite")
+    a.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier output in --out (all its files go first; other files stay)")
     a.set_defaults(func=_analyze)
 
     c = sub.add_parser("compare", help="compare trajectories of one molecule (dihedral and distance distributions)")
@@ -501,15 +529,24 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "the first is the reference")
     c.add_argument("--top", help="topology (PDB) for bare trajectory files")
     c.add_argument("--labels", help="comma-separated names for the trajectories")
-    c.add_argument("--out", required=True, help="output folder (compare.md, compare.json, *.png)")
+    c.add_argument("--out", required=True, help="output folder (compare.md, compare.json, *.png); one that already "
+                                                "holds any of these, an earlier comparison too, is refused unless "
+                                                "--overwrite")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier output in --out (all its files go first; other files stay)")
     c.set_defaults(func=_compare)
 
     lb = sub.add_parser("label", help="GFN2-xTB energies and forces for structures or trajectories (tblite)",
                         description="Label frames with GFN2-xTB (tblite); writes an rMD17-format npz the trainer "
-                                    "reads. Parallel over cores; rerunning resumes.")
+                                    "reads. Parallel over cores; the work is kept in OUT.parts/, and rerunning resumes "
+                                    "it if the input file(s), frames, method and charge are those it started with "
+                                    "(else it is refused, naming what changed).")
     lb.add_argument("input", help="structure file, run folder, or trajectory file (with --top)")
     lb.add_argument("--top", help="topology for a bare trajectory file")
-    lb.add_argument("--out", required=True, help="output .npz")
+    lb.add_argument("--out", required=True, help="output .npz (an existing file no labelling made is refused unless "
+                                                "--overwrite)")
+    lb.add_argument("--overwrite", action="store_true",
+                    help="start afresh: replace --out and any earlier labelling of it (OUT.parts/)")
     lb.add_argument("--method", default="GFN2-xTB",
                     help="GFN2-xTB or GFN1-xTB (tblite), or PBE/def2-SVP (PySCF, rMD17's level of theory)")
     lb.add_argument("--charge", type=int, default=0)
@@ -518,15 +555,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("sample", help="reference MD with GFN2-xTB to make a training set",
                         description="Langevin MD with GFN2-xTB (ASE + tblite), independent trajectories in parallel; "
-                                    "every --every-th step becomes a labelled frame. Rerunning resumes.")
+                                    "every --every-th step becomes a labelled frame. Rerunning resumes (OUT.parts/), "
+                                    "also with a larger --ps; other settings or a changed structure file are refused, "
+                                    "by name.")
     sp.add_argument("structure")
-    sp.add_argument("--out", required=True, help="output .npz (rMD17 format)")
+    sp.add_argument("--out", required=True, help="output .npz (rMD17 format; an existing file no sampling made is "
+                                                "refused unless --overwrite)")
+    sp.add_argument("--overwrite", action="store_true",
+                    help="start afresh: replace --out and any earlier sampling of it (OUT.parts/)")
     sp.add_argument("--ps", type=float, required=True, help="simulated time per trajectory (ps)")
     sp.add_argument("--temperature", type=float, default=500.0, help="K")
     sp.add_argument("--timestep", type=float, default=0.5, help="fs")
     sp.add_argument("--every", type=int, default=10, help="steps between saved frames")
     sp.add_argument("--friction", type=float, default=0.01, help="1/fs")
-    sp.add_argument("--trajectories", type=int, default=0, help="independent runs (default: one per core)")
+    sp.add_argument("--trajectories", type=int, default=0,
+                    help="independent runs (default: one per core; resuming: the run's own number)")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--method", default="GFN2-xTB")
     sp.add_argument("--charge", type=int, default=0)
@@ -572,7 +615,9 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--platform", default="CPU", choices=["CUDA", "OpenCL", "CPU", "Reference"])
     ck.add_argument("--seed", type=int, default=1)
     ck.add_argument("--threads", type=int, help="torch threads")
-    ck.add_argument("--json", help="write the full report (every scan energy) here")
+    ck.add_argument("--json", help="write the full report (every scan energy) here (an existing file is refused "
+                                   "before any check runs, unless --overwrite)")
+    ck.add_argument("--overwrite", action="store_true", help="replace the --json file if it exists")
     ck.set_defaults(func=_check)
 
     rf = sub.add_parser("refine", help="make a model robust: check, committee MD, label what it gets wrong, "
@@ -582,7 +627,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "checks visited are labelled with the reference method (GFN2-xTB, or PBE/def2-SVP in "
                                     "PySCF for rMD17-trained models) and added to the training data; "
                                     "the model is fine-tuned. Stops when the check passes (exit 0) or after --rounds "
-                                    "(exit 2). Resumable; OUT/rounds.json records every round.")
+                                    "(exit 2). Resumable; OUT/rounds.json records every round, and the model, "
+                                    "settings and input files it started with: a resume that would change one is "
+                                    "refused, naming it.")
     rf.add_argument("model", help=f"model file or shipped model name ({SHIPPED})")
     rf.add_argument("structure", nargs="+", help="the molecule(s) to make it robust for (a round passes when "
                                                  "every one passes the check)")

@@ -4,19 +4,25 @@
 Both write the rMD17 npz format the trainer reads (`nuclear_charges`, `coords` Å, `energies` kcal/mol,
 `forces` kcal/mol/Å, `old_indices` = frame numbers): tblite speaks eV, and the writer converts once.
 Work is split over worker processes (one OpenMP thread each) and kept in OUT.parts/ as it finishes, so
-an interrupted run resumes where it stopped.
+an interrupted run resumes where it stopped: OUT.parts/job.json records what the job labels (its settings, the
+frames' SHA-256 and the input files by path, size and SHA-256) with a run id, and a rerun that would label
+something else is refused, naming what differs. One process at a time writes OUT and OUT.parts/ (OUT's lock), and
+every file is written whole or not at all (runs.atomic_write).
 """
 
 from __future__ import annotations
 
-import json
+import ctypes
 import multiprocessing as mp
 import os
+import shutil
+import signal
 from pathlib import Path
 from typing import List, Optional, Sequence
 
 import numpy as np
 
+from . import runs
 from .units import energy_factor
 
 KCAL_PER_EV = energy_factor("eV", "kcal/mol")
@@ -81,8 +87,71 @@ def _energy_forces(numbers, r, method, charge, calc):
     return xtb_energy_forces(numbers, r, method, charge, calc)
 
 
-def _worker_init() -> None:
+PR_SET_PDEATHSIG = 1      # Linux prctl: the signal a process gets when its parent ends
+
+
+def _worker_init(parent: int = 0) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
+    if not parent:
+        return
+    # The kernel kills this worker when the command's process ends, however it ends (kill -9 included). A worker
+    # left running would go on through the queued work, writing parts after the command's lock is gone, beside a
+    # resumed run.
+    try:
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):     # not Linux: workers end when they next find the pool gone
+        return
+    if os.getppid() != parent:            # the command ended before prctl took effect
+        os._exit(1)
+
+
+def _pool(processes: int):
+    """Worker processes (spawned, one OpenMP thread each) that end with this process."""
+    return mp.get_context("spawn").Pool(processes, initializer=_worker_init, initargs=(os.getpid(),))
+
+
+def _parts(out: Path, command: str, overwrite: bool) -> Path:
+    """OUT.parts/, where `command` keeps its resumable work beside OUT (covered by OUT's lock). An OUT without it
+    was not made by a labelling or sampling run (a file of the user's): refused unless `overwrite`, which removes
+    everything of an earlier run first (OUT, OUT.parts/, OUT.json, OUT.failed.json)."""
+    parts = Path(str(out) + ".parts")
+    if overwrite:
+        if parts.exists():
+            shutil.rmtree(parts)
+        for path in (out, Path(str(out) + ".json"), Path(str(out) + ".failed.json")):
+            path.unlink(missing_ok=True)
+    elif out.exists() and not parts.is_dir():
+        raise runs.RunFolderError(f"{out} exists but no {command} run made it (there is no {parts.name} beside it); "
+                                  "pass --overwrite to replace it, or choose another --out")
+    parts.mkdir(parents=True, exist_ok=True)
+    return parts
+
+
+NEW_JOB = "--overwrite, or another --out"
+
+
+def _recorded_job(parts: Path) -> dict:
+    path = parts / "job.json"
+    return runs.read_json(path, "record of the job its parts belong to") if path.is_file() else {}
+
+
+def _job(parts: Path, out: Path, settings: dict, inputs: Sequence = (), **first) -> dict:
+    """The record of the job in `parts` (job.json). A new job records `settings`, its input files (path, size,
+    SHA-256), a run id and `first` (how the work is cut); a resumed one must have been started with the same
+    settings and inputs, else it is refused, naming what differs. Records of older versions lack some of these:
+    they are recorded now."""
+    settings = settings | {"input_files": [str(Path(p).resolve()) for p in inputs]}
+    job = _recorded_job(parts)
+    if not job:
+        job = {"run_id": runs.new_run_id(), **settings, **first, "inputs": [runs.input_record(p) for p in inputs]}
+    else:
+        runs.require_inputs(job.get("inputs", []), out, NEW_JOB)
+        runs.require_settings(job, {key: value for key, value in settings.items() if key in job}, out, NEW_JOB)
+        if set(settings) <= set(job) and "run_id" in job and "inputs" in job:
+            return job
+        job = {"run_id": runs.new_run_id(), **settings, "inputs": [runs.input_record(p) for p in inputs]} | job
+    runs.write_json(parts / "job.json", job)
+    return job
 
 
 def _label_chunk(task):
@@ -100,108 +169,104 @@ def _label_chunk(task):
                 calc = _xtb_calculator(method, charge)    # no stale wavefunction guess for the next frame
         energies.append(e)
         forces.append(f)
-    tmp = Path(str(out) + ".tmp.npz")
-    np.savez(tmp, energies_ev=np.array(energies), forces_ev=np.array(forces))
-    os.replace(tmp, out)
+    runs.atomic_write(out, writer=lambda fh: np.savez(fh, energies_ev=np.array(energies), forces_ev=np.array(forces)))
     return out
 
 
 def label_frames(numbers: Sequence[int], coords_angstrom: np.ndarray, out: str | Path, method: str = "GFN2-xTB",
-                 charge: int = 0, workers: int = 0, indices: Optional[np.ndarray] = None) -> Path:
-    """Label frames [n, atoms, 3] (Å) of one molecule; writes `out` (rMD17 npz). Resumable. Frames the method
-    fails on, or that put two atoms closer than data.MIN_DISTANCE, are left out, and said so."""
+                 charge: int = 0, workers: int = 0, indices: Optional[np.ndarray] = None, inputs: Sequence = (),
+                 overwrite: bool = False) -> Path:
+    """Label frames [n, atoms, 3] (Å) of one molecule; writes `out` (rMD17 npz). Resumable from OUT.parts/ when
+    the same frames are labelled with the same method and charge, and `inputs` (the files the frames were read
+    from) are unchanged; anything else is refused, naming what differs. `overwrite` starts afresh, also over an
+    OUT that no labelling made. Frames the method fails on, or that put two atoms closer than data.MIN_DISTANCE,
+    are left out, and said so."""
     out = Path(out)
+    numbers = np.asarray(numbers, dtype=np.int64)
     coords = np.asarray(coords_angstrom, dtype=np.float64)
     if coords.ndim != 3 or coords.shape[1:] != (len(numbers), 3):
         raise ValueError(f"coordinates have shape {coords.shape}, expected (frames, {len(numbers)}, 3)")
     if not np.isfinite(coords).all():
         raise ValueError("coordinates contain NaN or infinite values")
-    parts = Path(str(out) + ".parts")
-    parts.mkdir(parents=True, exist_ok=True)
-    workers = workers or max(1, (os.cpu_count() or 1))
-    job = {"method": method, "charge": charge, "n_frames": len(coords),
-           "chunk": max(1, min(CHUNK, -(-len(coords) // workers))),      # every worker gets work
-           "layout": "strided"}   # chunk k holds frames k, k + n_chunks, ...: slow frames that come together spread
-    if (parts / "job.json").is_file():
-        done = json.loads((parts / "job.json").read_text())
-        if {k: done.get(k) for k in ("method", "charge", "n_frames")} != {k: job[k] for k in ("method", "charge",
-                                                                                             "n_frames")}:
-            raise ValueError(f"{parts} holds part of another labelling job ({done}); remove it or choose another OUT")
-        job["chunk"] = int(done.get("chunk", CHUNK))                     # resume with the chunks already cut
-        job["layout"] = done.get("layout", "contiguous")
-    (parts / "job.json").write_text(json.dumps(job))
-    n_chunks = -(-len(coords) // job["chunk"])
-    members = [np.arange(k, len(coords), n_chunks) if job["layout"] == "strided" else
-               np.arange(k * job["chunk"], min((k + 1) * job["chunk"], len(coords))) for k in range(n_chunks)]
-    tasks = []
-    for k, frames in enumerate(members):
-        part = parts / f"chunk{k:05d}.npz"
-        if not part.exists():
-            tasks.append((list(map(int, numbers)), coords[frames], method, charge, part))
-    if tasks:
-        if workers == 1:
-            _worker_init()
-            for t in tasks:
-                _label_chunk(t)
-        else:
-            with mp.get_context("spawn").Pool(min(workers, len(tasks)), initializer=_worker_init) as pool:
-                for _ in pool.imap_unordered(_label_chunk, tasks):
-                    pass
-    energies = np.empty(len(coords))
-    forces = np.empty((len(coords), len(numbers), 3))
-    for k, frames in enumerate(members):
-        with np.load(parts / f"chunk{k:05d}.npz") as c:
-            energies[frames], forces[frames] = c["energies_ev"], c["forces_ev"]
-    indices = np.arange(len(coords)) if indices is None else np.asarray(indices)
-    ok = np.isfinite(energies) & np.isfinite(forces.reshape(len(forces), -1)).all(axis=1)
-    failed = Path(str(out) + ".failed.json")
-    if not ok.all():   # kept out of the data set, and said so (frame numbers in the input order)
-        if not ok.any():
-            raise RuntimeError(f"{method} failed on every one of the {len(coords)} frames")
-        failed.write_text(json.dumps({"method": method, "failed_frames": np.flatnonzero(~ok).tolist()}))
-        print(f"warning: {method} failed (e.g. SCF not converged) on {int((~ok).sum())} of {len(coords)} frames "
-              f"{np.flatnonzero(~ok)[:10].tolist()}...; they are left out of {out} (listed in {failed.name})")
-    elif failed.exists():
-        failed.unlink()
-    from .data import MIN_DISTANCE, closest_pairs
+    with runs.exclusive(out, "label", file=True):
+        parts = _parts(out, "label", overwrite)
+        workers = workers or max(1, (os.cpu_count() or 1))
+        job = _job(parts, out, {"command": "label", "method": method, "charge": charge, "n_frames": len(coords),
+                                "frames_sha256": runs.arrays_sha256(numbers, coords)}, inputs,
+                   chunk=max(1, min(CHUNK, -(-len(coords) // workers))),     # every worker gets work
+                   layout="strided")  # chunk k holds frames k, k + n_chunks, ...: slow frames that come together spread
+        chunk = int(job.get("chunk", CHUNK))                 # a resume keeps the chunks already cut
+        n_chunks = -(-len(coords) // chunk)
+        members = [np.arange(k, len(coords), n_chunks) if job.get("layout") == "strided" else
+                   np.arange(k * chunk, min((k + 1) * chunk, len(coords))) for k in range(n_chunks)]
+        tasks = [(numbers.tolist(), coords[frames], method, charge, parts / f"chunk{k:05d}.npz")
+                 for k, frames in enumerate(members) if not (parts / f"chunk{k:05d}.npz").exists()]
+        if tasks:
+            if workers == 1:
+                _worker_init()
+                for t in tasks:
+                    _label_chunk(t)
+            else:
+                with _pool(min(workers, len(tasks))) as pool:
+                    for _ in pool.imap_unordered(_label_chunk, tasks):
+                        pass
+        energies = np.empty(len(coords))
+        forces = np.empty((len(coords), len(numbers), 3))
+        for k, frames in enumerate(members):
+            with np.load(parts / f"chunk{k:05d}.npz") as c:
+                energies[frames], forces[frames] = c["energies_ev"], c["forces_ev"]
+        indices = np.arange(len(coords)) if indices is None else np.asarray(indices)
+        ok = np.isfinite(energies) & np.isfinite(forces.reshape(len(forces), -1)).all(axis=1)
+        failed = Path(str(out) + ".failed.json")
+        if not ok.all():   # kept out of the data set, and said so (frame numbers in the input order)
+            if not ok.any():
+                raise RuntimeError(f"{method} failed on every one of the {len(coords)} frames")
+            runs.write_json(failed, {"method": method, "failed_frames": np.flatnonzero(~ok).tolist()})
+            print(f"warning: {method} failed (e.g. SCF not converged) on {int((~ok).sum())} of {len(coords)} frames "
+                  f"{np.flatnonzero(~ok)[:10].tolist()}...; they are left out of {out} (listed in {failed.name})")
+        elif failed.exists():
+            failed.unlink()
+        from .data import MIN_DISTANCE, closest_pairs
 
-    # labelled, but no training set takes them (data.validate): e.g. the end of a minimisation that fused two atoms
-    fused = ok & (closest_pairs(coords.reshape(-1, 3), np.arange(len(coords) + 1) * len(numbers))[0] < MIN_DISTANCE)
-    if fused.any():
-        if fused.sum() == ok.sum():
-            raise RuntimeError(f"every frame labelled puts two atoms closer than {MIN_DISTANCE} Å; none can be "
-                               "trained on")
-        print(f"warning: {int(fused.sum())} of {len(coords)} frames put two atoms closer than {MIN_DISTANCE} Å "
-              f"{np.flatnonzero(fused)[:10].tolist()}...; they are left out of {out}")
-        ok &= ~fused
-    write_rmd17(out, numbers, coords[ok], energies[ok] * KCAL_PER_EV, forces[ok] * KCAL_PER_EV, indices[ok], method)
+        # labelled, but no training set takes them (data.validate): e.g. the end of a minimisation that fused atoms
+        fused = ok & (closest_pairs(coords.reshape(-1, 3), np.arange(len(coords) + 1) * len(numbers))[0]
+                      < MIN_DISTANCE)
+        if fused.any():
+            if fused.sum() == ok.sum():
+                raise RuntimeError(f"every frame labelled puts two atoms closer than {MIN_DISTANCE} Å; none can be "
+                                   "trained on")
+            print(f"warning: {int(fused.sum())} of {len(coords)} frames put two atoms closer than {MIN_DISTANCE} Å "
+                  f"{np.flatnonzero(fused)[:10].tolist()}...; they are left out of {out}")
+            ok &= ~fused
+        write_rmd17(out, numbers, coords[ok], energies[ok] * KCAL_PER_EV, forces[ok] * KCAL_PER_EV, indices[ok],
+                    method)
     return out
 
 
 def write_rmd17(path, numbers, coords, energies_kcal, forces_kcal, indices, method: str = "") -> None:
     """An rMD17-format file holding one label set (as both new and old labels); `method` names it, so a model
     trained on the file records its labels (data.LABEL_SETS)."""
-    tmp = Path(str(path) + ".tmp.npz")
-    np.savez(tmp, nuclear_charges=np.asarray(numbers, dtype=np.uint8), coords=np.asarray(coords),
-             energies=np.asarray(energies_kcal), forces=np.asarray(forces_kcal),
-             old_indices=np.asarray(indices, dtype=np.int64), old_energies=np.asarray(energies_kcal),
-             old_forces=np.asarray(forces_kcal), **({"method": np.asarray(method)} if method else {}))
-    os.replace(tmp, path)
+    runs.atomic_write(path, writer=lambda fh: np.savez(
+        fh, nuclear_charges=np.asarray(numbers, dtype=np.uint8), coords=np.asarray(coords),
+        energies=np.asarray(energies_kcal), forces=np.asarray(forces_kcal),
+        old_indices=np.asarray(indices, dtype=np.int64), old_energies=np.asarray(energies_kcal),
+        old_forces=np.asarray(forces_kcal), **({"method": np.asarray(method)} if method else {})))
 
 
 def frames_from(spec: str, top: Optional[str] = None):
-    """(atomic numbers, coords Å [n, atoms, 3]) from a structure file, a run folder or a trajectory + topology."""
+    """(atomic numbers, coords Å [n, atoms, 3], the files they were read from) from a structure file, a run
+    folder or a trajectory + topology."""
     path = Path(spec)
     if path.suffix.lower() in (".pdb", ".xyz", ".cif", ".pdbx") and top is None:
         from .structures import read_structure
 
         s = read_structure(path)
-        return s.atomic_numbers, s.positions_nm[None] * 10.0
+        return s.atomic_numbers, s.positions_nm[None] * 10.0, [path]
     from .analysis.load import load_trajectory
 
     loaded = load_trajectory(spec, top)
     z = np.array([a.element.atomic_number for a in loaded.traj.topology.atoms])
-    return z, loaded.traj.xyz.astype(np.float64) * 10.0
+    return z, loaded.traj.xyz.astype(np.float64) * 10.0, loaded.files
 
 
 # ---- reference MD: GFN2-xTB Langevin dynamics in ASE, every saved frame labelled on the way ----------
@@ -239,44 +304,50 @@ def _sample_one(task):
             coords.append(atoms.positions.copy())
             energies.append(atoms.get_potential_energy())
             forces.append(atoms.get_forces().copy())
-        tmp = Path(str(out) + ".tmp.npz")
-        np.savez(tmp, coords=np.array(coords), energies_ev=np.array(energies), forces_ev=np.array(forces),
-                 last_positions=atoms.positions, last_velocities=atoms.get_velocities(), steps_done=done)
-        os.replace(tmp, out)
+        runs.atomic_write(out, writer=lambda fh: np.savez(
+            fh, coords=np.array(coords), energies_ev=np.array(energies), forces_ev=np.array(forces),
+            last_positions=atoms.positions, last_velocities=atoms.get_velocities(), steps_done=done))
     return out
 
 
 def sample(structure: str | Path, out: str | Path, ps: float, temperature_k: float = 500.0, timestep_fs: float = 0.5,
            every: int = 10, friction_per_fs: float = 0.01, trajectories: int = 0, seed: int = 0,
-           method: str = "GFN2-xTB", charge: int = 0) -> Path:
+           method: str = "GFN2-xTB", charge: int = 0, overwrite: bool = False) -> Path:
     """Reference MD of `structure` with GFN2-xTB (Langevin, ASE), `trajectories` independent runs in
-    parallel (default: one per core); every `every`-th step becomes a labelled frame of `out`."""
+    parallel (default: one per core, or as many as the run being resumed); every `every`-th step becomes a
+    labelled frame of `out`. Resumable from OUT.parts/, also with a longer `ps`; other settings, or a changed
+    structure file, are refused by name. `overwrite` starts afresh, also over an OUT that no sampling made."""
     from .structures import read_structure
 
-    s = read_structure(structure)
-    numbers = s.atomic_numbers.tolist()
-    start = s.positions_nm * 10.0
-    steps = int(round(ps * 1000.0 / timestep_fs))
-    steps -= steps % every
-    trajectories = trajectories or max(1, os.cpu_count() or 1)
-    parts = Path(str(out) + ".parts")
-    parts.mkdir(parents=True, exist_ok=True)
-    tasks = [(numbers, start, temperature_k, timestep_fs, steps, every, friction_per_fs, seed + k, method, charge,
-              str(parts / f"trajectory{k:03d}.npz")) for k in range(trajectories)]
-    with mp.get_context("spawn").Pool(trajectories, initializer=_worker_init) as pool:
-        results = list(pool.imap(_sample_one, tasks))
-    runs = [np.load(r) for r in results]
-    coords = np.concatenate([r["coords"] for r in runs])
-    energies = np.concatenate([r["energies_ev"] for r in runs])
-    forces = np.concatenate([r["forces_ev"] for r in runs])
-    indices = np.concatenate([k * 1_000_000 + np.arange(1, len(r["coords"]) + 1) * every for k, r in enumerate(runs)])
-    write_rmd17(out, numbers, coords, energies * KCAL_PER_EV, forces * KCAL_PER_EV, indices, method)
-    (Path(str(out) + ".json")).write_text(json.dumps({
-        "structure": str(structure), "method": method, "charge": charge, "temperature_k": temperature_k,
-        "timestep_fs": timestep_fs, "steps_per_trajectory": steps, "every": every, "friction_per_fs": friction_per_fs,
-        "trajectories": trajectories, "seed": seed, "frames": int(len(coords)),
-        "old_indices": "trajectory * 1e6 + MD step"}, indent=1))
-    return Path(out)
+    out = Path(out)
+    with runs.exclusive(out, "sample", file=True):
+        parts = _parts(out, "sample", overwrite)
+        s = read_structure(structure)
+        numbers = s.atomic_numbers.tolist()
+        start = s.positions_nm * 10.0
+        steps = int(round(ps * 1000.0 / timestep_fs))
+        steps -= steps % every
+        trajectories = trajectories or _recorded_job(parts).get("trajectories") or max(1, os.cpu_count() or 1)
+        job = _job(parts, out, {"command": "sample", "method": method, "charge": charge, "temperature_k": temperature_k,
+                                "timestep_fs": timestep_fs, "every": every, "friction_per_fs": friction_per_fs,
+                                "trajectories": trajectories, "seed": seed}, [structure])
+        tasks = [(numbers, start, temperature_k, timestep_fs, steps, every, friction_per_fs, seed + k, method, charge,
+                  str(parts / f"trajectory{k:03d}.npz")) for k in range(trajectories)]
+        with _pool(trajectories) as pool:
+            results = list(pool.imap(_sample_one, tasks))
+        runs_done = [np.load(r) for r in results]
+        coords = np.concatenate([r["coords"] for r in runs_done])
+        energies = np.concatenate([r["energies_ev"] for r in runs_done])
+        forces = np.concatenate([r["forces_ev"] for r in runs_done])
+        indices = np.concatenate([k * 1_000_000 + np.arange(1, len(r["coords"]) + 1) * every
+                                  for k, r in enumerate(runs_done)])
+        write_rmd17(out, numbers, coords, energies * KCAL_PER_EV, forces * KCAL_PER_EV, indices, method)
+        runs.write_json(Path(str(out) + ".json"), {
+            "structure": str(structure), "method": method, "charge": charge, "temperature_k": temperature_k,
+            "timestep_fs": timestep_fs, "steps_per_trajectory": steps, "every": every,
+            "friction_per_fs": friction_per_fs, "trajectories": trajectories, "seed": seed, "frames": int(len(coords)),
+            "old_indices": "trajectory * 1e6 + MD step", "run_id": job["run_id"]})
+    return out
 
 
 # ---- relaxed paths of hydrogen transfers: umbrella windows in GFN2-xTB MD --------------------------------
@@ -349,9 +420,8 @@ def _transfer_walk(task):
             frames.append(atoms.positions.copy())
             xi.append(restraint.xi(atoms.positions))
             centre.append(float(xi0))
-    tmp = Path(str(out) + ".tmp.npz")
-    np.savez(tmp, coords=np.array(frames), xi=np.array(xi), centre=np.array(centre))
-    os.replace(tmp, out)
+    runs.atomic_write(out, writer=lambda fh: np.savez(fh, coords=np.array(frames), xi=np.array(xi),
+                                                       centre=np.array(centre)))
     return out
 
 
@@ -386,25 +456,24 @@ def sample_transfer(numbers: Sequence[int], start_angstrom: np.ndarray, hydrogen
         raise ValueError(f"hydrogen, donor and acceptor must be three atoms (got {hydrogen}, {donor}, {acceptor})")
     windows = transfer_windows(start, hydrogen, donor, acceptor, xi_end, window)
     out = Path(out)
-    parts = Path(str(out) + ".parts")
-    parts.mkdir(parents=True, exist_ok=True)
-    k_ev = k_kcal / KCAL_PER_EV
-    tasks = [(numbers, start, hydrogen, donor, acceptor, windows, k_ev, temperature_k, equilibrate, steps, every,
-              seed + w, charge, str(parts / f"walk{w:02d}.npz")) for w in range(walks)]
-    todo = [t for t in tasks if not Path(t[-1]).exists()]
-    if todo:
-        with mp.get_context("spawn").Pool(min(len(todo), max(1, os.cpu_count() or 1)),
-                                          initializer=_worker_init) as pool:
-            list(pool.imap_unordered(_transfer_walk, todo))
-    walked = [np.load(t[-1]) for t in tasks]
-    coords = np.concatenate([w["coords"] for w in walked])
-    label_frames(numbers, coords, out, method=method, charge=charge)
-    Path(str(out) + ".json").write_text(json.dumps({
-        "hydrogen": hydrogen, "donor": donor, "acceptor": acceptor, "sampled_with": "GFN2-xTB", "method": method,
-        "temperature_k": temperature_k, "timestep_fs": 0.5, "friction_per_fs": 0.01, "k_kcal_per_mol_A2": k_kcal,
-        "windows_A": windows.round(4).tolist(), "equilibrate": equilibrate, "steps": steps, "every": every,
-        "walks": walks, "seed": seed, "xi_A": np.concatenate([w["xi"] for w in walked]).round(4).tolist(),
-        "window_of_frame": np.concatenate([w["centre"] for w in walked]).round(4).tolist()}, indent=1))
+    with runs.exclusive(out, "label", file=True):         # the walks and their labels share OUT.parts/
+        parts = _parts(out, "label", overwrite=False)
+        k_ev = k_kcal / KCAL_PER_EV
+        tasks = [(numbers, start, hydrogen, donor, acceptor, windows, k_ev, temperature_k, equilibrate, steps, every,
+                  seed + w, charge, str(parts / f"walk{w:02d}.npz")) for w in range(walks)]
+        todo = [t for t in tasks if not Path(t[-1]).exists()]
+        if todo:
+            with _pool(min(len(todo), max(1, os.cpu_count() or 1))) as pool:
+                list(pool.imap_unordered(_transfer_walk, todo))
+        walked = [np.load(t[-1]) for t in tasks]
+        coords = np.concatenate([w["coords"] for w in walked])
+        label_frames(numbers, coords, out, method=method, charge=charge)
+        runs.write_json(Path(str(out) + ".json"), {
+            "hydrogen": hydrogen, "donor": donor, "acceptor": acceptor, "sampled_with": "GFN2-xTB", "method": method,
+            "temperature_k": temperature_k, "timestep_fs": 0.5, "friction_per_fs": 0.01, "k_kcal_per_mol_A2": k_kcal,
+            "windows_A": windows.round(4).tolist(), "equilibrate": equilibrate, "steps": steps, "every": every,
+            "walks": walks, "seed": seed, "xi_A": np.concatenate([w["xi"] for w in walked]).round(4).tolist(),
+            "window_of_frame": np.concatenate([w["centre"] for w in walked]).round(4).tolist()})
     return out
 
 

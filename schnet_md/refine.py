@@ -28,13 +28,18 @@ Each round, for every structure given:
      equally good epochs, the one that learned the new frames longest);
   6. errors on the original test set before and after, on the new labels, and the frames added go to
      OUT/rounds.json.
-Rounds are resumable: a finished round is skipped, labelling resumes chunk by chunk.
+Rounds are resumable: a finished round is skipped, labelling resumes chunk by chunk. One process at a time
+refines into OUT (its lock). OUT/rounds.json records, when the refinement starts, the model's SHA-256, the settings,
+and the files it reads (structures, data, validation and test sets, previous labels: path, size, SHA-256) with the
+SHA-256 of the frames selected from them; a resume that would change any of them is refused, naming it.
+Every file is written whole or not at all, and each round's work lands in its own files before rounds.json
+records the round (checks.json, frames.npz, labels, the fine-tuned model, then the round in rounds.json), so
+a kill at any point resumes from the last file written.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -45,6 +50,8 @@ import numpy as np
 from .check import CheckSettings, check
 from .reference import (TRANSFER_END, TRANSFER_EQUILIBRATE, TRANSFER_EVERY, TRANSFER_K, TRANSFER_STEPS,
                         TRANSFER_WINDOW, transfer_windows)
+from .runs import (arrays_sha256, atomic_write, exclusive, input_record, new_run_id, read_json, require_inputs,
+                   require_settings, write_json)
 
 STRETCH_FACTORS = (1.15, 1.3, 1.5, 1.8, 2.1, 2.5)     # bond lengths labelled along a failing scan (0.9-2.5x)
 MOLECULE_SCALES = (1.05, 1.1, 1.2, 1.4, 1.7, 2.0)     # the molecule scan's range (1-2x)
@@ -117,10 +124,22 @@ def _train(model_path, data, out: Path, log, validation=None, recipe=None, **set
             return out / "model.pt"
         except ModelFileError as error:     # damaged, or from other settings: start over
             log(f"fine-tuning in {out} starts over: {error}")
+        except ValueError:
+            # killed after its last epoch's checkpoint, before metrics.json: it is done (train refuses to resume it)
+            if _checkpoint_epochs(out) < schedule.epochs:
+                raise
+            return out / "model.pt"
     if out.exists():
         shutil.rmtree(out)
     train(data, base.config, out, schedule, log=log, init_state=base.state_dict(), validation=validation)
     return out / "model.pt"
+
+
+def _checkpoint_epochs(out: Path) -> int:
+    """Epochs a training's checkpoint.pt has finished (train.py keeps the last one's 0-based number as 'epoch')."""
+    import torch
+
+    return int(torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)["epoch"]) + 1
 
 
 def frame_weights(labelled, rms_force: float, energy_spread: dict) -> np.ndarray:
@@ -366,9 +385,25 @@ def _evaluate_round(entry: dict, before, after, new, tests, log) -> None:
             log(f"round {k}: warning: test errors got worse (more than {100 * (TEST_TOLERANCE - 1):.0f} %)")
 
 
+def _data_sets(data, validation, tests, files: dict) -> dict:
+    """What a refinement trains, validates and tests on: each set's file (absolute path, None for sets handed over
+    in memory) and the SHA-256 of its frames as selected (another --split, --labels or --max-frames gives others)."""
+    def frames(d):
+        return arrays_sha256(d.atomic_numbers.astype(np.int64), d.offsets, d.positions, d.energies,
+                             *([] if d.forces is None else [d.forces]))
+
+    def path(role):
+        return str(Path(files[role]).resolve()) if files.get(role) else None
+
+    return {"data_file": path("data"), "data_frames_sha256": frames(data),
+            "validation_file": path("validation"),
+            "validation_frames_sha256": None if validation is None else frames(validation),
+            "test_file": path("test"), "test_frames_sha256": [frames(t) for t in tests]}
+
+
 def refine(model, structures: Sequence, data, out_dir, settings: Optional[RefineSettings] = None, test=None,
            log: Callable[[str], None] = print, validation=None, polish_epochs: int = 0, runs: Sequence = (),
-           previous_labels: Sequence = ()) -> dict:
+           previous_labels: Sequence = (), data_files: Optional[dict] = None) -> dict:
     """Run refinement rounds until `check` passes on every structure or `settings.rounds` are done; returns
     the record (also OUT/rounds.json). `validation`: the model's own validation set (else 5 % of `data`);
     `test`: one test set or a list (errors before and after each round). `polish_epochs`: once the rounds
@@ -376,7 +411,16 @@ def refine(model, structures: Sequence, data, out_dir, settings: Optional[Refine
     `runs`: folders of `simulate` runs (say, production runs the blow-up guard stopped) whose last RUN_FRAMES
     frames are labelled in the next round that runs, each run once. `previous_labels`: labels.npz files of an
     earlier refinement (in `settings.method`), trained on in every round with the new labels, so that refining a
-    refined model again does not forget what it learned."""
+    refined model again does not forget what it learned. `data_files`: {"data", "validation", "test"}, the files
+    `data`, `validation` and `test` were read from, recorded with the structures and previous labels. The whole
+    refinement holds OUT's lock."""
+    with exclusive(out_dir, "refine", file=False):
+        return _refine(model, structures, data, out_dir, settings, test, log, validation, polish_epochs, runs,
+                       previous_labels, data_files or {})
+
+
+def _refine(model, structures, data, out_dir, settings, test, log, validation, polish_epochs, runs, previous_labels,
+            data_files) -> dict:
     from .committee import ForceDisagreement
     from .data import concatenate, file_sha256, read_rmd17
     from .elements import formula
@@ -394,10 +438,17 @@ def refine(model, structures: Sequence, data, out_dir, settings: Optional[Refine
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     record_path = out / "rounds.json"
-    record = json.loads(record_path.read_text()) if record_path.is_file() else \
-        {"model": str(model), "structures": structures, "data": data.source,
-         "validation": validation.source if validation is not None else "5 % of the data", "settings": asdict(settings),
-         "rounds": [], "previous_labels": [str(Path(p).resolve()) for p in previous_labels]}
+    if record_path.is_file():
+        record = read_json(record_path, "refinement record")
+        require_inputs(record.get("inputs", []), out, new_run="another --out")     # names the file that changed
+    else:
+        record = {"model": str(model), "structures": structures, "data": data.source,
+                  "validation": validation.source if validation is not None else "5 % of the data",
+                  "settings": asdict(settings), "rounds": [],
+                  "previous_labels": [str(Path(p).resolve()) for p in previous_labels]}
+    # what the refinement reads is recorded when it starts (records written before this guard get it now)
+    data_sets = _data_sets(data, validation, tests, data_files)
+    record.setdefault("data_sets", data_sets)
     base_sha = file_sha256(resolve_model_path(model))       # a shipped name may later name another file
     known_sha = "model_sha256" in record                    # (records written before this guard lack it)
     record.setdefault("model_sha256", base_sha)
@@ -407,16 +458,20 @@ def refine(model, structures: Sequence, data, out_dir, settings: Optional[Refine
     # (more rounds may be asked for; a setting added since a record was written has its default there)
     same = lambda a: {k: v for k, v in (asdict(RefineSettings()) | a).items() if k != "rounds"}  # noqa: E731
     # the same bytes under another name (the file a shipped name used to point to) are the same model
-    if same(record["settings"]) != same(asdict(settings)) or (record["model"] != str(model) and not known_sha) or \
-            record.get("structures") != structures:
-        raise ValueError(f"{out} holds a refinement of {record['model']} with other settings or structures; "
-                         "use another --out")
+    if record["model"] != str(model) and not known_sha:
+        raise ValueError(f"{out} holds a refinement of {record['model']}, not of {model}; use another --out")
+    require_settings(same(record["settings"]) | {"structures": record.get("structures")} | record["data_sets"],
+                     same(asdict(settings)) | {"structures": structures} | data_sets, out, new_run="another --out")
     if sorted(record.get("previous_labels", [])) != sorted(str(Path(p).resolve()) for p in previous_labels):
         raise ValueError(f"{out} was started with other previous labels ({len(record.get('previous_labels', []))} "
                          "file(s)); pass the same ones or use another --out")
     molecules = {path: read_structure(path) for path in structures}
     from_runs = {str(Path(r).resolve()): _run_frames(r) for r in runs}      # read first: a bad folder fails early
     previous = [_read_labels(p) for p in previous_labels]
+    record.setdefault("run_id", new_run_id())
+    record.setdefault("inputs", [input_record(p) for p in [*structures, *previous_labels,
+                                                           *(p for p in data_files.values() if p)]])
+    write_json(record_path, record)
     check_settings = CheckSettings(temperature_k=max(settings.temperatures), md_steps=settings.check_steps,
                                    platform=settings.platform, seed=settings.seed)
     # the held-out original frames that choose each fine-tuning's best epoch, and the force scale of the data
@@ -434,7 +489,7 @@ def refine(model, structures: Sequence, data, out_dir, settings: Optional[Refine
         if name not in offsets:
             log(f"aligning {settings.method} energies with the data's on {name}")
             offsets[name] = _energy_offset(data, z, settings.method, out / "offset" / name)
-            record_path.write_text(json.dumps(record, indent=1))
+            write_json(record_path, record)
 
     def on_data_zero(labels):
         d = (read_rmd17(labels) if isinstance(labels, (str, Path)) else labels).converted(data.energy_unit)
@@ -456,10 +511,10 @@ def refine(model, structures: Sequence, data, out_dir, settings: Optional[Refine
         log(f"round {k}: checking {current} on {len(structures)} structure(s)")
         check_file = folder / "checks.json"          # a resumed round keeps its checks
         if check_file.is_file():
-            reports = json.loads(check_file.read_text())
+            reports = read_json(check_file, f"round {k}'s checks")
         else:
             reports = {path: check(current, path, check_settings, log=quiet) for path in structures}
-            check_file.write_text(json.dumps(reports))
+            write_json(check_file, reports)
         if all(r["passed"] for r in reports.values()):
             record["passed_after_round"] = k - 1
             break
@@ -490,8 +545,9 @@ def refine(model, structures: Sequence, data, out_dir, settings: Optional[Refine
                 scores = np.array([sigma(x / 10.0) for x in md]) if len(md) else np.zeros(0)
                 chosen = np.argsort(-scores)[:min(len(md), per_md)]
                 failed = _check_geometries(reports[path], molecules[path])
-                np.savez(chosen_file, frames=np.concatenate([failed, md[chosen]]), from_failed_checks=len(failed),
-                         from_md=len(chosen), max_sigma=scores.max() if len(scores) else np.nan)
+                atomic_write(chosen_file, writer=lambda fh: np.savez(
+                    fh, frames=np.concatenate([failed, md[chosen]]), from_failed_checks=len(failed),
+                    from_md=len(chosen), max_sigma=scores.max() if len(scores) else np.nan))
             chosen = np.load(chosen_file)
             frames = chosen["frames"]
             entry["frames_from_md"] += int(chosen["from_md"])
@@ -549,10 +605,11 @@ def refine(model, structures: Sequence, data, out_dir, settings: Optional[Refine
             walked = where / f"{n}_H{t['hydrogen']}_{t['acceptor']}_frames.npy"
             if not walked.is_file():
                 log(f"round {k}: the model's own path of H{t['hydrogen']} from atom {t['donor']} to {t['acceptor']}")
-                np.save(walked, model_transfer_frames(current, start, t["hydrogen"] - 1, t["donor"] - 1,
-                                                      t["acceptor"] - 1, max(settings.temperatures),
-                                                      settings.seed + 1000 * k, platform=settings.platform,
-                                                      every=_transfer_every(settings.method)))
+                path_frames = model_transfer_frames(current, start, t["hydrogen"] - 1, t["donor"] - 1,
+                                                    t["acceptor"] - 1, max(settings.temperatures),
+                                                    settings.seed + 1000 * k, platform=settings.platform,
+                                                    every=_transfer_every(settings.method))
+                atomic_write(walked, writer=lambda fh: np.save(fh, path_frames))
             labels = label_frames(start.atomic_numbers, np.load(walked), where / f"{n}_H{t['hydrogen']}_"
                                   f"{t['acceptor']}.npz", method=settings.method)
             labelled.append(on_data_zero(labels))
@@ -569,7 +626,7 @@ def refine(model, structures: Sequence, data, out_dir, settings: Optional[Refine
         entry["model"] = str(refined)
         _evaluate_round(entry, current, refined, new, tests, log)
         record["rounds"].append(entry)
-        record_path.write_text(json.dumps(record, indent=1))
+        write_json(record_path, record)
         current = str(refined)
     if polish_epochs and record["rounds"]:
         entry = record["rounds"][-1]
@@ -585,7 +642,7 @@ def refine(model, structures: Sequence, data, out_dir, settings: Optional[Refine
             before = str(model) if k == 1 else record["rounds"][-2]["model"]
             _evaluate_round(entry, before, current, new, tests, log)
             entry["fine_tuning_epochs"] = target
-            record_path.write_text(json.dumps(record, indent=1))
+            write_json(record_path, record)
     digest = file_sha256(current) if Path(current).is_file() else current
     if record.get("final_check_of") != digest:          # a rerun with nothing new does not check again
         final = {path: check(current, path, check_settings, log=quiet) for path in structures}
@@ -593,5 +650,5 @@ def refine(model, structures: Sequence, data, out_dir, settings: Optional[Refine
         record["final_check"] = {"passed": all(r["passed"] for r in final.values())} | \
             {path: _summary(r) for path, r in final.items()}
         record["final_check_of"] = digest
-        record_path.write_text(json.dumps(record, indent=1))
+        write_json(record_path, record)
     return record

@@ -10,7 +10,7 @@ evaluate) goes through this module, so a folder belongs to one run:
   reader, or a resume after a kill at any instant, sees the old file or the new one, never half of one.
   A full disk is named and leaves no temporary file behind.
 - `input_record` / `changed_inputs`: a run records each input file by absolute path, size and SHA-256 when
-  it starts; a resume compares them and names a file that changed.
+  it starts; a resume compares them and names a file that changed (`require_settings`: a setting).
 - `claim` refuses a folder that holds files the command would write but no record of a run of it (the
   user's own files), and with `overwrite` retires the old run's files before the new run starts.
 """
@@ -48,10 +48,13 @@ class RunFolderBusy(RunFolderError):
 _held: dict = {}    # lock file -> [fd, depth]: a process that already holds a folder may enter it again
 
 
-def lock_path(path: str | os.PathLike) -> Path:
-    """The lock file of a folder (inside it) or of a single output file (a hidden twin beside it)."""
+def lock_path(path: str | os.PathLike, file: Optional[bool] = None) -> Path:
+    """The lock file of a folder (inside it) or of a single output file (a hidden twin beside it). `file` says
+    which `path` is; left out, a path that is a folder or has no suffix counts as a folder. A command should say:
+    a folder named `out.v2` that does not exist yet would otherwise get the file's lock, and once it exists the
+    folder's, so two runs could each hold a lock of their own."""
     path = Path(path)
-    if path.is_dir() or not path.suffix:
+    if file is False or (file is None and (path.is_dir() or not path.suffix)):
         return path / LOCK_NAME
     return path.with_name(f".{path.name}.lock")
 
@@ -68,13 +71,14 @@ def _holder(fd: int) -> str:
 
 
 @contextmanager
-def exclusive(path: str | os.PathLike, command: str):
-    """Hold `path` (a folder, or an output file) for the life of the block; refuse if another process does.
+def exclusive(path: str | os.PathLike, command: str, file: Optional[bool] = None):
+    """Hold `path` (a folder, or an output file: `file` as in lock_path) for the life of the block; refuse if
+    another process does.
 
     On a network file system the lock is only as good as the server's: NFS v4 and Lustre with flock
     support honour it across machines; mounts without lock support (`nolock`, some FUSE file systems)
     make flock a local lock, and two jobs on different nodes are then not kept apart."""
-    target = lock_path(path)
+    target = lock_path(path, file)
     target.parent.mkdir(parents=True, exist_ok=True)
     key = str(target.resolve())
     if key in _held:                 # re-entered by the same process (refine training its rounds, say)
@@ -234,13 +238,44 @@ def changed_inputs(records: Iterable[dict]) -> list:
     return problems
 
 
-def require_inputs(records: Iterable[dict], out: str | os.PathLike) -> None:
+NEW_RUN = "--overwrite, or another output folder"     # how a command starts afresh (refine: another --out)
+
+
+def require_inputs(records: Iterable[dict], out: str | os.PathLike, new_run: str = NEW_RUN) -> None:
     """Refuse a resume whose inputs are not those the run started with, naming each file."""
     problems = changed_inputs(records)
     if problems:
         raise RunFolderError(f"cannot resume {out}: its inputs are not those it started with: {'; '.join(problems)}. "
                              "A resume continues exactly the run it names: restore the file(s), or start a new run "
-                             "(--overwrite, or another output folder)")
+                             f"({new_run})")
+
+
+def require_settings(recorded: dict, now: dict, out: str | os.PathLike, new_run: str = NEW_RUN) -> None:
+    """Refuse a resume asked with other settings than the run recorded when it started, naming each. Only the
+    keys of `now` are compared: what may change on a resume is left out of it by the caller."""
+    def shown(value):               # a SHA-256 by its first 12 digits, like git
+        digest = isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+        return f"{value[:12]}…" if digest else repr(value)
+
+    problems = [f"{key} (recorded {shown(recorded.get(key))}, now {shown(value)})" for key, value in now.items()
+                if recorded.get(key) != value]
+    if problems:
+        raise RunFolderError(f"cannot resume {out}: it was started with other settings: {'; '.join(problems)}. "
+                             "A resume continues exactly the run it names: ask for what it recorded, or start a new "
+                             f"run ({new_run})")
+
+
+def arrays_sha256(*arrays) -> str:
+    """SHA-256 of inputs handed over in memory rather than as a file (frames to label, a data set after its
+    selection): each array's type, shape and bytes."""
+    import numpy as np
+
+    digest = hashlib.sha256()
+    for array in arrays:
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
 
 
 # ---- a folder for a new run ---------------------------------------------------------------------------
@@ -269,6 +304,23 @@ def claim(folder: str | os.PathLike, record: str, owned: Sequence[str], command:
             shutil.rmtree(target)
         else:
             target.unlink()
+    return folder
+
+
+def replace_outputs(folder: str | os.PathLike, names: Sequence[str], overwrite: bool, command: str) -> Path:
+    """For commands that write a fixed set of files into a folder and do not resume (analyze, compare): a folder
+    holding any of them, an earlier output of the same command included, is refused unless `overwrite`; with it
+    they are all removed first, so no file of the earlier output (a plot the new one lacks) is left beside the new
+    ones. Other files in the folder are left alone. Call it holding the lock."""
+    folder = Path(folder)
+    present = [folder / name for name in names if (folder / name).exists()]
+    if present and not overwrite:
+        raise RunFolderError(f"{folder} already holds {', '.join(p.name for p in present)}, which {command} would "
+                             f"write (an earlier {command} output, or files of your own); pass --overwrite to replace "
+                             "them, or choose another --out")
+    for path in present:
+        path.unlink()
+    folder.mkdir(parents=True, exist_ok=True)
     return folder
 
 

@@ -390,7 +390,7 @@ def run_simulation(structure_path, model_path, out_dir, settings: SimulationSett
     refused unless `overwrite`, which retires the old run's files first. The folder is locked for the run's
     whole life: a second writer is refused."""
     out = Path(out_dir)
-    with runs.exclusive(out, "schnet-md simulate"):
+    with runs.exclusive(out, "schnet-md simulate", file=False):
         structure = read_structure(structure_path)
         members = committee_members(model_path)
         model, model_metadata = load_model(members[0])
@@ -465,7 +465,7 @@ def resume_simulation(out_dir, steps: Optional[int] = None, platform: Optional[s
         raise ValueError(f"--steps must be at least 1 when resuming (got {steps})")
     if steps is not None and to_step is not None:
         raise ValueError("give either steps (further steps) or to_step (the step to end at), not both")
-    with runs.exclusive(out, "schnet-md simulate --resume"):
+    with runs.exclusive(out, "schnet-md simulate --resume", file=False):
         info = read_run_info(out)
         run_id = info.get("run_id")                    # (runs started before run ids: none to compare)
         for name, digest in info.get("run_files", {}).items():

@@ -154,3 +154,75 @@ def test_rotatable_dihedrals_of_a_copied_topology():
     assert names == ["C-N-CA-CB", "N-CA-C-O"]    # the two amide C-N bonds are planar, not rotatable
     copied, copied_names = rotatable_dihedrals(t.topology.copy(), t.xyz[0])
     assert copied_names == names and (copied == quads).all()
+
+
+def _trajectory_files(folder, phis_deg, seed=0):
+    """A driven butane-like trajectory as a DCD with its PDB, as `analyze` and `compare` read them."""
+    traj = butane_like(phis_deg, noise=0.02, seed=seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    traj.save_dcd(str(folder / "md.dcd"))
+    traj[0].save_pdb(str(folder / "top.pdb"))
+    return folder / "md.dcd", folder / "top.pdb"
+
+
+def test_one_analysis_at_a_time_and_an_earlier_one_is_replaced_only_when_asked(tmp_path, capsys):
+    """A real `schnet-md analyze`, paused once it holds its output folder (named in French and Japanese): a second
+    analysis into the folder is refused, naming the first's PID and host. Let go, the first finishes; a rerun into
+    its output is refused unless --overwrite, which replaces the earlier files and leaves the user's own."""
+    import socket
+
+    from processes import go_on, paused_command
+
+    dcd, pdb = _trajectory_files(tmp_path / "in", driven_dihedral()[0])
+    out = tmp_path / "résultats" / "データ"
+    argv = ["analyze", str(dcd), "--top", str(pdb), "--timestep", "0.01", "--out", str(out)]
+    first = paused_command("schnet_md.analysis.analyze", "analyze", 1, argv)
+    try:
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert f"in use by PID {first.pid} on {socket.gethostname()}" in err and err.count("\n") == 1
+        assert go_on(first) == 0, first.stderr.read()
+    finally:
+        first.kill()
+        first.wait()
+    assert json.loads((out / "summary.json").read_text())["dihedrals"][0]["n_transitions"] == 3
+    (out / "notes.txt").write_text("mine")
+    (out / "ramachandran.png").write_bytes(b"a plot this trajectory does not make")
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "already holds report.md, summary.json, structure.png, dihedrals.png, ramachandran.png" in err
+    assert err.count("\n") == 1 and (out / "notes.txt").read_text() == "mine"
+    assert main(argv + ["--overwrite"]) == 0
+    assert not (out / "ramachandran.png").exists() and (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in out.iterdir()) == [".schnet-md.lock", "dihedrals.png", "notes.txt", "report.md",
+                                                     "structure.png", "summary.json"]
+
+
+def test_a_full_disk_stops_an_analysis_with_one_line_and_no_partial_file(tmp_path, monkeypatch, capsys):
+    import errno
+    import os
+
+    dcd, pdb = _trajectory_files(tmp_path / "in", driven_dihedral()[0])
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    assert main(["analyze", str(dcd), "--top", str(pdb), "--timestep", "0.01", "--out", str(tmp_path / "an")]) == 1
+    err = capsys.readouterr().err
+    assert f"no space left on the device holding {tmp_path / 'an' / 'structure.png'}" in err and err.count("\n") == 1
+    assert [p.name for p in (tmp_path / "an").iterdir()] == [".schnet-md.lock"]
+
+
+def test_compare_replaces_an_earlier_comparison_only_when_asked(tmp_path, capsys):
+    rng = np.random.default_rng(5)
+    a = _trajectory_files(tmp_path / "a", 180 + rng.normal(scale=12, size=50), seed=1)
+    b = _trajectory_files(tmp_path / "b", 60 + rng.normal(scale=12, size=50), seed=2)
+    argv = ["compare", str(a[0]), str(b[0]), "--top", str(a[1]), "--out", str(tmp_path / "cmp")]
+    assert main(argv) == 0
+    before = (tmp_path / "cmp" / "compare.json").read_text()
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "already holds compare.md, compare.json" in err and err.count("\n") == 1
+    assert main(argv + ["--overwrite"]) == 0
+    assert (tmp_path / "cmp" / "compare.json").read_text() == before

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 
 import numpy as np
 import pytest
@@ -153,7 +155,7 @@ def test_a_small_job_is_cut_so_every_worker_has_work_and_resumes_with_its_chunks
     label_frames(z, frames, out, workers=1)
     assert json.loads((tmp_path / "l.npz.parts" / "job.json").read_text())["chunk"] == 2
     assert np.allclose(read_rmd17(out).energies, first, atol=1e-6)
-    with pytest.raises(ValueError, match="another labelling job"):
+    with pytest.raises(ValueError, match=r"started with other settings: n_frames \(recorded 3, now 2\); frames_sha256"):
         label_frames(z, frames[:2], out, workers=2)
 
 
@@ -236,3 +238,158 @@ def test_transfer_path_frames_are_sampled_labelled_and_resumed(tmp_path):
     before = walk.stat().st_mtime
     sample_transfer(z, r, 12, 1, 2, tmp_path / "path.npz", **kwargs)
     assert walk.stat().st_mtime == before
+
+
+def _trajectory_file(path, frames_angstrom):
+    """Frames (Å) of ethanol as a DCD file beside the structure's PDB, as `label` reads them."""
+    import mdtraj
+
+    pdb = SYSTEMS / "ethanol" / "ethanol.pdb"
+    mdtraj.Trajectory(np.asarray(frames_angstrom) / 10.0, mdtraj.load_topology(str(pdb))).save_dcd(str(path))
+    return path, pdb
+
+
+def test_a_second_labeller_is_refused_and_a_killed_one_resumes_to_the_same_labels(tmp_path, ethanol, capsys):
+    """Two real processes on one output (in a folder named in French and Japanese): the second is refused, naming
+    the first's PID and host. The first, killed (kill -9) after its first chunk, leaves no output; a rerun after its
+    input file changed is refused, naming the file; with the input restored it labels the rest, and the labels are
+    those of an uninterrupted run."""
+    import socket
+
+    from processes import paused_command
+    from schnet_md.reference import frames_from
+
+    z, r = ethanol
+    dcd, pdb = _trajectory_file(tmp_path / "in.dcd", r[None] + np.random.default_rng(2).normal(0, 0.03, (60, 9, 3)))
+    out = tmp_path / "résultats" / "データ" / "labels.npz"
+    argv = ["label", str(dcd), "--top", str(pdb), "--out", str(out), "--workers", "1"]    # 2 chunks of 30 frames
+    first = paused_command("schnet_md.reference", "_label_chunk", 2, argv)                # chunk 0 written
+    try:
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert f"in use by PID {first.pid} on {socket.gethostname()}" in err and err.count("\n") == 1
+    finally:
+        first.kill()
+        first.wait()
+    parts = tmp_path / "résultats" / "データ" / "labels.npz.parts"
+    assert sorted(p.name for p in parts.glob("chunk*.npz")) == ["chunk00000.npz"] and not out.exists()
+    kept = dcd.read_bytes()
+    _trajectory_file(dcd, r[None] + np.random.default_rng(3).normal(0, 0.03, (60, 9, 3)))   # regenerated
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"{dcd} has the same size but other content" in err and err.count("\n") == 1
+    dcd.write_bytes(kept)
+    assert main(argv) == 0
+    resumed = read_rmd17(out)
+    job = json.loads((parts / "job.json").read_text())
+    assert job["input_files"] == [str(dcd), str(pdb)] and len(job["run_id"]) == 32
+    z_dcd, frames, _ = frames_from(str(dcd), str(pdb))
+    whole = read_rmd17(label_frames(z_dcd, frames, tmp_path / "whole.npz", workers=1))
+    np.testing.assert_allclose(resumed.energies, whole.energies, rtol=1e-12)      # (tblite's last bits vary)
+    np.testing.assert_allclose(resumed.forces, whole.forces, rtol=1e-10, atol=1e-10)
+
+
+def _children(pid: int) -> list:
+    from pathlib import Path
+
+    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
+            for c in (task / "children").read_text().split()]
+
+
+def _alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting to be reaped)."""
+    from pathlib import Path
+
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="worker processes end with the command on Linux")
+def test_worker_processes_end_with_a_killed_labeller(tmp_path, ethanol):
+    """kill -9 of `schnet-md label` while its workers label: they end with it. Left running, they would go on
+    through the queued chunks, writing parts after the lock is gone, beside a rerun. The rerun finishes the job."""
+    import signal
+    import subprocess
+    import time
+
+    z, r = ethanol
+    dcd, pdb = _trajectory_file(tmp_path / "in.dcd", r[None] + np.random.default_rng(4).normal(0, 0.03, (400, 9, 3)))
+    out = tmp_path / "labels.npz"
+    argv = ["label", str(dcd), "--top", str(pdb), "--out", str(out), "--workers", "2"]    # 8 chunks of 50 frames
+    proc = subprocess.Popen([sys.executable, "-m", "schnet_md.cli", *argv], stderr=subprocess.PIPE)
+    parts = tmp_path / "labels.npz.parts"
+    workers = []
+    try:
+        deadline = time.monotonic() + 300
+        while not list(parts.glob("chunk*.npz")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.01)
+        workers = _children(proc.pid)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        written = sorted(parts.glob("chunk*.npz"))
+        assert len(workers) >= 2 and not out.exists()
+        deadline = time.monotonic() + 20
+        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(_alive(w) for w in workers), "worker processes outlived the command"
+        assert sorted(parts.glob("chunk*.npz")) == written
+    finally:
+        for w in workers:
+            if _alive(w):
+                os.kill(w, signal.SIGKILL)
+    assert main(argv) == 0 and len(read_rmd17(out)) == 400
+
+
+def test_labels_into_a_users_file_a_full_disk_and_a_damaged_record_are_refused_in_one_line(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """An existing file that no labelling made is replaced only with --overwrite; a full disk names itself, and so
+    does a damaged record of the job."""
+    import errno
+
+    out = tmp_path / "mine.npz"
+    out.write_bytes(b"my own file")
+    argv = ["label", str(SYSTEMS / "ethanol" / "ethanol.pdb"), "--out", str(out), "--workers", "1"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "mine.npz exists but no label run made it" in err and err.count("\n") == 1
+    assert out.read_bytes() == b"my own file"
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    assert main(argv + ["--overwrite"]) == 1
+    err = capsys.readouterr().err
+    assert "no space left on the device holding" in err and "mine.npz.parts" in err and err.count("\n") == 1
+    monkeypatch.undo()
+    assert main(argv + ["--overwrite"]) == 0 and len(read_rmd17(out)) == 1
+    (tmp_path / "mine.npz.parts" / "job.json").write_bytes(b'{"method": "GFN2')      # damaged (not by us)
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "job.json (the record of the job its parts belong to) is damaged" in err and err.count("\n") == 1
+
+
+def test_sampling_resumes_only_the_run_it_started(tmp_path, capsys):
+    """`sample` records its structure file and settings when it starts; a rerun with another setting, or after the
+    structure file changed, is refused, naming it; a longer --ps continues the run."""
+    import shutil
+
+    structure = tmp_path / "ethanol.pdb"
+    shutil.copy(SYSTEMS / "ethanol" / "ethanol.pdb", structure)
+    out = tmp_path / "md.npz"
+    argv = ["sample", str(structure), "--out", str(out), "--ps", "0.005", "--every", "5", "--trajectories", "1"]
+    assert main(argv) == 0 and len(read_rmd17(out)) == 2
+    run_id = json.loads((tmp_path / "md.npz.json").read_text())["run_id"]
+    assert main(argv + ["--temperature", "300"]) == 1
+    err = capsys.readouterr().err
+    assert "temperature_k (recorded 500.0, now 300.0)" in err and err.count("\n") == 1
+    structure.write_bytes(structure.read_bytes() + b"\n")                       # regenerated, say
+    assert main(argv) == 1
+    assert f"{structure} changed size" in capsys.readouterr().err
+    shutil.copy(SYSTEMS / "ethanol" / "ethanol.pdb", structure)
+    argv[argv.index("0.005")] = "0.01"
+    assert main(argv) == 0 and len(read_rmd17(out)) == 4
+    assert json.loads((tmp_path / "md.npz.json").read_text())["run_id"] == run_id

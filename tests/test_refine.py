@@ -176,13 +176,11 @@ def test_a_refinement_refuses_a_model_name_that_now_names_another_file(tmp_path)
         refine("ethanol", [structure], data, tmp_path, settings, log=lambda _: None)
 
 
-def test_an_interrupted_fine_tuning_goes_on_from_its_checkpoint(tmp_path):
-    """A refine run stopped mid fine-tuning (a session ends) keeps its finished epochs: the next call resumes
-    after the last one in checkpoint.pt instead of starting over; a checkpoint of another model starts over."""
+def _small_fine_tuning(tmp_path):
+    """(16 synthetic 9-atom frames, a small random model file) for fine-tuning tests."""
     from conftest import random_model
     from schnet_md.data import Dataset
     from schnet_md.modelfile import save_model
-    from schnet_md.refine import _train
 
     rng = np.random.default_rng(0)
     n, atoms = 16, 9
@@ -193,6 +191,17 @@ def test_an_interrupted_fine_tuning_goes_on_from_its_checkpoint(tmp_path):
                    energy_unit="kcal/mol", source="synthetic")
     start = save_model(random_model("schnet2017", elements=(1, 6, 8), n_features=8, n_interactions=1),
                        tmp_path / "start.pt")
+    return data, start
+
+
+def test_an_interrupted_fine_tuning_goes_on_from_its_checkpoint(tmp_path):
+    """A refine run stopped mid fine-tuning (a session ends) keeps its finished epochs: the next call resumes
+    after the last one in checkpoint.pt instead of starting over; a checkpoint of another model starts over."""
+    from conftest import random_model
+    from schnet_md.modelfile import save_model
+    from schnet_md.refine import _train
+
+    data, start = _small_fine_tuning(tmp_path)
     out = tmp_path / "fine"
     lines = []
     _train(start, data, out, lines.append, epochs=2, lr_patience=25)
@@ -261,3 +270,90 @@ def test_the_model_walks_its_own_path_of_a_hydrogen_transfer():
     xi = np.linalg.norm(frames[:, 12] - frames[:, 1], axis=1) - np.linalg.norm(frames[:, 12] - frames[:, 2], axis=1)
     assert xi[:2].mean() < -0.6 and xi[-2:].mean() > 0.0
     assert np.abs(xi[-2:] - windows[-1]).max() < 0.3
+
+
+def test_a_fine_tuning_killed_after_its_last_epoch_is_done(tmp_path):
+    """A kill between a fine-tuning's last checkpoint and its metrics.json (written when training ends) leaves a
+    finished fine-tuning: the next call returns its model. (train refuses to resume a run with every epoch done,
+    so this used to stop the refinement for good.)"""
+    from schnet_md.refine import _train
+
+    data, start = _small_fine_tuning(tmp_path)
+    out = tmp_path / "fine"
+    _train(start, data, out, lambda _: None, epochs=2, lr_patience=25)
+    model = (out / "model.pt").read_bytes()
+    (out / "metrics.json").unlink()                      # as if killed just before it was written
+    assert _train(start, data, out, lambda _: None, epochs=2, lr_patience=25) == out / "model.pt"
+    assert (out / "model.pt").read_bytes() == model
+
+
+def test_a_refinement_has_one_writer_and_resumes_only_on_the_inputs_it_started_with(tmp_path, capsys, monkeypatch):
+    """A real `schnet-md refine`, paused once it holds OUT (before it reads its data): a second refine into OUT is
+    refused, naming the first's PID and host. A refinement records its structures and its data, validation and test
+    files (path, size, SHA-256) and the frames it selected when it starts; a resume after any of them changed is
+    refused, naming it, before any work; so is a damaged rounds.json."""
+    import shutil
+    import socket
+
+    import schnet_md.refine as refining
+    from conftest import FIXTURES
+    from processes import paused_command
+    from schnet_md.cli import main
+
+    def rmd17_file(path, frames):
+        with np.load(shared_file("rmd17/rmd17_ethanol_train_01.npz")) as full:
+            np.savez(path, **{key: full[key] if key == "nuclear_charges" else full[key][frames] for key in full.files})
+        return path
+
+    data, validation, test = (rmd17_file(tmp_path / f"{name}.npz", frames) for name, frames in
+                              (("data", slice(0, 30)), ("validation", slice(30, 40)), ("test", slice(40, 50))))
+    structure = tmp_path / "ethanol.pdb"
+    shutil.copy(SYSTEMS / "ethanol" / "ethanol.pdb", structure)
+    out = tmp_path / "refine"
+    argv = ["refine", str(FIXTURES / "ethanol_unrefined.pt"), str(structure), "--data", str(data),
+            "--validation-data", str(validation), "--test", str(test), "--rounds", "0", "--out", str(out)]
+    first = paused_command("schnet_md.data", "read_data", 1, argv)
+    try:
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert f"in use by PID {first.pid} on {socket.gethostname()}" in err and err.count("\n") == 1
+    finally:
+        first.kill()
+        first.wait()
+    assert not (out / "rounds.json").exists()
+    # (the checks themselves are test_check's: a stand-in report here)
+    report = {"passed": False, "minimisation": {"passed": False}, "bond_scans": {"passed": True},
+              "molecule_scan": {"passed": True}, "md": []}
+    monkeypatch.setattr(refining, "check", lambda *args, **kwargs: report)
+    assert main(argv) == 2
+    capsys.readouterr()
+    record = json.loads((out / "rounds.json").read_text())
+    given = (structure, data, validation, test)
+    assert sorted(r["path"] for r in record["inputs"]) == sorted(str(p.resolve()) for p in given)
+    assert record["data_sets"]["test_file"] == str(test.resolve()) and len(record["run_id"]) == 32
+    # regenerated under the same name (other frames, same size): refused, naming the file
+    for path, frames in ((data, slice(50, 80)), (validation, slice(50, 60)), (test, slice(60, 70))):
+        kept = path.read_bytes()
+        rmd17_file(path, frames)
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert f"{path.resolve()} has the same size but other content" in err and err.count("\n") == 1
+        path.write_bytes(kept)
+    kept = structure.read_bytes()
+    structure.write_bytes(kept + b"\n")
+    assert main(argv) == 1 and f"{structure.resolve()} changed size" in capsys.readouterr().err
+    structure.write_bytes(kept)
+    # other frames of the same files, or another test file with the same frames: named too
+    assert main(argv + ["--max-frames", "20"]) == 1
+    assert "data_frames_sha256 (recorded" in capsys.readouterr().err
+    shutil.copy(test, tmp_path / "test-copy.npz")
+    k = argv.index("--test") + 1
+    assert main([*argv[:k], str(tmp_path / "test-copy.npz"), *argv[k + 1:]]) == 1
+    assert f"test_file (recorded '{test.resolve()}', now '{(tmp_path / 'test-copy.npz').resolve()}')" in \
+        capsys.readouterr().err
+    assert main(argv) == 2                                           # as it started: it goes on
+    capsys.readouterr()
+    (out / "rounds.json").write_bytes(b'{"rounds": [')
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "rounds.json (the refinement record) is damaged" in err and err.count("\n") == 1

@@ -1,6 +1,7 @@
 """`schnet-md analyze`: structure, conformations, chemistry and energies of one trajectory.
 
-Writes OUT/report.md (with the plots), OUT/summary.json and OUT/*.png."""
+Writes OUT/report.md (with the plots), OUT/summary.json and OUT/*.png: OUTPUTS. One analysis at a time writes
+a folder, and a folder that holds any of these files (an earlier analysis too) is replaced only when asked."""
 
 from __future__ import annotations
 
@@ -11,10 +12,13 @@ from typing import Optional
 import mdtraj
 import numpy as np
 
+from .. import runs
 from ..structures import BondMap
 from .dihedrals import (CORE_HALF_WIDTH, STAGGERED, STATE_NAMES, assign_states, conformer_populations,
                         dihedral_angles, rotatable_dihedrals, transitions, backbone_phi_psi)
 from .load import LoadedTrajectory, load_trajectory
+
+OUTPUTS = ("report.md", "summary.json", "structure.png", "dihedrals.png", "ramachandran.png", "energy.png")
 
 
 def analyze(loaded: LoadedTrajectory) -> dict:
@@ -79,6 +83,16 @@ def analyze(loaded: LoadedTrajectory) -> dict:
     return out
 
 
+def save_figure(fig, path: Path) -> None:
+    """A matplotlib figure as a PNG, written whole or not at all; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    try:
+        runs.atomic_write(path, writer=lambda fh: fig.savefig(fh, format="png", dpi=100))
+    finally:
+        plt.close(fig)
+
+
 def write_report(summary: dict, traj_time: np.ndarray, out_dir: str | Path) -> Path:
     import matplotlib
     matplotlib.use("Agg")
@@ -99,8 +113,7 @@ def write_report(summary: dict, traj_time: np.ndarray, out_dir: str | Path) -> P
     ax[1].set_ylabel("radius of gyration (Å)")
     ax[1].set_xlabel("time (ps)")
     fig.tight_layout()
-    fig.savefig(out / "structure.png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, out / "structure.png")
     pngs.append(("RMSD and radius of gyration", "structure.png"))
 
     dihedrals = summary["dihedrals"]
@@ -118,8 +131,7 @@ def write_report(summary: dict, traj_time: np.ndarray, out_dir: str | Path) -> P
             axes[k, 1].set_ylim(0, 360)
         axes[-1, 0].set_xlabel("time (ps); red lines: transitions")
         fig.tight_layout()
-        fig.savefig(out / "dihedrals.png", dpi=100)
-        plt.close(fig)
+        save_figure(fig, out / "dihedrals.png")
         pngs.append(("Rotatable heavy-atom dihedrals", "dihedrals.png"))
 
     if summary.get("backbone"):
@@ -134,8 +146,7 @@ def write_report(summary: dict, traj_time: np.ndarray, out_dir: str | Path) -> P
             ax.axhline(0, color="grey", lw=0.5)
             ax.axvline(0, color="grey", lw=0.5)
         fig.tight_layout()
-        fig.savefig(out / "ramachandran.png", dpi=100)
-        plt.close(fig)
+        save_figure(fig, out / "ramachandran.png")
         pngs.append(("Ramachandran plot (backbone phi/psi)", "ramachandran.png"))
 
     if "energy" in summary:
@@ -149,8 +160,7 @@ def write_report(summary: dict, traj_time: np.ndarray, out_dir: str | Path) -> P
         ax[1].set_ylabel("temperature (K)")
         ax[1].set_xlabel("time (ps)")
         fig.tight_layout()
-        fig.savefig(out / "energy.png", dpi=100)
-        plt.close(fig)
+        save_figure(fig, out / "energy.png")
         pngs.append(("Energy and temperature", "energy.png"))
 
     lines = [f"# Trajectory analysis: {summary['label']}", "",
@@ -196,11 +206,16 @@ def write_report(summary: dict, traj_time: np.ndarray, out_dir: str | Path) -> P
     lines += [f"- `{c['states']}`: {c['population']:.3f}" for c in summary["conformers"][:10]]
     for title, png in pngs:
         lines += ["", f"## {title}", "", f"![{title}]({png})"]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    runs.atomic_write(out / "report.md", "\n".join(lines) + "\n")
+    runs.atomic_write(out / "summary.json", json.dumps(summary, indent=1))
     return out / "report.md"
 
 
-def analyze_to(spec, out_dir, top: Optional[str] = None, timestep_ps: Optional[float] = None) -> Path:
-    loaded = load_trajectory(spec, top, timestep_ps=timestep_ps, need_time=True)
-    return write_report(analyze(loaded), loaded.traj.time, out_dir)
+def analyze_to(spec, out_dir, top: Optional[str] = None, timestep_ps: Optional[float] = None,
+               overwrite: bool = False) -> Path:
+    """Analyse one trajectory into OUT (OUTPUTS), holding OUT for the whole time; a folder holding any of OUTPUTS
+    is refused unless `overwrite`, before the trajectory is read."""
+    with runs.exclusive(out_dir, "analyze", file=False):
+        runs.replace_outputs(out_dir, OUTPUTS, overwrite, "analyze")
+        loaded = load_trajectory(spec, top, timestep_ps=timestep_ps, need_time=True)
+        return write_report(analyze(loaded), loaded.traj.time, out_dir)

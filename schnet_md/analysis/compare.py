@@ -3,7 +3,8 @@ or two models) compared on dihedral and distance distributions.
 
 The divergence is Jensen-Shannon (base 2: 0 = identical distributions, 1 = no overlap) between
 histograms, for each rotatable heavy-atom dihedral (36 bins of 10°) and for each heavy-atom pair
-distance (0.05 Å bins), each trajectory against the first."""
+distance (0.05 Å bins), each trajectory against the first. Writes OUT/compare.md, OUT/compare.json and plots
+(OUTPUTS); a folder holding any of them is replaced only when asked."""
 
 from __future__ import annotations
 
@@ -15,10 +16,13 @@ from typing import List, Sequence
 import numpy as np
 from scipy.spatial.distance import jensenshannon
 
+from .. import runs
+from .analyze import save_figure
 from .dihedrals import dihedral_angles, rotatable_dihedrals
 from .load import LoadedTrajectory, load_trajectory
 
 DIHEDRAL_BINS = np.linspace(0.0, 360.0, 37)
+OUTPUTS = ("compare.md", "compare.json", "dihedral_distributions.png", "distance_distributions.png")
 
 
 def js_divergence(a: np.ndarray, b: np.ndarray, bins: np.ndarray) -> float:
@@ -102,8 +106,7 @@ def write_comparison(result: dict, out_dir: str | Path) -> Path:
         axes[0, 0].legend(fontsize=7)
         axes[-1, 0].set_xlabel("dihedral (°)")
         fig.tight_layout()
-        fig.savefig(out / "dihedral_distributions.png", dpi=100)
-        plt.close(fig)
+        save_figure(fig, out / "dihedral_distributions.png")
         images.append(("Dihedral distributions", "dihedral_distributions.png"))
     fig, ax = plt.subplots(figsize=(7, 3))
     for label, d in zip(labels, distances):
@@ -111,8 +114,7 @@ def write_comparison(result: dict, out_dir: str | Path) -> Path:
     ax.set_xlabel("heavy-atom pair distance (Å)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "distance_distributions.png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, out / "distance_distributions.png")
     images.append(("Heavy-atom distance distributions", "distance_distributions.png"))
 
     lines = ["# Trajectory comparison", "", "Reference (first): " + labels[0], ""]
@@ -131,13 +133,17 @@ def write_comparison(result: dict, out_dir: str | Path) -> Path:
     lines.append("| heavy-atom distances, worst pair | " + " | ".join(f"{v:.3f}" for v in dist["max_js_divergence"]) + " |")
     for title, png in images:
         lines += ["", f"## {title}", "", f"![{title}]({png})"]
-    (out / "compare.md").write_text("\n".join(lines) + "\n")
-    (out / "compare.json").write_text(json.dumps(result, indent=1))
+    runs.atomic_write(out / "compare.md", "\n".join(lines) + "\n")
+    runs.atomic_write(out / "compare.json", json.dumps(result, indent=1))
     return out / "compare.md"
 
 
-def compare_to(specs: List[str], out_dir, top=None, labels=None) -> Path:
+def compare_to(specs: List[str], out_dir, top=None, labels=None, overwrite: bool = False) -> Path:
+    """Compare trajectories into OUT (OUTPUTS), holding OUT for the whole time; a folder holding any of OUTPUTS
+    is refused unless `overwrite`, before the trajectories are read."""
     if labels is not None and len(labels) != len(specs):
         raise ValueError(f"--labels names {len(labels)} trajectories but {len(specs)} were given")
-    loaded = [load_trajectory(s, top, None if not labels else labels[k]) for k, s in enumerate(specs)]
-    return write_comparison(compare(loaded), out_dir)
+    with runs.exclusive(out_dir, "compare", file=False):
+        runs.replace_outputs(out_dir, OUTPUTS, overwrite, "compare")
+        loaded = [load_trajectory(s, top, None if not labels else labels[k]) for k, s in enumerate(specs)]
+        return write_comparison(compare(loaded), out_dir)

@@ -28,6 +28,7 @@ class LoadedTrajectory:
     run_info: dict = field(default_factory=dict)
     reference_energies_ev: Optional[np.ndarray] = None
     time_unit: str = "ps"                  # "frame" when a bare file gave no time step
+    files: list = field(default_factory=list)   # what it was read from (a labelling job records them)
 
 
 def load_trajectory(spec: str | Path, top: Optional[str | Path] = None, label: Optional[str] = None,
@@ -62,7 +63,8 @@ def load_trajectory(spec: str | Path, top: Optional[str | Path] = None, label: O
                          "or analyse the run folder")
     else:
         traj.time = np.arange(traj.n_frames, dtype=float)
-    return LoadedTrajectory(traj, label or path.stem, time_unit="ps" if timestep_ps is not None else "frame")
+    return LoadedTrajectory(traj, label or path.stem, time_unit="ps" if timestep_ps is not None else "frame",
+                            files=[path, Path(top)])
 
 
 # What mdtraj's DCD reader (VMD's dcdplugin, C code) prints to stdout on every open; nothing else is dropped.
@@ -134,7 +136,7 @@ def _load_run(folder: Path, label: Optional[str]) -> LoadedTrajectory:
             traj.time = state["time_ps"].copy()
         elif state:
             raise ValueError(f"{folder}: state.csv has {len(state['step'])} rows for {traj.n_frames} frames")
-    return LoadedTrajectory(traj, label or folder.name, state, info)
+    return LoadedTrajectory(traj, label or folder.name, state, info, files=[traj_path, top_path])
 
 
 def load_iso17x(mol: int, folder: Path = DEFAULT_ISO17X, label: Optional[str] = None) -> LoadedTrajectory:
@@ -155,4 +157,5 @@ def load_iso17x(mol: int, folder: Path = DEFAULT_ISO17X, label: Optional[str] = 
     md = md[np.argsort(steps[md])]
     topology = mdtraj.Topology.from_openmm(molecule_topology(z.tolist(), eq_positions))
     traj = mdtraj.Trajectory(r[md] / 10.0, topology, time=steps[md] * 0.5e-3)   # Å -> nm; 0.5 fs steps -> ps
-    return LoadedTrajectory(traj, label or f"iso17x mol {mol} (GFN2-xTB)", reference_energies_ev=e[md])
+    return LoadedTrajectory(traj, label or f"iso17x mol {mol} (GFN2-xTB)", reference_energies_ev=e[md],
+                            files=[npz_path])
