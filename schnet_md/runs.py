@@ -13,6 +13,7 @@ evaluate) goes through this module, so a folder belongs to one run:
   it starts; a resume compares them and names a file that changed.
 - `claim` refuses a folder that holds files the command would write but no record of a run of it (the
   user's own files), and with `overwrite` retires the old run's files before the new run starts.
+- `RunInterrupted`: a command that stopped on SIGTERM or SIGINT after writing what a resume needs.
 """
 
 from __future__ import annotations
@@ -39,6 +40,17 @@ class RunFolderError(ValueError):
 
 class RunFolderBusy(RunFolderError):
     """Another process holds the folder's lock."""
+
+
+class RunInterrupted(Exception):
+    """A command stopped by SIGTERM (a batch system's preemption or time limit) or SIGINT (Ctrl-C) once it had
+    written what a resume needs. `exit_code` is 128 + the signal's number (143 for SIGTERM, 130 for SIGINT): the
+    status a shell reports for a process ended by that signal, so scripts and batch systems see an unfinished run."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum
 
 
 # ---- one writer per folder ----------------------------------------------------------------------------
@@ -105,11 +117,27 @@ def exclusive(path: str | os.PathLike, command: str):
 
 # ---- writes that are whole or absent ------------------------------------------------------------------
 
+CRASH_BEFORE_WRITE = "SCHNET_MD_CRASH_BEFORE_WRITE"
+CRASH_EXIT = 86
+_writes: dict = {}      # file name -> writes of it so far by this process
+
+
+def _crash_point(path: Path) -> None:
+    """For crash-consistency tests: SCHNET_MD_CRASH_BEFORE_WRITE=NAME:N ends the process at once, as a kill -9
+    would (exit status 86), just before its N-th write of a file named NAME."""
+    name, _, count = os.environ.get(CRASH_BEFORE_WRITE, "").rpartition(":")
+    if name and path.name == name:
+        _writes[name] = _writes.get(name, 0) + 1
+        if _writes[name] == int(count):
+            os._exit(CRASH_EXIT)
+
+
 def atomic_write(path: str | os.PathLike, content: bytes | str | None = None,
                  writer: Optional[Callable] = None) -> Path:
     """Write `content` (or call `writer(binary_file)`) to a temporary file of this process beside `path`,
     flush it to disk and rename it over `path`. On failure nothing is replaced and the temporary is gone."""
     path = Path(path)
+    _crash_point(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
