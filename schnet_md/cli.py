@@ -9,15 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from . import runs
-from .runs import Stopped
-
-
-# what --resume may change: how long the recorded run goes on, and where it runs
-RESUME_MAY_CHANGE = {("training", "epochs"), ("training", "max_hours"), ("training", "device")}
-
-
-def _flatten(config: dict) -> dict:
-    return {(table, key): value for table, values in config.items() for key, value in values.items()}
+from .runs import RunInterrupted
 
 
 def _launch_processes(nproc: int, argv) -> int:
@@ -36,13 +28,12 @@ def _launch_processes(nproc: int, argv) -> int:
 
 
 def _train(args) -> int:
-    import json
     import os
-    import tomllib
 
     import torch
 
-    from .train import resolve_config, train_from_config
+    from .parallel import main_process
+    from .train import asked_settings, resolve_config, train_from_config
 
     if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         if args.argv is None or "--nproc" not in args.argv:
@@ -61,47 +52,26 @@ def _train(args) -> int:
                      "lr_patience": args.lr_patience, "rho": args.rho,
                      "validation_fraction": args.validation_fraction, "seed": args.seed,
                      "ema_decay": args.ema, "early_stopping_patience": args.early_stopping,
-                     "max_hours": args.max_hours, "device": args.device,
+                     "max_hours": args.max_hours, "device": args.device, "checkpoint_minutes": args.checkpoint_minutes,
                      "frames_per_epoch": args.frames_per_epoch, "warmup_steps": args.warmup_steps},
     }
-    out = Path(args.out)
-    saved = out / "config.json"
-    if args.resume:
-        # continue the recorded run exactly: any setting that would change its meaning is refused, by name
-        if not saved.is_file() or not (out / "checkpoint.pt").is_file():
-            raise ValueError(f"cannot resume: {out} holds no started run (config.json and checkpoint.pt are needed)")
-        base = json.loads(saved.read_text())
-        asked = {}
-        if args.config:
-            try:
-                asked.update(_flatten(tomllib.loads(Path(args.config).read_text())))
-            except (OSError, tomllib.TOMLDecodeError) as err:
-                raise ValueError(f"cannot read config file {args.config}: {err}") from None
-        asked.update({k: v for k, v in _flatten(overrides).items() if v is not None})
-        recorded = _flatten(base)
-        changed = [f"{table}.{key} (recorded {recorded.get((table, key))!r}, asked {value!r})"
-                   for (table, key), value in asked.items()
-                   if recorded.get((table, key)) != value and (table, key) not in RESUME_MAY_CHANGE
-                   and not (table == "data" and key == "path" and Path(str(value)).resolve()
-                            == Path(str(recorded.get((table, key)))).resolve())]
-        if changed:
-            raise ValueError("--resume continues the recorded run exactly, but these settings differ from it: "
-                             + "; ".join(changed) + f". Only --epochs, --max-hours and --device may change; start a "
-                             "new run in another --out for anything else.")
-        for (table, key), value in asked.items():
-            base[table][key] = value
-        config = resolve_config(None, base)
-        config.pop("_size_defaults", None)       # the recorded run's settings, as they were
-    else:
-        existing = [name for name in ("model.pt", "checkpoint.pt") if (out / name).exists()]
-        if existing and not args.overwrite:
-            raise ValueError(f"{out} already holds a training run ({', '.join(existing)}); continue it with --resume, "
-                             "replace it with --overwrite, or choose another --out")
-        config = resolve_config(args.config, overrides)
-    summary = train_from_config(config, args.out, resume=args.resume)
-    if int(os.environ.get("RANK", "0")) != 0:
+    # a resume takes only what is given again (the library holds it against the recorded run)
+    config = asked_settings(args.config, overrides) if args.resume else resolve_config(args.config, overrides)
+    resume_line = f"continue with: schnet-md train --resume --out {args.out}"
+    try:
+        summary = train_from_config(config, args.out, resume=args.resume, overwrite=args.overwrite)
+    except RunInterrupted as stop:
+        if main_process():
+            print(f"schnet-md train: {stop}; {resume_line} (exit status {stop.exit_code})", file=sys.stderr)
+        return stop.exit_code
+    if not main_process():
         return 0                                   # rank 0 reports
-    model_file = out / "model.pt"
+    model_file = Path(args.out) / "model.pt"
+    if not summary["finished"]:                    # the time budget ran out: resumable
+        kept = f"the best model so far is {model_file}" if model_file.is_file() else \
+            "no epoch has finished yet, so there is no model.pt"
+        print(f"{summary['stop_reason']}; {kept}; {resume_line}")
+        return 0
     if not model_file.is_file():
         raise RuntimeError(f"training ended without writing {model_file}")
     print(f"model written to {model_file}" + (f" ({summary['processes']} processes)" if summary["processes"] > 1
@@ -416,7 +386,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--validation-fraction", type=float)
     t.add_argument("--ema", type=float, help="decay of an exponential moving average of the weights (e.g. 0.99)")
     t.add_argument("--early-stopping", type=int, help="stop after N epochs without validation improvement")
-    t.add_argument("--max-hours", type=float, help="stop after this much wall time; --resume continues")
+    t.add_argument("--max-hours", type=float, help="stop after this much wall time (checked between batches); "
+                                                  "--resume continues")
+    t.add_argument("--checkpoint-minutes", type=float,
+                   help="also write checkpoint.pt within an epoch after this much wall time (default 10; 0: at epoch "
+                        "ends only), so a long epoch is resumable")
     t.add_argument("--max-frames", type=int, help="use only the first N frames of the data")
     t.add_argument("--warmup-steps", type=int, help="ramp the learning rate up over the first N optimiser steps "
                                                     "(fine-tuning with --init: a fresh optimiser at full rate first "
@@ -430,9 +404,11 @@ def build_parser() -> argparse.ArgumentParser:
                                              "on CUDA); for several machines launch `torchrun ... -m schnet_md.cli "
                                              "train ...` yourself")
     t.add_argument("--resume", action="store_true",
-                   help="continue the run in OUT exactly (its config.json and checkpoint.pt); only --epochs, "
-                        "--max-hours and --device may change")
-    t.add_argument("--overwrite", action="store_true", help="replace a run already in OUT")
+                   help="continue the run in OUT exactly (its config.json and checkpoint.pt, its input files "
+                        "unchanged); only --epochs, --max-hours, --device and --checkpoint-minutes may change")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace a run already in OUT (its model.pt, checkpoints, metrics.json and config.json are "
+                        "removed before the new run starts)")
     t.set_defaults(func=_train)
 
     v = sub.add_parser("evaluate", help="energy and force errors of a model on labelled frames",
@@ -703,12 +679,12 @@ def main(argv=None) -> int:
             warnings.showwarning = lambda message, *_, **__: print(f"schnet-md {args.command}: warning: {message}",
                                                                    file=sys.stderr)
             return args.func(args)
-    except Stopped as err:                    # SIGTERM: checkpointed where it stopped; says how to go on
-        print(f"schnet-md {args.command}: {err}", file=sys.stderr)
-        return err.exit_code
     except (ValueError, RuntimeError, OSError) as err:   # OSError: missing, read-only or full files and folders
         print(f"schnet-md {args.command}: error: {err}", file=sys.stderr)
         return 1
+    except RunInterrupted as stop:           # SIGTERM or SIGINT, after a checkpoint
+        print(f"schnet-md {args.command}: {stop}", file=sys.stderr)
+        return stop.exit_code
     except KeyboardInterrupt:
         print(f"schnet-md {args.command}: interrupted", file=sys.stderr)
         return 130

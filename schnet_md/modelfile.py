@@ -85,11 +85,9 @@ def save_model(model: SchNet, path: str | os.PathLike, metadata: dict | None = N
                        for k, v in model.state_dict().items()},
     }
     payload["sha256"] = contents_sha256(payload["config"], payload["metadata"], payload["state_dict"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-    return path
+    from .runs import atomic_write
+
+    return atomic_write(path, writer=lambda fh: torch.save(payload, fh))
 
 
 def trained_labels(metadata: dict) -> str:

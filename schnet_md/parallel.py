@@ -39,6 +39,12 @@ def _env_int(*names: str, default: int) -> int:
     return default
 
 
+def main_process() -> bool:
+    """Whether this process writes the run's files: rank 0 of a launched group, or a process on its own. Known
+    from the launcher's environment, before the group is joined (the run folder is locked first)."""
+    return _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1) <= 1 or _env_int("RANK", "SLURM_PROCID", default=0) == 0
+
+
 def setup(device: torch.device) -> Group:
     """Join the process group if this process was launched as one of several; a no-op otherwise."""
     world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)

@@ -13,6 +13,7 @@ evaluate) goes through this module, so a folder belongs to one run:
   it starts; a resume compares them and names a file that changed (`require_settings`: a setting).
 - `claim` refuses a folder that holds files the command would write but no record of a run of it (the
   user's own files), and with `overwrite` retires the old run's files before the new run starts.
+- `RunInterrupted`: a command that stopped on SIGTERM or SIGINT after writing what a resume needs.
 """
 
 from __future__ import annotations
@@ -41,6 +42,17 @@ class RunFolderError(ValueError):
 
 class RunFolderBusy(RunFolderError):
     """Another process holds the folder's lock."""
+
+
+class RunInterrupted(Exception):
+    """A command stopped by SIGTERM (a batch system's preemption or time limit) or SIGINT (Ctrl-C) once it had
+    written what a resume needs. `exit_code` is 128 + the signal's number (143 for SIGTERM, 130 for SIGINT): the
+    status a shell reports for a process ended by that signal, so scripts and batch systems see an unfinished run."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum
 
 
 # ---- one writer per folder ----------------------------------------------------------------------------
@@ -111,46 +123,54 @@ def exclusive(path: str | os.PathLike, command: str, file: Optional[bool] = None
 
 # ---- stopping on request ------------------------------------------------------------------------------
 
-class Stopped(RuntimeError):
-    """The run was asked to stop (SIGTERM: a batch system preempting the job, or its time limit) and stopped
-    at a point it can resume from. The command line exits with 143, as a process killed by SIGTERM does."""
-
-    exit_code = 128 + signal.SIGTERM
-
-
-class StopRequest:
-    """Set by SIGTERM while a run is under way; the run looks at it between steps or batches."""
+class StopRequests:
+    """SIGTERM (what SLURM sends on preemption or at the time limit) and SIGINT (Ctrl-C) within the block are
+    noted in `signum` and acted on by the run at its next safe point (a batch, a chunk of MD steps): a checkpoint,
+    then RunInterrupted. A second signal of the same kind acts at once, as it would without this (files stay
+    whole: every write is atomic). Outside the main thread (where Python runs no handlers) nothing is noted."""
 
     def __init__(self):
-        self.signal: Optional[int] = None
+        self.signum = 0
+        self._previous: dict = {}
 
-    def __bool__(self) -> bool:
-        return self.signal is not None
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._note)
+        return self
 
+    def _note(self, signum, _frame) -> None:
+        self.signum = signum
+        signal.signal(signum, self._previous[signum] or signal.SIG_DFL)
 
-@contextmanager
-def stop_on_sigterm():
-    """Within the block SIGTERM does not kill the process: it sets the yielded StopRequest, and the run
-    checkpoints and stops at its next safe point (seconds, not an epoch). Outside the main thread (where
-    Python cannot install handlers) the request simply never comes."""
-    request = StopRequest()
-    if threading.current_thread() is not threading.main_thread():
-        yield request
-        return
-    previous = signal.signal(signal.SIGTERM, lambda signum, _frame: setattr(request, "signal", signum))
-    try:
-        yield request
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    def __exit__(self, *_exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler or signal.SIG_DFL)
 
 
 # ---- writes that are whole or absent ------------------------------------------------------------------
+
+CRASH_BEFORE_WRITE = "SCHNET_MD_CRASH_BEFORE_WRITE"
+CRASH_EXIT = 86
+_writes: dict = {}      # file name -> writes of it so far by this process
+
+
+def _crash_point(path: Path) -> None:
+    """For crash-consistency tests: SCHNET_MD_CRASH_BEFORE_WRITE=NAME:N ends the process at once, as a kill -9
+    would (exit status 86), just before its N-th write of a file named NAME."""
+    name, _, count = os.environ.get(CRASH_BEFORE_WRITE, "").rpartition(":")
+    if name and path.name == name:
+        _writes[name] = _writes.get(name, 0) + 1
+        if _writes[name] == int(count):
+            os._exit(CRASH_EXIT)
+
 
 def atomic_write(path: str | os.PathLike, content: bytes | str | None = None,
                  writer: Optional[Callable] = None) -> Path:
     """Write `content` (or call `writer(binary_file)`) to a temporary file of this process beside `path`,
     flush it to disk and rename it over `path`. On failure nothing is replaced and the temporary is gone."""
     path = Path(path)
+    _crash_point(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:

@@ -22,6 +22,7 @@ import json
 import math
 import random
 import os
+import signal
 import struct
 import sys
 import time
@@ -552,11 +553,11 @@ def _run(simulation, platform: str, out: Path, settings: SimulationSettings, ste
     longest = chunk = max(settings.report_interval, min(1000, max(steps // 100, 1)))
     start_step = simulation.currentStep
     started = time.perf_counter()
-    stopped = None
+    stopped = 0
     try:
         remaining = steps
-        with runs.stop_on_sigterm() as stop:
-            while remaining > 0 and not stop:
+        with runs.StopRequests() as stop:
+            while remaining > 0 and not stop.signum:
                 n = min(chunk, remaining)
                 t0 = time.perf_counter()
                 simulation.step(n)
@@ -573,7 +574,7 @@ def _run(simulation, platform: str, out: Path, settings: SimulationSettings, ste
                     print(f"MD: step {simulation.currentStep} ({done_here}/{steps} this run, {100 * done_here / steps:.0f}%), "
                           f"{ns_day:.3g} ns/day", file=sys.stderr, flush=True)
                     last_line = now
-            stopped = stop.signal
+            stopped = stop.signum
         if guard is not None:
             _guard_state(guard, simulation, simulation.context.getState(getPositions=True))
     except Exception as err:
@@ -591,9 +592,9 @@ def _run(simulation, platform: str, out: Path, settings: SimulationSettings, ste
     save_checkpoint(simulation, out / "checkpoint.chk", run_id)
     save_checkpoint(simulation, out / "final.chk", run_id, keep_previous=False)
     _record_steps_done(out / RUN_RECORD, simulation.currentStep)
-    if stopped is not None:
-        raise runs.Stopped(f"stopped by signal {stopped} at step {simulation.currentStep} with a checkpoint there; "
-                           f"continue with: schnet-md simulate --resume {out}")
+    if stopped:
+        raise runs.RunInterrupted(f"stopped by {signal.Signals(stopped).name} at step {simulation.currentStep} with a "
+                                  f"checkpoint there; continue with: schnet-md simulate --resume {out}", stopped)
     done = simulation.currentStep - start_step
     sps = done / wall if wall > 0 else float("nan")
     return SimulationResult(out, trajectory, out / "state.csv", simulation.currentStep // settings.report_interval,

@@ -38,7 +38,7 @@ def test_train_refuses_to_overwrite_a_finished_run(tmp_path, capsys, ethanol_npz
     assert cli(capsys, "train", "--data", ethanol_npz, *TINY, "--epochs", "1", "--out", out)[0] == 0
     before = (out / "model.pt").read_bytes()
     code, _, err = cli(capsys, "train", "--data", ethanol_npz, *TINY, "--epochs", "1", "--out", out)
-    assert code == 1 and "already holds a training run" in err and "--resume" in err and "--overwrite" in err
+    assert code == 1 and "already holds a run (training: config.json)" in err and "--resume" in err and "--overwrite" in err
     assert (out / "model.pt").read_bytes() == before
     assert cli(capsys, "train", "--data", ethanol_npz, *TINY, "--epochs", "1", "--seed", "5", "--out", out,
                "--overwrite")[0] == 0

@@ -75,8 +75,9 @@ def test_ema_early_stopping_and_time_budget(tmp_path, ethanol60):
               TrainSettings(epochs=50, batch_size=30, learning_rate=0.0, early_stopping_patience=2), log=quiet)
     assert len(s["history"]) == 3 and s["stop_reason"].startswith("early stop")
     s = train(ethanol60, config, tmp_path / "budget", TrainSettings(epochs=50, batch_size=30, max_hours=1e-9),
-              log=quiet)
-    assert len(s["history"]) == 1 and "time budget" in s["stop_reason"]
+              log=quiet)      # checked between batches: it stops within the first epoch, after a checkpoint
+    assert s["history"] == [] and "time budget" in s["stop_reason"] and "after batch 1 of 2" in s["stop_reason"]
+    assert not s["finished"] and torch.load(tmp_path / "budget" / "checkpoint.pt", weights_only=True)["batch"] == 1
 
 
 def test_energy_only_training_on_qm9():
