@@ -136,8 +136,12 @@ def _export(args) -> int:
     n = structure.n_atoms if atoms is None else len(atoms)
     print(f"TorchForce module for {n} of {structure.n_atoms} particles written to {path}")
     # a bare openmmtorch.TorchForce(path) takes whatever particles it is given: say which it expects
-    print(f"it expects {expected_atoms(load_exported(path)[1])} (create_torch_force(FILE, topology) checks this; "
+    metadata = load_exported(path)[1]
+    print(f"it expects {expected_atoms(metadata)} (create_torch_force(FILE, topology) checks this; "
           "a bare TorchForce cannot)")
+    if metadata["periodic"]:
+        print(f"periodic: load it with schnet_md.export.load_torch_force('{path}'), or call "
+              "setUsesPeriodicBoundaryConditions(True) on openmmtorch.TorchForce(FILE)")
     return 0
 
 
@@ -171,7 +175,8 @@ def _simulate(args) -> int:
             friction_per_ps=args.friction, report_interval=args.report_interval,
             checkpoint_interval=args.checkpoint_interval, minimize=args.minimize, seed=args.seed,
             platform=args.platform, precision=args.precision, tabulate=args.tabulate, guard=not args.no_guard,
-            disagreement_warn=args.disagreement_warn, disagreement_stop=args.disagreement_stop)
+            disagreement_warn=args.disagreement_warn, disagreement_stop=args.disagreement_stop,
+            pressure_bar=args.pressure, barostat_interval=args.barostat_interval)
         result = run_simulation(args.structure, args.model, args.out, settings, overwrite=args.overwrite)
     seed = json.loads((result.out_dir / "run.json").read_text())["settings"]["seed"]
     print(f"trajectory: {result.trajectory}  ({result.n_frames} frames)")
@@ -459,6 +464,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="committee force disagreement (kJ/mol/nm) that earns a warning")
     s.add_argument("--disagreement-stop", type=float, default=0.0,
                    help="committee force disagreement (kJ/mol/nm) that stops the run (0: never)")
+    s.add_argument("--pressure", type=float, default=0.0,
+                   help="bar: NPT with a MonteCarloBarostat at this pressure (periodic systems; 0: constant volume). "
+                        "state.csv then tracks volume_nm3 and density_g_ml")
+    s.add_argument("--barostat-interval", type=int, default=25, help="steps between the barostat's volume moves")
     s.add_argument("--out", help="output folder (refused if it already holds a run or files a run writes, unless "
                                  "--overwrite)")
     s.add_argument("--overwrite", action="store_true",

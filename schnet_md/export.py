@@ -28,7 +28,7 @@ from .elements import atom_order, symbol
 from .model import SchNet
 from .modelfile import EXPORT_METADATA_FILE as METADATA_FILE
 from .modelfile import FILE_KINDS, ModelFileError, file_kind, model_at, tensors_sha256, warn_once
-from .neighbors import (box_heights, box_too_small, cell_grid, cell_list_pairs, check_box,
+from .neighbors import (box_heights, box_too_small, cell_grid, cell_list_pairs, check_box, fitted_cell_list_pairs,
                         check_molecule_fits_box, minimum_image, unique_pairs)
 from .units import ANGSTROM_PER_NM, energy_factor
 
@@ -108,18 +108,24 @@ class OpenMMSchNet(nn.Module):
         pair_i, pair_j = self.pair_i, self.pair_j
         if self.periodic:
             if boxvectors is None:
-                raise ValueError("this SchNet force was exported for a periodic system but got no box vectors")
+                raise ValueError("this SchNet force was exported for a periodic system but got no box vectors: call "
+                                 "setUsesPeriodicBoundaryConditions(True) on the TorchForce (schnet_md.export."
+                                 "load_torch_force(file) returns it configured from the file's metadata)")
             box = boxvectors.to(dtype) * self.angstrom_per_nm
-            if self.use_cells:
+            if self.use_cells and self.check_errors:
+                # sized afresh for every box (a barostat's included), so nothing can overflow; a box shrunk below
+                # three cutoffs, too small for cells, takes all pairs at their minimum image (exact above two)
+                check_box(box, self.cutoff)
+                if bool(box_heights(box.detach()).min() >= 3.0 * self.cutoff):
+                    pair_i, pair_j, vectors = fitted_cell_list_pairs(r, box, self.cutoff)
+                else:
+                    pair_i, pair_j = unique_pairs(r.shape[0], r.device)
+                    vectors = minimum_image(r.index_select(0, pair_j) - r.index_select(0, pair_i), box)
+            elif self.use_cells:
+                # graph-safe: fixed capacities, sized at export for the box range it states (cells_hold);
+                # outside it the energy is NaN, as for every other bad input of this mode
                 pair_i, pair_j, vectors, mask, found, overflow = cell_list_pairs(
                     r, box, self.cutoff, self.cells, self.max_per_cell, self.capacity)
-                if self.check_errors:
-                    check_box(box, self.cutoff)
-                    if bool(overflow):
-                        raise ValueError("SchNet force: the neighbour list overflowed (" + str(int(found))
-                                         + " pairs for a capacity of " + str(self.capacity) + ", at most "
-                                         + str(self.max_per_cell) + " atoms per cell, cells at least one cutoff "
-                                         "wide): export again with a larger capacity / max_per_cell")
                 bad = bad | overflow
             else:
                 vectors = minimum_image(r.index_select(0, pair_j) - r.index_select(0, pair_i), box)
@@ -192,15 +198,25 @@ def inference_copy(model: SchNet) -> SchNet:
 CELL_LIST_MIN_ATOMS = 200   # the cell list wins once a system has a few times more atoms than neighbours (~50)
 
 
-def size_cell_list(box_angstrom, cutoff: float, n_atoms: int, positions_angstrom=None, headroom: float = 1.5):
-    """(cells per direction, max atoms per cell, pair capacity) for a periodic system, with headroom.
-    The pair capacity (a half list) follows the mean density (n^2 2/3 pi rc^3 / V); atoms per cell follow the fullest cell
-    of the given positions (or the mean, doubled, without positions)."""
+BOX_SHRINK = 0.1   # the graph-safe cell list holds boxes down to 90 % of the export box per side (NPT: a few %)
+
+
+def size_cell_list(box_angstrom, cutoff: float, n_atoms: int, positions_angstrom=None, headroom: float = 1.5,
+                   shrink: float = BOX_SHRINK):
+    """(cells per direction, max atoms per cell, pair capacity) of a fixed-capacity cell list that holds the box
+    and every box whose heights shrink by up to the fraction `shrink` (or grow): cells are at least one cutoff
+    wide in the smallest of those boxes, and both capacities allow for its density, (1 - shrink)^-3 times the
+    given one, with `headroom` on top. The pair capacity (a half list) follows the mean density
+    (n^2 2/3 pi rc^3 / V); atoms per cell follow the fullest cell of the given positions (or the mean, doubled,
+    without positions)."""
+    if not 0 <= shrink < 1:
+        raise ValueError(f"box_shrink must lie in [0, 1) (the fraction by which box heights may shrink), got {shrink}")
     box = np.asarray(box_angstrom, dtype=np.float64)
-    cells = cell_grid(box, cutoff)
+    cells = cell_grid(box * (1.0 - shrink), cutoff)
     n_cells = max(1, int(np.prod(cells)))
+    denser = (1.0 - shrink) ** -3
     volume = abs(np.linalg.det(box))
-    capacity = int(headroom * n_atoms * n_atoms * (2.0 / 3.0) * np.pi * cutoff ** 3 / volume) + 256
+    capacity = int(headroom * denser * n_atoms * n_atoms * (2.0 / 3.0) * np.pi * cutoff ** 3 / volume) + 256
     if positions_angstrom is not None and min(cells) >= 1:
         frac = np.asarray(positions_angstrom) @ np.linalg.inv(box)
         frac -= np.floor(frac)
@@ -208,20 +224,24 @@ def size_cell_list(box_angstrom, cutoff: float, n_atoms: int, positions_angstrom
         fullest = np.bincount((idx[:, 0] * cells[1] + idx[:, 1]) * cells[2] + idx[:, 2], minlength=n_cells).max()
     else:
         fullest = 2 * n_atoms / n_cells
-    return cells, int(np.ceil(headroom * fullest)) + 4, capacity
+    return cells, int(np.ceil(headroom * denser * fullest)) + 4, capacity
 
 
 def build_module(model: ModelLike, atomic_numbers: Sequence[int], particle_indices: Sequence[int] | None = None,
                  n_particles: int | None = None, periodic: bool = False, dtype: str = "float32",
                  neighbor_list: str = "auto", box_nm=None, positions_nm=None, capacity: int | None = None,
                  max_per_cell: int | None = None, check_errors: bool = True,
-                 n_molecules: int = 1, script: bool = True, tabulate: bool = False) -> Tuple[torch.jit.ScriptModule, dict]:
+                 n_molecules: int = 1, script: bool = True, tabulate: bool = False,
+                 box_shrink: float = BOX_SHRINK) -> Tuple[torch.jit.ScriptModule, dict]:
     """Script an OpenMMSchNet; returns (module, metadata). Atomic numbers are those of the particles
     the model acts on, in the order of `particle_indices` (default: all particles 0..n-1).
 
     neighbor_list: "all_pairs", "cells", or "auto" (cells for periodic systems of at least 200 atoms whose
-    box is at least three cutoffs across). The cell list needs the box (box_nm) to size itself; positions_nm
-    (of all particles) refine the per-cell capacity; capacity / max_per_cell override the sizing.
+    box is at least three cutoffs across). With check_errors the cell list is sized afresh at every call, so it
+    holds any box a barostat reaches. The graph-safe module (check_errors=False) has fixed capacities, sized from
+    the box (box_nm) and positions_nm (of all particles) for boxes whose heights shrink by up to `box_shrink`
+    (a fraction; growing is always fine); capacity / max_per_cell override the sizing. metadata["cells_hold"]
+    states the range.
 
     A list of models is a committee: the module returns the mean of their energies (so the forces are the
     mean forces); see schnet_md.committee.
@@ -231,7 +251,7 @@ def build_module(model: ModelLike, atomic_numbers: Sequence[int], particle_indic
     if isinstance(model, (list, tuple)):
         members = [build_module(m, atomic_numbers, particle_indices, n_particles, periodic, dtype, neighbor_list,
                                 box_nm, positions_nm, capacity, max_per_cell, check_errors, n_molecules, script=False,
-                                tabulate=tabulate)
+                                tabulate=tabulate, box_shrink=box_shrink)
                    for m in model]
         metadata = dict(members[0][1], committee_size=len(members),
                         committee=[mm.get("model", {}) for _, mm in members])
@@ -249,10 +269,11 @@ def build_module(model: ModelLike, atomic_numbers: Sequence[int], particle_indic
         particle_indices = list(range(len(atomic_numbers)))
     n_particles = len(atomic_numbers) if n_particles is None else int(n_particles)
     cutoff = schnet.cutoff
-    cells, cell_capacity, pair_capacity = [], 0, 0
+    cells, cell_capacity, pair_capacity, cells_hold = [], 0, 0, None
+    shrink = 0.0 if check_errors else box_shrink          # (checked modules size their cells at every call)
     if neighbor_list == "auto":
         big_enough = box_nm is not None and cutoff != float("inf") and \
-            min(cell_grid(np.asarray(box_nm) * ANGSTROM_PER_NM, cutoff)) >= 3
+            min(cell_grid(np.asarray(box_nm) * ANGSTROM_PER_NM * (1.0 - shrink), cutoff)) >= 3
         neighbor_list = "cells" if periodic and big_enough and len(particle_indices) >= CELL_LIST_MIN_ATOMS \
             else "all_pairs"
     if neighbor_list == "cells":
@@ -261,9 +282,15 @@ def build_module(model: ModelLike, atomic_numbers: Sequence[int], particle_indic
         ml_positions = None if positions_nm is None else \
             np.asarray(positions_nm)[np.asarray(particle_indices)] * ANGSTROM_PER_NM
         cells, cell_capacity, pair_capacity = size_cell_list(np.asarray(box_nm) * ANGSTROM_PER_NM, cutoff,
-                                                             len(particle_indices), ml_positions)
+                                                             len(particle_indices), ml_positions, shrink=shrink)
         cell_capacity = max_per_cell or cell_capacity
         pair_capacity = capacity or pair_capacity
+        if check_errors:
+            cells_hold = "any box whose heights are at least two cutoffs (the cell list is sized at every call)"
+        else:
+            cells_hold = {"min_box_heights_angstrom": [c * cutoff for c in cells], "max_atoms_per_cell": cell_capacity,
+                          "max_pairs": pair_capacity,
+                          "beyond": "a NaN energy; export again with a larger box_shrink, max_per_cell or capacity"}
     filters = {"kind": "network"}
     energy_model = schnet
     if tabulate:
@@ -290,7 +317,7 @@ def build_module(model: ModelLike, atomic_numbers: Sequence[int], particle_indic
         "periodic": bool(periodic),
         "precision": dtype,
         "neighbor_list": neighbor_list,
-        "cells": cells, "max_per_cell": cell_capacity, "pair_capacity": pair_capacity,
+        "cells": cells, "max_per_cell": cell_capacity, "pair_capacity": pair_capacity, "cells_hold": cells_hold,
         "check_errors": bool(check_errors),
         "units": {"positions": "nm", "box": "nm", "energy": "kJ/mol"},
         "model_energy_unit": schnet.config.energy_unit,
@@ -373,7 +400,7 @@ def _targets(topology_or_atomic_numbers, atoms):
 def create_torch_force(model: ModelLike, topology_or_atomic_numbers, atoms: Sequence[int] | None = None,
                        periodic: bool | None = None, dtype: str = "float32", neighbor_list: str = "auto",
                        positions=None, box=None, capacity: int | None = None, max_per_cell: int | None = None,
-                       cuda_graphs: bool = False, tabulate: bool = False):
+                       cuda_graphs: bool = False, tabulate: bool = False, box_shrink: float = BOX_SHRINK):
     """A ready `openmmtorch.TorchForce` for `model` acting on `atoms` of an OpenMM Topology (default:
     all of them), or on a list of atomic numbers (one per particle). Periodicity follows the
     topology's box unless given. cuda_graphs=True turns on openmm-torch's CUDA graphs and exports the
@@ -409,13 +436,27 @@ def create_torch_force(model: ModelLike, topology_or_atomic_numbers, atoms: Sequ
             if hasattr(topology_or_atomic_numbers, "bonds") else 1
         module, _ = build_module(model, z, indices, n_particles, periodic, dtype, neighbor_list, box_nm,
                                  None if positions is None else _nm(positions), capacity, max_per_cell,
-                                 check_errors=not cuda_graphs, n_molecules=n_molecules, tabulate=tabulate)
+                                 check_errors=not cuda_graphs, n_molecules=n_molecules, tabulate=tabulate,
+                                 box_shrink=box_shrink)
         force = openmmtorch.TorchForce(module)
+    return _configured(force, periodic, cuda_graphs)
+
+
+def _configured(force, periodic: bool, cuda_graphs: bool):
     force.setUsesPeriodicBoundaryConditions(periodic)
     force.setOutputsForces(False)
     if cuda_graphs:
         force.setProperty("useCUDAGraphs", "true")
     return force
+
+
+def load_torch_force(path: str | os.PathLike):
+    """An `openmmtorch.TorchForce` from a file of `export_model` / `schnet-md export`, configured from the file's
+    own checked metadata: periodic boundary conditions for a periodic export, CUDA graphs for a graph-safe one.
+    Its particles are not checked here (no topology): create_torch_force(path, topology) does that."""
+    _, metadata = load_exported(path)
+    return _configured(openmm_torch().TorchForce(str(path)), bool(metadata["periodic"]),
+                       not metadata["check_errors"])
 
 
 def expected_atoms(metadata: dict) -> str:
@@ -573,16 +614,18 @@ def create_python_force(model: ModelLike, topology_or_atomic_numbers, atoms: Seq
 def export_model(model: ModelLike, structure, out: str | Path, atoms: Sequence[int] | None = None,
                  dtype: str = "float32", periodic: bool | None = None, neighbor_list: str = "auto",
                  capacity: int | None = None, max_per_cell: int | None = None, cuda_graphs: bool = False,
-                 tabulate: bool = False) -> Path:
+                 tabulate: bool = False, box_shrink: float = BOX_SHRINK) -> Path:
     """Write the TorchScript force for `structure` (a schnet_md Structure or OpenMM Topology); tabulate=True
-    takes the filters from spline tables (schnet_md.tabulated)."""
+    takes the filters from spline tables (schnet_md.tabulated); box_shrink: see build_module (graph-safe
+    exports only)."""
     topology = getattr(structure, "topology", structure)
     z, indices, n_particles, box_nm = _topology_atoms(topology, atoms)
     periodic = box_nm is not None if periodic is None else periodic
     positions_nm = getattr(structure, "positions_nm", None)
     module, metadata = build_module(model, z, indices, n_particles, periodic, dtype, neighbor_list, box_nm,
                                     positions_nm, capacity, max_per_cell, check_errors=not cuda_graphs,
-                                    n_molecules=count_molecules(topology, indices), tabulate=tabulate)
+                                    n_molecules=count_molecules(topology, indices), tabulate=tabulate,
+                                    box_shrink=box_shrink)
     return save_exported(module, metadata, out)
 
 

@@ -229,3 +229,23 @@ def cell_list_pairs(positions: Tensor, box: Tensor, cutoff: float, n_cells: List
     plane_gap = box_heights(box.detach()) / grid
     overflow = (count.max() > max_per_cell) | (found > capacity) | (plane_gap.min() < cutoff)
     return pair_i, pair_j, vectors, mask, found, overflow
+
+
+def fitted_cell_list_pairs(positions: Tensor, box: Tensor, cutoff: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """The cell list sized afresh for this box and these positions: (i, j, vectors) of exactly the pairs
+    found, each once. For engines that may look at device values every step (CPU, or CUDA without graphs),
+    so a box that shrinks or grows (a barostat) never outgrows the grid. Needs every box height >= 3 cutoffs;
+    below that, but >= 2 cutoffs, the caller takes all pairs at their minimum image instead."""
+    heights: List[float] = box_heights(box.detach()).tolist()
+    n_cells = [int(h // cutoff) for h in heights]
+    grid = torch.tensor(n_cells, dtype=torch.long, device=positions.device)
+    frac = positions.detach() @ torch.linalg.inv(box.detach())
+    frac = frac - torch.floor(frac)
+    cell3 = torch.minimum(torch.clamp((frac * grid).to(torch.long), min=0), grid - 1)
+    cell = (cell3[:, 0] * n_cells[1] + cell3[:, 1]) * n_cells[2] + cell3[:, 2]
+    fullest = int(torch.bincount(cell, minlength=n_cells[0] * n_cells[1] * n_cells[2]).max())
+    n = positions.shape[0]
+    i, j, vectors, mask, found, overflow = cell_list_pairs(positions, box, cutoff, n_cells, fullest,
+                                                           n * 27 * fullest)   # every candidate: never overflows
+    k = int(found)
+    return i[:k], j[:k], vectors[:k]

@@ -45,6 +45,8 @@ from .structures import BondMap, read_structure, write_pdb
 PLATFORM_PREFERENCE = ("CUDA", "OpenCL", "CPU", "Reference")
 MAX_SEED = 2 ** 31 - 1          # OpenMM seeds are C ints; 0 means "pick one at random" to OpenMM
 BOLTZMANN_KJ_PER_MOL_K = unit.MOLAR_GAS_CONSTANT_R.value_in_unit(unit.kilojoule_per_mole / unit.kelvin)
+AVOGADRO = unit.AVOGADRO_CONSTANT_NA.value_in_unit(unit.mole ** -1)
+CM3_PER_NM3 = 1e-21
 
 
 class SimulationError(RuntimeError):
@@ -70,6 +72,8 @@ class SimulationSettings:
     bond_form_factor: float = 1.1    # a non-bonded pair closer than this x the sum has formed a bond
     disagreement_warn: float = 200.0  # committee force disagreement (kJ/mol/nm) that earns a warning
     disagreement_stop: float = 0.0    # ... that stops the run (0: never)
+    pressure_bar: float = 0.0        # > 0: NPT, a MonteCarloBarostat at this pressure (periodic systems)
+    barostat_interval: int = 25      # steps between the barostat's volume moves
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.report_interval < 1 or self.checkpoint_interval < 1:
@@ -79,6 +83,11 @@ class SimulationSettings:
                              f"{self.temperature_k} K, {self.friction_per_ps}/ps)")
         if not (self.timestep_fs > 0 and self.temperature_k > 0 and self.friction_per_ps >= 0):
             raise ValueError("time step and temperature must be positive, friction non-negative")
+        if not (math.isfinite(self.pressure_bar) and self.pressure_bar >= 0 and self.barostat_interval >= 1):
+            raise ValueError(f"pressure must be a finite number of bar >= 0 (0: constant volume) and the barostat "
+                             f"interval at least 1 step (got {self.pressure_bar} bar, {self.barostat_interval})")
+        if self.pressure_bar > 0 and self.ensemble == "nve":
+            raise ValueError("a barostat (pressure) needs a thermostat: use the nvt ensemble with it")
         if self.ensemble not in ("nvt", "nve"):
             raise ValueError("ensemble must be 'nvt' or 'nve'")
         if not 0 <= self.seed <= MAX_SEED:
@@ -140,6 +149,12 @@ def build_system(topology: app.Topology, force_file: Path) -> openmm.System:
 
 def make_simulation(topology, system, settings: SimulationSettings):
     """A Simulation on the requested platform, or the fastest one that can run the TorchForce."""
+    if settings.pressure_bar > 0:
+        if not system.usesPeriodicBoundaryConditions():
+            raise ValueError("a pressure (NPT) needs a periodic system: the structure file has no box")
+        system.addForce(openmm.MonteCarloBarostat(settings.pressure_bar * unit.bar, settings.temperature_k * unit.kelvin,
+                                                  settings.barostat_interval))
+        system.getForce(system.getNumForces() - 1).setRandomNumberSeed(settings.seed)
     names = [settings.platform] if settings.platform else [p for p in PLATFORM_PREFERENCE
                                                            if p in available_platforms()]
     errors = []
@@ -184,18 +199,24 @@ def _guard_state(guard: Optional[BlowUpGuard], simulation, state) -> None:
 
 
 class StateCSVReporter:
-    """Writes step, time (ps), energies (kJ/mol), temperature (K) and speed (ns/day) every N steps."""
+    """Writes step, time (ps), energies (kJ/mol), temperature (K) and speed (ns/day) every N steps; for a periodic
+    system also the box volume (nm^3) and density (g/mL), which a barostat changes."""
 
     COLUMNS = ["step", "time_ps", "potential_kj_mol", "kinetic_kj_mol", "total_kj_mol", "temperature_k",
                "speed_ns_day"]
 
     def __init__(self, path: Path, interval: int, n_dof: int, timestep_fs: float, append: bool,
-                 guard: Optional[BlowUpGuard] = None, disagreement=None, warn: float = 0.0, stop: float = 0.0):
+                 guard: Optional[BlowUpGuard] = None, disagreement=None, warn: float = 0.0, stop: float = 0.0,
+                 periodic_mass_dalton: float = 0.0):
         self.interval = interval
         self.guard = guard
         self.disagreement, self.warn, self.stop, self.warned = disagreement, warn, stop, False
         if disagreement is not None:
             self.COLUMNS = self.COLUMNS + ["force_disagreement_kj_mol_nm"]
+        self.mass_g = None
+        if periodic_mass_dalton:
+            self.COLUMNS = self.COLUMNS + ["volume_nm3", "density_g_ml"]
+            self.mass_g = periodic_mass_dalton / AVOGADRO
         self.n_dof = n_dof
         self.timestep_fs = timestep_fs
         new = not append or not path.exists()
@@ -231,7 +252,12 @@ class StateCSVReporter:
         sigma = self._disagreement(simulation, state)
         row = [step, f"{state.getTime().value_in_unit(unit.picosecond):.6f}", f"{pot:.6f}",
                f"{kin:.6f}", f"{pot + kin:.6f}", f"{temperature:.3f}", speed]
-        self._writer.writerow(row + ([] if sigma is None else [f"{sigma:.4f}"]))
+        if sigma is not None:
+            row.append(f"{sigma:.4f}")
+        if self.mass_g is not None:
+            volume_nm3 = state.getPeriodicBoxVolume().value_in_unit(unit.nanometer ** 3)
+            row += [f"{volume_nm3:.6f}", f"{self.mass_g / (volume_nm3 * CM3_PER_NM3):.5f}"]
+        self._writer.writerow(row)
         self._fh.flush()
         if sigma is not None:
             if self.stop and sigma > self.stop:
@@ -540,8 +566,11 @@ def _run(simulation, platform: str, out: Path, settings: SimulationSettings, ste
     if committee is not None:
         z = [a.element.atomic_number for a in simulation.topology.atoms()]
         disagreement = ForceDisagreement(committee, z, box=simulation.topology.getPeriodicBoxVectors() is not None)
+    system = simulation.system
+    periodic_mass = sum(system.getParticleMass(k).value_in_unit(unit.dalton) for k in range(system.getNumParticles())) \
+        if system.usesPeriodicBoundaryConditions() else 0.0
     state = StateCSVReporter(out / "state.csv", settings.report_interval, n_dof, settings.timestep_fs, append, guard,
-                             disagreement, settings.disagreement_warn, settings.disagreement_stop)
+                             disagreement, settings.disagreement_warn, settings.disagreement_stop, periodic_mass)
     simulation.reporters.extend([dcd, state, AtomicCheckpointReporter(out / "checkpoint.chk",
                                                                       settings.checkpoint_interval, run_id, guard)])
     bar = None
