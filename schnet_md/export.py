@@ -279,6 +279,9 @@ def build_module(model: ModelLike, atomic_numbers: Sequence[int], particle_indic
     if neighbor_list == "cells":
         if box_nm is None:
             raise ValueError("the cell list needs the periodic box to size itself (box_nm)")
+        if not check_errors:   # keep three cells per side: a box near three cutoffs holds less shrinking
+            smallest = float(box_heights(torch.as_tensor(np.asarray(box_nm) * ANGSTROM_PER_NM)).min())
+            shrink = max(0.0, min(shrink, 1.0 - 3.0 * cutoff / smallest))
         ml_positions = None if positions_nm is None else \
             np.asarray(positions_nm)[np.asarray(particle_indices)] * ANGSTROM_PER_NM
         cells, cell_capacity, pair_capacity = size_cell_list(np.asarray(box_nm) * ANGSTROM_PER_NM, cutoff,
