@@ -13,9 +13,10 @@
 //                   atom features of local atoms are forward-communicated to their ghost copies, and in
 //                   the backward pass the gradients that reach ghost features are reverse-communicated
 //                   to their owners, block by block.
-// Forces come from autograd (forces on ghosts are summed into their owners by LAMMPS, newton pair on);
-// the global virial from fdotr. Lengths are Å (units metal and real); the model's energy unit converts
-// to eV or kcal/mol here, once.
+// The module takes the pair vectors r_j - r_i; autograd gives dE/dr per pair, whose force goes to i and j
+// (forces on ghosts are summed into their owners by LAMMPS, newton pair on) and whose virial -r (x) dE/dr
+// goes half to each (per-atom virial); the global virial comes from fdotr. Lengths are Å (units metal and
+// real); the model's energy unit converts to eV or kcal/mol here, once.
 
 #include "atom.h"
 #include "comm.h"
@@ -40,6 +41,7 @@
 
 #include <mpi.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <fstream>
@@ -89,7 +91,10 @@ class PairSchNet : public Pair {
   void allocate();
   void check_masses();
   void check_box();
-  torch::Device device() const { return use_cuda ? torch::Device(torch::kCUDA) : torch::Device(torch::kCPU); }
+  torch::Device device() const
+  {
+    return use_cuda ? torch::Device(torch::kCUDA) : torch::Device(torch::kCPU);
+  }
   torch::Tensor rows_to_device(int n);
   void device_to_rows(const torch::Tensor &t, int n);
 };
@@ -127,8 +132,7 @@ void PairSchNet::allocate()
 // pair_style schnet [ghost exchange|deep] [threads N] [device cpu|cuda] [cutoff R]
 void PairSchNet::settings(int narg, char **arg)
 {
-  int k = 0;
-  while (k < narg) {
+  for (int k = 0; k < narg; k += 2) {
     std::string key = arg[k];
     if (k + 1 >= narg) error->all(FLERR, "pair_style schnet: keyword {} needs a value", key);
     std::string value = arg[k + 1];
@@ -149,7 +153,6 @@ void PairSchNet::settings(int narg, char **arg)
     } else {
       error->all(FLERR, "pair_style schnet: unknown keyword '{}' (use ghost, threads, device, cutoff)", key);
     }
-    k += 2;
   }
   ghostneigh = ghost_mode == DEEP ? 1 : 0;
   if (use_cuda && !torch::cuda::is_available())
@@ -193,9 +196,10 @@ void PairSchNet::coeff(int narg, char **arg)
                "pair_style schnet: {} is not a schnet-md LAMMPS model (an OpenMM export, or another TorchScript "
                "file?); write one with: schnet-md export MODEL --engine lammps --out FILE.pt",
                model_file);
-  if (meta.value("format_version", 0) != 2)
-    error->all(FLERR, "pair_style schnet: {} has LAMMPS format version {}; this plugin reads version 2: export it "
-                      "again with schnet-md export MODEL --engine lammps", model_file, meta.value("format_version", 0));
+  if (meta.value("format_version", 0) != 3)
+    error->all(FLERR, "pair_style schnet: {} has LAMMPS format version {}; this plugin reads version 3 (pair vectors "
+                      "in): export it again with schnet-md export MODEL --engine lammps", model_file,
+               meta.value("format_version", 0));
   if (!module.hasattr("metadata_sha1") || module.attr("metadata_sha1").toStringRef() != c10::sha1(text).str())
     error->all(FLERR, "pair_style schnet: {} is damaged: its metadata (schnet_md.json) does not match the checksum "
                       "inside the module (edited or damaged?); export it again", model_file);
@@ -338,8 +342,6 @@ void PairSchNet::device_to_rows(const torch::Tensor &t, int n)
 void PairSchNet::compute(int eflag, int vflag)
 {
   ev_init(eflag, vflag);
-  if (vflag_atom)
-    error->all(FLERR, "pair_style schnet: per-atom virial (compute stress/atom) is not supported");
   check_box();
 
   double **x = atom->x;
@@ -347,19 +349,23 @@ void PairSchNet::compute(int eflag, int vflag)
   const int *type = atom->type;
   const int nlocal = atom->nlocal;
   const int nall = nlocal + atom->nghost;
-  const int n_listed = list->inum + (ghost_mode == DEEP ? list->gnum : 0);
+  const bool deep = ghost_mode == DEEP;
+  const int n_listed = list->inum + (deep ? list->gnum : 0);
   const double cutsq_model = cutoff * cutoff;
 
-  if (ghost_mode == EXCHANGE && nall > nmax) {
+  if (!deep && nall > nmax) {
     nmax = atom->nmax;
     memory->destroy(features);
     memory->create(features, (bigint) nmax * n_features, "pair:features");
   }
 
-  // the pair list: every (i, j) within the cutoff, i an atom with a neighbour list, both in the model
+  // the pair list: every (i, j) within the cutoff, i an atom with a neighbour list, both in the model, with
+  // its vector r_j - r_i (special-bond bits masked off: the model sees every pair unweighted)
   std::vector<int64_t> pair_i, pair_j;
+  std::vector<double> pair_r;
   pair_i.reserve((size_t) n_listed * 32);
   pair_j.reserve((size_t) n_listed * 32);
+  pair_r.reserve((size_t) n_listed * 96);
   int local_model_atoms = 0, short_of_pairs = 0;
   for (int ii = 0; ii < n_listed; ii++) {
     const int i = list->ilist[ii];
@@ -383,6 +389,7 @@ void PairSchNet::compute(int eflag, int vflag)
       }
       pair_i.push_back(i);
       pair_j.push_back(j);
+      pair_r.insert(pair_r.end(), {dx, dy, dz});
       model_neighbours++;
     }
     if (i < nlocal && model_cutoff <= 0.0) short_of_pairs += model_neighbours;
@@ -398,9 +405,13 @@ void PairSchNet::compute(int eflag, int vflag)
                  cutoff);
   }
 
+  const int64_t n_pairs = (int64_t) pair_i.size();
   const auto opts_long = torch::TensorOptions().dtype(torch::kInt64);
-  torch::Tensor i_t = torch::from_blob(pair_i.data(), {(int64_t) pair_i.size()}, opts_long).to(device());
-  torch::Tensor j_t = torch::from_blob(pair_j.data(), {(int64_t) pair_j.size()}, opts_long).to(device());
+  const auto opts_double = torch::TensorOptions().dtype(torch::kFloat64);
+  torch::Tensor i_t = torch::from_blob(pair_i.data(), {n_pairs}, opts_long).to(device());
+  torch::Tensor j_t = torch::from_blob(pair_j.data(), {n_pairs}, opts_long).to(device());
+  torch::Tensor vectors =
+      torch::from_blob(pair_r.data(), {n_pairs, 3}, opts_double).to(device(), dtype, false, true).requires_grad_(true);
   std::vector<int64_t> species(nall, 0);
   std::vector<double> local_weight(nall, 0.0);    // 1 for the local model atoms whose energies count
   double reference_sum = 0.0;
@@ -413,25 +424,21 @@ void PairSchNet::compute(int eflag, int vflag)
     }
   }
   torch::Tensor species_t = torch::from_blob(species.data(), {nall}, opts_long).to(device());
-  torch::Tensor weight_t =
-      torch::from_blob(local_weight.data(), {nall}, torch::TensorOptions().dtype(torch::kFloat64)).to(device(), dtype);
-  torch::Tensor positions = torch::from_blob(&x[0][0], {nall, 3}, torch::TensorOptions().dtype(torch::kFloat64))
-                                .to(device(), dtype, false, true)
-                                .requires_grad_(true);
+  torch::Tensor weight_t = torch::from_blob(local_weight.data(), {nall}, opts_double).to(device(), dtype);
 
   torch::Tensor atom_energies;    // [nall], model unit, without references
-  torch::Tensor gradient;         // dE/dr [nall, 3]
-  if (ghost_mode == DEEP) {
-    atom_energies = module.forward({species_t, positions, i_t, j_t}).toTensor();
+  torch::Tensor gradient;         // dE/d(r_j - r_i) [n_pairs, 3]
+  if (deep) {
+    atom_energies = module.forward({species_t, vectors, i_t, j_t}).toTensor();
     torch::Tensor energy = (atom_energies * weight_t).sum();
-    gradient = torch::autograd::grad({energy}, {positions})[0];
+    gradient = torch::autograd::grad({energy}, {vectors}, {}, false, false, true)[0];
   } else {
     // forward: block by block, sending local atoms' new features to their ghost copies
     std::vector<torch::Tensor> inputs, outputs;
     torch::Tensor xt = module.get_method("embed")({species_t}).toTensor();
     for (int t = 0; t < n_blocks; t++) {
       torch::Tensor leaf = xt.detach().requires_grad_(t > 0);
-      torch::Tensor y = module.get_method("interact")({t, leaf, positions, i_t, j_t, nlocal}).toTensor();
+      torch::Tensor y = module.get_method("interact")({t, leaf, vectors, i_t, j_t, nlocal}).toTensor();
       inputs.push_back(leaf);
       outputs.push_back(y);
       device_to_rows(y, nlocal);
@@ -441,14 +448,14 @@ void PairSchNet::compute(int eflag, int vflag)
     torch::Tensor last = xt.requires_grad_(true);
     atom_energies = module.get_method("readout")({last, species_t}).toTensor();
     torch::Tensor energy = (atom_energies * weight_t).sum();
-    gradient = torch::zeros({nall, 3}, positions.options());
+    gradient = torch::zeros_like(vectors);
     torch::Tensor g_features = torch::autograd::grad({energy}, {last})[0];
     // backward: block by block, summing the gradients that reached ghost features into their owners
     for (int t = n_blocks - 1; t >= 0; t--) {
       device_to_rows(g_features, nall);
       comm->reverse_comm(this);
       torch::Tensor g_out = rows_to_device(nlocal);
-      std::vector<torch::Tensor> wrt = {positions};
+      std::vector<torch::Tensor> wrt = {vectors};
       if (t > 0) wrt.push_back(inputs[t]);
       auto grads = torch::autograd::grad({outputs[t]}, wrt, {g_out}, false, false, true);
       if (grads[0].defined()) gradient = gradient + grads[0];
@@ -456,13 +463,34 @@ void PairSchNet::compute(int eflag, int vflag)
     }
   }
 
-  // model unit -> LAMMPS unit, once; forces to local and ghost atoms (LAMMPS sums ghosts into owners)
-  torch::Tensor g_host = gradient.to(torch::kCPU, torch::kFloat64).contiguous();
-  const double *g = g_host.data_ptr<double>();
-  for (int i = 0; i < nall; i++) {
-    f[i][0] -= energy_factor * g[3 * i + 0];
-    f[i][1] -= energy_factor * g[3 * i + 1];
-    f[i][2] -= energy_factor * g[3 * i + 2];
+  // model unit -> LAMMPS unit, once. Pair p with g = dE/dr_p: force +g on i and -g on j (local or ghost:
+  // LAMMPS sums ghosts into their owners); virial -r (x) g, half to each atom for the per-atom virial.
+  if (n_pairs > 0 && gradient.defined()) {
+    torch::Tensor g_host = gradient.to(torch::kCPU, torch::kFloat64).contiguous();
+    const double *g = g_host.data_ptr<double>();
+    const bool pair_virial = vflag_global && !vflag_fdotr;
+    for (int64_t p = 0; p < n_pairs; p++) {
+      const int i = (int) pair_i[p], j = (int) pair_j[p];
+      const double *r = &pair_r[3 * p];
+      const double gx = energy_factor * g[3 * p], gy = energy_factor * g[3 * p + 1],
+                   gz = energy_factor * g[3 * p + 2];
+      f[i][0] += gx;
+      f[i][1] += gy;
+      f[i][2] += gz;
+      f[j][0] -= gx;
+      f[j][1] -= gy;
+      f[j][2] -= gz;
+      if (pair_virial || vflag_atom) {
+        const double v[6] = {-r[0] * gx, -r[1] * gy, -r[2] * gz, -r[0] * gy, -r[0] * gz, -r[1] * gz};
+        for (int c = 0; c < 6; c++) {
+          if (pair_virial) virial[c] += v[c];
+          if (vflag_atom) {
+            vatom[i][c] += 0.5 * v[c];
+            vatom[j][c] += 0.5 * v[c];
+          }
+        }
+      }
+    }
   }
   if (eflag) {
     torch::Tensor e_host = atom_energies.detach().narrow(0, 0, nlocal).to(torch::kCPU, torch::kFloat64).contiguous();
