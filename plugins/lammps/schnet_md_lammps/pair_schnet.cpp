@@ -5,6 +5,8 @@
 //   pair_coeff * * model-lammps.pt C H O          (one element per atom type, NULL: not in the model;
 //                                                  checked against the types' masses)
 //
+// Each pair_style line starts from the defaults: ghost exchange, threads 1, device cpu, no cutoff.
+//
 // SchNet with T interaction blocks gives atom i an energy that depends on atoms up to T cutoffs away.
 // Exact on any number of MPI ranks, two ways:
 //   ghost deep      the ghost shell is T x cutoff + skin deep; the model runs on local + ghost atoms
@@ -67,10 +69,13 @@ class PairSchNet : public Pair {
 
  private:
   enum GhostMode { EXCHANGE, DEEP };
-  GhostMode ghost_mode = EXCHANGE;
-  int threads = 1;
-  bool use_cuda = false;
-  double user_cutoff = 0.0;    // Å; only for models without a cutoff (molecules in non-periodic boxes)
+  struct Keywords {    // the pair_style keywords and their defaults
+    GhostMode ghost_mode = EXCHANGE;
+    int threads = 1;
+    bool use_cuda = false;
+    double cutoff = 0.0;    // Å; only for models without a cutoff (molecules in non-periodic boxes)
+  };
+  Keywords keywords;
 
   torch::jit::Module module;
   bool loaded = false;
@@ -87,13 +92,15 @@ class PairSchNet : public Pair {
 
   double *features = nullptr;    // [nmax x n_features] rows exchanged between blocks
   int nmax = 0;
+  double ghost_cutoff_set = -1.0, ghost_cutoff_before = 0.0;    // comm->cutghostuser as ghost deep set it, and before
 
   void allocate();
   void check_masses();
   void check_box();
+  void release_ghost_cutoff();
   torch::Device device() const
   {
-    return use_cuda ? torch::Device(torch::kCUDA) : torch::Device(torch::kCPU);
+    return keywords.use_cuda ? torch::Device(torch::kCUDA) : torch::Device(torch::kCPU);
   }
   torch::Tensor rows_to_device(int n);
   void device_to_rows(const torch::Tensor &t, int n);
@@ -110,6 +117,7 @@ PairSchNet::PairSchNet(LAMMPS *lmp) : Pair(lmp)
 
 PairSchNet::~PairSchNet()
 {
+  release_ghost_cutoff();
   memory->destroy(features);
   if (allocated) {
     memory->destroy(setflag);
@@ -132,30 +140,31 @@ void PairSchNet::allocate()
 // pair_style schnet [ghost exchange|deep] [threads N] [device cpu|cuda] [cutoff R]
 void PairSchNet::settings(int narg, char **arg)
 {
+  keywords = Keywords();    // a repeated pair_style schnet line keeps the model, not the previous keywords
   for (int k = 0; k < narg; k += 2) {
     std::string key = arg[k];
     if (k + 1 >= narg) error->all(FLERR, "pair_style schnet: keyword {} needs a value", key);
     std::string value = arg[k + 1];
     if (key == "ghost") {
-      if (value == "exchange") ghost_mode = EXCHANGE;
-      else if (value == "deep") ghost_mode = DEEP;
+      if (value == "exchange") keywords.ghost_mode = EXCHANGE;
+      else if (value == "deep") keywords.ghost_mode = DEEP;
       else error->all(FLERR, "pair_style schnet: ghost must be 'exchange' or 'deep', not '{}'", value);
     } else if (key == "threads") {
-      threads = utils::inumeric(FLERR, value, false, lmp);
-      if (threads < 1) error->all(FLERR, "pair_style schnet: threads must be >= 1");
+      keywords.threads = utils::inumeric(FLERR, value, false, lmp);
+      if (keywords.threads < 1) error->all(FLERR, "pair_style schnet: threads must be >= 1");
     } else if (key == "device") {
-      if (value == "cpu") use_cuda = false;
-      else if (value == "cuda") use_cuda = true;
+      if (value == "cpu") keywords.use_cuda = false;
+      else if (value == "cuda") keywords.use_cuda = true;
       else error->all(FLERR, "pair_style schnet: device must be 'cpu' or 'cuda', not '{}'", value);
     } else if (key == "cutoff") {
-      user_cutoff = utils::numeric(FLERR, value, false, lmp);
-      if (user_cutoff <= 0.0) error->all(FLERR, "pair_style schnet: cutoff must be positive");
+      keywords.cutoff = utils::numeric(FLERR, value, false, lmp);
+      if (keywords.cutoff <= 0.0) error->all(FLERR, "pair_style schnet: cutoff must be positive");
     } else {
       error->all(FLERR, "pair_style schnet: unknown keyword '{}' (use ghost, threads, device, cutoff)", key);
     }
   }
-  ghostneigh = ghost_mode == DEEP ? 1 : 0;
-  if (use_cuda && !torch::cuda::is_available())
+  ghostneigh = keywords.ghost_mode == DEEP ? 1 : 0;
+  if (keywords.use_cuda && !torch::cuda::is_available())
     error->all(FLERR, "pair_style schnet: device cuda requested, but libtorch sees no CUDA device");
 }
 
@@ -257,7 +266,7 @@ void PairSchNet::init_style()
                update->unit_style);
   const bool periodic = domain->xperiodic || domain->yperiodic || domain->zperiodic;
   if (model_cutoff > 0.0) {
-    if (user_cutoff > 0.0 && user_cutoff != model_cutoff)
+    if (keywords.cutoff > 0.0 && keywords.cutoff != model_cutoff)
       error->all(FLERR, "pair_style schnet: the model has its own cutoff ({} Å); drop the cutoff keyword",
                  model_cutoff);
     cutoff = model_cutoff;
@@ -266,17 +275,29 @@ void PairSchNet::init_style()
       error->all(FLERR, "pair_style schnet: this model has no cutoff (schnet2017: all pairs), so it runs only in "
                         "non-periodic boxes (boundary f or s); train a model with a cutoff for periodic systems");
     // default: the box diagonal, which holds every pair of a fixed box; compute() checks it holds all pairs
-    cutoff = user_cutoff > 0.0
-        ? user_cutoff
+    cutoff = keywords.cutoff > 0.0
+        ? keywords.cutoff
         : std::sqrt(domain->xprd * domain->xprd + domain->yprd * domain->yprd + domain->zprd * domain->zprd) + 1.0;
   }
   int flags = NeighConst::REQ_FULL;
-  if (ghost_mode == DEEP) {
+  release_ghost_cutoff();
+  if (keywords.ghost_mode == DEEP) {
     flags |= NeighConst::REQ_GHOST;
-    comm->cutghostuser = std::max(comm->cutghostuser, n_blocks * cutoff + neighbor->skin);
+    ghost_cutoff_before = comm->cutghostuser;
+    ghost_cutoff_set = std::max(comm->cutghostuser, n_blocks * cutoff + neighbor->skin);
+    comm->cutghostuser = ghost_cutoff_set;
   }
   neighbor->add_request(this, flags);
-  at::set_num_threads(threads);
+  module.to(device());    // the device keyword of a repeated pair_style line
+  at::set_num_threads(keywords.threads);
+}
+
+// ghost deep raises LAMMPS's ghost cutoff; give it back when the mode changes or the style goes
+void PairSchNet::release_ghost_cutoff()
+{
+  if (comm && ghost_cutoff_set >= 0.0 && comm->cutghostuser == ghost_cutoff_set)
+    comm->cutghostuser = ghost_cutoff_before;
+  ghost_cutoff_set = -1.0;
 }
 
 double PairSchNet::init_one(int i, int j)
@@ -349,7 +370,7 @@ void PairSchNet::compute(int eflag, int vflag)
   const int *type = atom->type;
   const int nlocal = atom->nlocal;
   const int nall = nlocal + atom->nghost;
-  const bool deep = ghost_mode == DEEP;
+  const bool deep = keywords.ghost_mode == DEEP;
   const int n_listed = list->inum + (deep ? list->gnum : 0);
   const double cutsq_model = cutoff * cutoff;
 

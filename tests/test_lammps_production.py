@@ -1,0 +1,199 @@
+"""pair_style schnet in production decks (issue #29): LAMMPS inputs as users write them (hybrid styles, molecular
+data files, repeated pair_style lines, ghost deep on small boxes, a plain lmp), run by the wheel's lmp under mpirun
+on 1, 2 and 4 ranks, each against the numbers it must equal or the one-line error it must give."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+import numpy as np
+import pytest
+
+from conftest import SYSTEMS, random_model
+from schnet_md.lammps import export_lammps
+from schnet_md.structures import read_structure
+
+lammps_plugin = pytest.importorskip("schnet_md_lammps")
+
+NKTV2P = 1.6021765e6     # units metal: virial (eV) / volume (Å^3) -> bar, as LAMMPS's force->nktv2p
+ELEMENTS = ["H", "C", "O"]
+MASS = {"H": 1.008, "C": 12.011, "O": 15.999}
+BOX = 13.0
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    """128 features, as real models have: the feature rows of a few ghosts fill LAMMPS's smallest communication
+    buffers (1000 values), so a buffer sized without them shows (the hybrid crash of issue #29)."""
+    lammps_plugin.build(quiet=True)
+    model = random_model("schnet2018", elements=(1, 6, 8), n_features=128, n_interactions=3, cutoff=3.0,
+                         n_gaussians=12, energy_unit="kcal/mol")
+    return export_lammps(model, tmp_path_factory.mktemp("model") / "model-lammps.pt")
+
+
+@pytest.fixture(scope="module")
+def ethanols():
+    return ethanol_box()
+
+
+def ethanol_box():
+    """Four ethanol molecules, each whole inside a periodic box 13 Å across: element symbols, positions (Å),
+    molecule ids, and bonds (atom index pairs within a molecule closer than 1.65 Å)."""
+    s = read_structure(SYSTEMS / "ethanol" / "ethanol.pdb")
+    one = s.positions_nm * 10.0
+    one = one - one.mean(axis=0)
+    symbols1 = [{1: "H", 6: "C", 8: "O"}[int(z)] for z in s.atomic_numbers]
+    rng = np.random.default_rng(7)
+    positions, symbols, molecule, bonds = [], [], [], []
+    while len(molecule) < 4 * len(one):
+        q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+        candidate = one @ (q * np.sign(np.diag(r))) + 2.5 + rng.random(3) * (BOX - 5.0)
+        if positions:
+            d = candidate[:, None, :] - np.array(positions)[None, :, :]
+            d -= BOX * np.round(d / BOX)
+            if np.linalg.norm(d, axis=-1).min() < 2.2:
+                continue
+        start = len(positions)
+        positions += list(candidate)
+        symbols += symbols1
+        molecule += [start // len(one) + 1] * len(one)
+        for a in range(len(one)):
+            for b in range(a + 1, len(one)):
+                if np.linalg.norm(one[a] - one[b]) < 1.65:
+                    bonds.append((start + a, start + b))
+    return symbols, np.array(positions), molecule, bonds
+
+
+def write_data(path, symbols, positions, molecule=None, bonds=()):
+    """atom_style atomic, or atom_style full (molecule ids, zero charges, a Bonds section) when molecule is given."""
+    full = molecule is not None
+    lines = ["schnet-md test data", "", f"{len(symbols)} atoms", f"{len(ELEMENTS)} atom types"]
+    if full:
+        lines += [f"{len(bonds)} bonds", "1 bond types"]
+    lines += ["", f"0 {BOX} xlo xhi", f"0 {BOX} ylo yhi", f"0 {BOX} zlo zhi", "", "Masses", ""]
+    lines += [f"{k + 1} {MASS[e]}" for k, e in enumerate(ELEMENTS)]
+    lines += ["", "Atoms # " + ("full" if full else "atomic"), ""]
+    for n, (e, p) in enumerate(zip(symbols, positions)):
+        t = ELEMENTS.index(e) + 1
+        middle = f"{molecule[n]} {t} 0.0" if full else f"{t}"
+        lines.append(f"{n + 1} {middle} {p[0]:.12f} {p[1]:.12f} {p[2]:.12f}")
+    if full:
+        lines += ["", "Bonds", ""] + [f"{k + 1} 1 {a + 1} {b + 1}" for k, (a, b) in enumerate(bonds)]
+    path.write_text("\n".join(lines) + "\n")
+
+
+HEADER = """units metal
+atom_style {style}
+atom_modify map array
+boundary p p p
+read_data system.data
+{bonds}
+compute pe_atom all pe/atom
+compute stress_atom all stress/atom NULL pair
+compute virial all pressure NULL virial
+"""
+
+# one `run 0` with a label: thermo numbers in a RESULT line, per-atom forces, energies and virials in LABEL.dump
+MEASURE = """dump {label} all custom 1 {label}.dump id fx fy fz c_pe_atom c_stress_atom[*]
+dump_modify {label} sort id format float %.17g
+run 0
+undump {label}
+print "RESULT {label} $(pe:%.17g) $(c_virial[1]:%.17g) $(c_virial[2]:%.17g) $(c_virial[3]:%.17g) $(c_virial[4]:%.17g) $(c_virial[5]:%.17g) $(c_virial[6]:%.17g) $(vol:%.17g)"
+"""
+
+
+class Run:
+    """The numbers of one labelled `run 0`: energy, global virial [6] (energy units), per atom (by id): forces
+    [n, 3], energies [n], virials [n, 6] (energy units, stress/atom turned back into -W)."""
+
+    def __init__(self, folder, label, fields):
+        pe, *pressure, volume = map(float, fields)
+        self.energy = pe
+        self.virial = np.array(pressure) * volume / NKTV2P
+        table = np.loadtxt(folder / f"{label}.dump", skiprows=9, ndmin=2)
+        self.forces, self.atom_energy = table[:, 1:4], table[:, 4]
+        self.atom_virial = -table[:, 5:11] / NKTV2P
+
+    def __add__(self, other):
+        total = object.__new__(Run)
+        for name in ("energy", "virial", "forces", "atom_energy", "atom_virial"):
+            setattr(total, name, getattr(self, name) + getattr(other, name))
+        return total
+
+
+def deck_folder(parent, name, data):
+    """A folder for one deck, holding a copy of the data file `data` as system.data."""
+    folder = parent / name
+    folder.mkdir(parents=True)
+    (folder / "system.data").write_text(data.read_text())
+    return folder
+
+
+def run_deck(folder, body, ranks=1, style="atomic", bonds="", check=True):
+    """Run HEADER + body in folder; returns {label: Run} or, with check=False, the finished process."""
+    (folder / "in.deck").write_text(HEADER.format(style=style, bonds=bonds) + body)
+    proc = subprocess.run(lammps_plugin.lammps_command(["-in", "in.deck", "-log", "none"], ranks), cwd=folder,
+                          env=lammps_plugin.run_environment(), capture_output=True, text=True, timeout=600)
+    if not check:
+        return proc
+    assert proc.returncode == 0, lammps_plugin.lammps_error(proc.stdout + proc.stderr)
+    return results(folder, proc.stdout)
+
+
+def results(folder, stdout):
+    fields = [line.split() for line in stdout.splitlines() if line.startswith("RESULT")]
+    return {f[1]: Run(folder, f[1], f[2:]) for f in fields}
+
+
+def refused(folder, body, **kwargs) -> str:
+    proc = run_deck(folder, body, check=False, **kwargs)
+    assert proc.returncode != 0, "LAMMPS should have refused this deck"
+    return lammps_plugin.lammps_error(proc.stdout + proc.stderr)
+
+
+def assert_same(run, reference, what=""):
+    scale = max(1.0, abs(reference.energy))
+    assert run.energy == pytest.approx(reference.energy, rel=1e-12, abs=1e-12 * scale), what
+    np.testing.assert_allclose(run.forces, reference.forces, rtol=0, atol=1e-10, err_msg=what)
+    np.testing.assert_allclose(run.atom_energy, reference.atom_energy, rtol=0, atol=1e-10, err_msg=what)
+    # thermo and dumps print %.17g; stress/atom and pressure pass through nktv2p and back
+    np.testing.assert_allclose(run.virial, reference.virial, rtol=1e-9, atol=1e-9, err_msg=what)
+    np.testing.assert_allclose(run.atom_virial, reference.atom_virial, rtol=1e-9, atol=1e-9, err_msg=what)
+
+
+def assert_consistent(run, what=""):
+    """Per-atom energies and virials add up to the global ones."""
+    assert run.atom_energy.sum() == pytest.approx(run.energy, rel=1e-10, abs=1e-10), what
+    np.testing.assert_allclose(run.atom_virial.sum(axis=0), run.virial, rtol=1e-7, atol=1e-8, err_msg=what)
+
+
+def schnet(model, ghost, elements="H C O", style="schnet"):
+    return f"pair_style {style} ghost {ghost}\npair_coeff * * {model} {elements}\n"
+
+
+@pytest.fixture(scope="module")
+def box_data(tmp_path_factory, ethanols):
+    """The ethanol box as an atom_style atomic data file."""
+    path = tmp_path_factory.mktemp("box") / "atomic.data"
+    symbols, positions, _, _ = ethanols
+    write_data(path, symbols, positions)
+    return path
+
+
+def test_a_new_pair_style_line_starts_from_the_defaults(box_data, model_file, tmp_path):
+    """pair_style schnet ghost deep, a run, then `pair_style schnet cutoff 2.0` and `pair_style schnet`: the last
+    line means ghost exchange, no cutoff keyword (which this model, with its own 3 Å cutoff, would refuse) and the
+    ghost shell of exchange mode; the model of the earlier pair_coeff stays."""
+    folder = deck_folder(tmp_path, "repeated", box_data)
+    body = (schnet(model_file, "deep") + MEASURE.format(label="deep")
+            + "pair_style schnet cutoff 2.0\npair_style schnet\n" + MEASURE.format(label="again"))
+    proc = run_deck(folder, body, check=False)
+    assert proc.returncode == 0, lammps_plugin.lammps_error(proc.stdout + proc.stderr)
+    fresh_proc = run_deck(deck_folder(tmp_path, "fresh", box_data),
+                          schnet(model_file, "exchange") + MEASURE.format(label="exchange"), check=False)
+    ghosts = [re.findall(r"Nghost:\s+(\S+) ave", p.stdout) for p in (proc, fresh_proc)]
+    assert len(ghosts[0]) == 2 and float(ghosts[0][0]) > float(ghosts[0][1])     # deep, then exchange
+    assert ghosts[0][1] == ghosts[1][0]      # the deep shell was given back
+    runs = results(folder, proc.stdout)
+    assert_same(runs["again"], runs["deep"])
