@@ -197,3 +197,85 @@ def test_a_new_pair_style_line_starts_from_the_defaults(box_data, model_file, tm
     assert ghosts[0][1] == ghosts[1][0]      # the deep shell was given back
     runs = results(folder, proc.stdout)
     assert_same(runs["again"], runs["deep"])
+
+
+LJ = "pair_style lj/cut 3.0\npair_coeff * * 0.01 1.1\n"
+
+
+@pytest.mark.parametrize("ghost", ["exchange", "deep"])
+def test_hybrid_overlay_with_lj_is_the_sum_of_the_two_alone(box_data, model_file, ghost, tmp_path):
+    """schnet + lj/cut under hybrid/overlay: energy, forces, virial, per-atom energies (compute pe/atom) and
+    per-atom virials (compute stress/atom) equal schnet alone plus lj/cut alone, on 1, 2 and 4 ranks; the
+    per-atom numbers add up to the global ones and every rank count gives the same. The overlay runs first, so
+    LAMMPS sizes its buffers for it alone."""
+    body = (f"pair_style hybrid/overlay schnet ghost {ghost} lj/cut 3.0\n"
+            + f"pair_coeff * * schnet {model_file} H C O\npair_coeff * * lj/cut 0.01 1.1\n"
+            + MEASURE.format(label="overlay")
+            + schnet(model_file, ghost) + MEASURE.format(label="schnet") + LJ + MEASURE.format(label="lj"))
+    first = None
+    for ranks in (1, 2, 4):
+        folder = deck_folder(tmp_path, f"np{ranks}", box_data)
+        runs = run_deck(folder, body, ranks=ranks)
+        assert set(runs) == {"schnet", "lj", "overlay"}
+        assert abs(runs["lj"].energy) > 1e-3 and np.abs(runs["schnet"].atom_virial).max() > 1e-5
+        assert_same(runs["overlay"], runs["schnet"] + runs["lj"], f"{ranks} ranks")
+        for label in ("schnet", "overlay"):
+            assert_consistent(runs[label], f"{label}, {ranks} ranks")
+        if first is None:
+            first = runs["overlay"]
+        else:
+            assert_same(runs["overlay"], first, f"{ranks} ranks against 1 rank")
+
+
+ATOMIC_NUMBER = {"H": 1.0, "C": 6.0, "O": 8.0}
+
+
+def zbl_coeffs(sub_style=""):
+    """pair_coeff lines for zbl on every type pair (hybrid/overlay cannot mix them), `zbl ` as sub_style in hybrid."""
+    z = [ATOMIC_NUMBER[e] for e in ELEMENTS]
+    return "".join(f"pair_coeff {a} {b} {sub_style}{z[a - 1]} {z[b - 1]}\n"
+                   for a in range(1, 4) for b in range(a, 4))
+
+
+@pytest.mark.parametrize("ghost", ["exchange", "deep"])
+def test_hybrid_overlay_with_zbl_is_the_sum_of_the_two_alone(box_data, model_file, ghost, tmp_path):
+    """schnet + zbl (short-range repulsion, switched off between 2 and 3 Å) under hybrid/overlay, 1 and 2 ranks
+    (the overlay first, as above)."""
+    body = (f"pair_style hybrid/overlay schnet ghost {ghost} zbl 2.0 3.0\n"
+            + f"pair_coeff * * schnet {model_file} H C O\n" + zbl_coeffs("zbl ") + MEASURE.format(label="overlay")
+            + schnet(model_file, ghost) + MEASURE.format(label="schnet")
+            + "pair_style zbl 2.0 3.0\n" + zbl_coeffs() + MEASURE.format(label="zbl"))
+    for ranks in (1, 2):
+        folder = deck_folder(tmp_path, f"np{ranks}", box_data)
+        runs = run_deck(folder, body, ranks=ranks)
+        assert abs(runs["zbl"].energy) > 1e-3
+        assert_same(runs["overlay"], runs["schnet"] + runs["zbl"], f"{ranks} ranks")
+
+
+@pytest.mark.parametrize("ghost", ["exchange", "deep"])
+@pytest.mark.parametrize("hybrid, lj_pairs", [("hybrid", "* 3"), ("hybrid/overlay", "* *")])
+def test_null_types_under_hybrid_belong_to_the_other_style(box_data, ethanols, model_file, hybrid, lj_pairs, ghost,
+                                                           tmp_path):
+    """schnet on H and C (O is NULL) and lj/cut on the pairs with an O (hybrid) or on all pairs (hybrid/overlay):
+    the model sees only the H and C atoms (O atoms within its cutoff are no error here: they belong to lj/cut),
+    so the numbers equal schnet on the data without O plus lj/cut alone on the same pairs; 1, 2 and 4 ranks."""
+    symbols, positions, _, _ = ethanols
+    keep = np.array([e != "O" for e in symbols])
+    alone = tmp_path / "no-oxygen"
+    alone.mkdir()
+    write_data(alone / "system.data", [e for e in symbols if e != "O"], positions[keep])
+    model_part = run_deck(alone, schnet(model_file, ghost) + MEASURE.format(label="schnet"))["schnet"]
+    body = (f"pair_style lj/cut 3.0\npair_coeff * * 0.0 1.1\npair_coeff {lj_pairs} 0.01 1.1\n"
+            + MEASURE.format(label="lj")
+            + f"pair_style {hybrid} schnet ghost {ghost} lj/cut 3.0\n"
+            + f"pair_coeff * * schnet {model_file} H C NULL\npair_coeff {lj_pairs} lj/cut 0.01 1.1\n"
+            + MEASURE.format(label="hybrid"))
+    for ranks in (1, 2, 4):
+        folder = deck_folder(tmp_path, f"np{ranks}", box_data)
+        runs = run_deck(folder, body, ranks=ranks)
+        expected = runs["lj"]
+        for name in ("forces", "atom_energy", "atom_virial"):     # the model's part, on the H and C atoms
+            getattr(expected, name)[keep] += getattr(model_part, name)
+        expected.energy += model_part.energy
+        expected.virial = expected.virial + model_part.virial
+        assert_same(runs["hybrid"], expected, f"{ranks} ranks")

@@ -17,8 +17,9 @@
 //                   to their owners, block by block.
 // The module takes the pair vectors r_j - r_i; autograd gives dE/dr per pair, whose force goes to i and j
 // (forces on ghosts are summed into their owners by LAMMPS, newton pair on) and whose virial -r (x) dE/dr
-// goes half to each (per-atom virial); the global virial comes from fdotr. Lengths are Å (units metal and
-// real); the model's energy unit converts to eV or kcal/mol here, once.
+// goes half to each (per-atom virial); the global virial comes from fdotr. Under pair_style hybrid and
+// hybrid/overlay the type pairs of NULL types belong to the other sub-styles. Lengths are Å (units metal
+// and real); the model's energy unit converts to eV or kcal/mol here, once.
 
 #include "atom.h"
 #include "comm.h"
@@ -247,9 +248,13 @@ void PairSchNet::coeff(int narg, char **arg)
     n_model_types++;
   }
   if (n_model_types == 0) error->all(FLERR, "pair_style schnet: every atom type is NULL");
+  // Alone, this style covers every type pair (NULL atoms are skipped, and must stay out of reach). Under
+  // pair_style hybrid a pair with a NULL type belongs to another sub-style, and hybrid leaves it out of
+  // this style's neighbour list.
+  const bool sub_style = force->pair != this;
   for (int i = 1; i <= ntypes; i++)
-    for (int j = i; j <= ntypes; j++) setflag[i][j] = 1;
-  comm_forward = comm_reverse = n_features;
+    for (int j = i; j <= ntypes; j++)
+      setflag[i][j] = !sub_style || (species_of_type[i] >= 0 && species_of_type[j] >= 0);
   loaded = true;
 }
 
@@ -288,6 +293,13 @@ void PairSchNet::init_style()
     comm->cutghostuser = ghost_cutoff_set;
   }
   neighbor->add_request(this, flags);
+  comm_forward = comm_reverse = keywords.ghost_mode == EXCHANGE ? n_features : 0;
+  // pair_style hybrid took its communication sizes from its sub-styles at pair_style time, before pair_coeff
+  // named the model (and with it the feature width); LAMMPS sizes its buffers from the parent's after this
+  if (force->pair != this) {
+    force->pair->comm_forward = std::max(force->pair->comm_forward, comm_forward);
+    force->pair->comm_reverse = std::max(force->pair->comm_reverse, comm_reverse);
+  }
   module.to(device());    // the device keyword of a repeated pair_style line
   at::set_num_threads(keywords.threads);
 }
