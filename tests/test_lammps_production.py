@@ -279,3 +279,61 @@ def test_null_types_under_hybrid_belong_to_the_other_style(box_data, ethanols, m
         expected.energy += model_part.energy
         expected.virial = expected.virial + model_part.virial
         assert_same(runs["hybrid"], expected, f"{ranks} ranks")
+
+
+SPECIAL_BONDS_ERROR = ("pair_style schnet: special_bonds weights of 0 (1-2 1-3 1-4) leave bonded pairs of model atoms "
+                       "out of the neighbour list, so the model would not see them; set special_bonds lj/coul 1.0 1.0 "
+                       "1.0")
+BOND_STYLE = "bond_style zero\nbond_coeff *"
+
+
+@pytest.fixture(scope="module")
+def full_data(tmp_path_factory, ethanols):
+    """The ethanol box as an atom_style full data file with its bonds (and so 1-2, 1-3 and 1-4 neighbours)."""
+    path = tmp_path_factory.mktemp("molecular") / "full.data"
+    write_data(path, *ethanols)
+    return path
+
+
+@pytest.mark.parametrize("ghost", ["exchange", "deep"])
+def test_bonded_molecules_need_special_bonds_that_keep_their_pairs(box_data, full_data, model_file, ghost, tmp_path):
+    """atom_style full with a Bonds section. Default special_bonds (0 0 0) would drop the bonded pairs from the
+    neighbour list: the run stops with one line saying what to set. With special_bonds lj/coul 1.0 1.0 1.0, or
+    with weights that keep the pairs listed but flagged (0.5), the numbers equal the atom_style atomic run."""
+    for ranks in (1, 2):
+        atomic = run_deck(deck_folder(tmp_path, f"atomic{ranks}", box_data),
+                          schnet(model_file, ghost) + MEASURE.format(label="atomic"), ranks=ranks)["atomic"]
+        error = refused(deck_folder(tmp_path, f"default{ranks}", full_data),
+                        schnet(model_file, ghost) + MEASURE.format(label="default"), ranks=ranks, style="full",
+                        bonds=BOND_STYLE)
+        assert SPECIAL_BONDS_ERROR in error, error
+        body = schnet(model_file, ghost)
+        for label, weights in (("one", "1.0 1.0 1.0"), ("half", "0.5 0.5 0.5")):
+            body += f"special_bonds lj/coul {weights}\n" + MEASURE.format(label=label)
+        runs = run_deck(deck_folder(tmp_path, f"full{ranks}", full_data), body, ranks=ranks,
+                        style="full", bonds=BOND_STYLE)
+        for label in ("one", "half"):
+            assert_same(runs[label], atomic, f"special_bonds {label}, {ranks} ranks")
+
+
+def test_bonded_molecules_under_hybrid_keep_the_other_styles_exclusions(box_data, full_data, model_file, tmp_path):
+    """Under hybrid/overlay with lj/cut, bonded pairs stay listed with special_bonds 1.0e-100 and lj/cut gets its
+    exclusions back with pair_modify pair lj/cut special lj/coul 0.0 0.0 0.0: the numbers equal schnet on the
+    atomic data plus lj/cut alone on the full data with the default exclusions. Default special_bonds stop the
+    run with the hybrid recipe; 1 and 2 ranks."""
+    overlay = (f"pair_style hybrid/overlay schnet lj/cut 3.0\npair_coeff * * schnet {model_file} H C O\n"
+               "pair_coeff * * lj/cut 0.01 1.1\n")
+    for ranks in (1, 2):
+        atomic = run_deck(deck_folder(tmp_path, f"atomic{ranks}", box_data),
+                          schnet(model_file, "exchange") + MEASURE.format(label="atomic"), ranks=ranks)["atomic"]
+        lj = run_deck(deck_folder(tmp_path, f"lj{ranks}", full_data),
+                      LJ + MEASURE.format(label="lj"), ranks=ranks, style="full", bonds=BOND_STYLE)["lj"]
+        error = refused(deck_folder(tmp_path, f"default{ranks}", full_data),
+                        overlay + MEASURE.format(label="default"), ranks=ranks, style="full", bonds=BOND_STYLE)
+        assert ("under pair_style hybrid set special_bonds lj/coul 1.0e-100 1.0e-100 1.0e-100 (pairs stay listed) "
+                "and give the sub-styles that exclude them pair_modify pair STYLE special lj/coul 0.0 0.0 0.0") in error
+        body = (overlay + "special_bonds lj/coul 1.0e-100 1.0e-100 1.0e-100\n"
+                "pair_modify pair lj/cut special lj/coul 0.0 0.0 0.0\n" + MEASURE.format(label="overlay"))
+        runs = run_deck(deck_folder(tmp_path, f"overlay{ranks}", full_data), body, ranks=ranks,
+                        style="full", bonds=BOND_STYLE)
+        assert_same(runs["overlay"], atomic + lj, f"{ranks} ranks")

@@ -18,8 +18,9 @@
 // The module takes the pair vectors r_j - r_i; autograd gives dE/dr per pair, whose force goes to i and j
 // (forces on ghosts are summed into their owners by LAMMPS, newton pair on) and whose virial -r (x) dE/dr
 // goes half to each (per-atom virial); the global virial comes from fdotr. Under pair_style hybrid and
-// hybrid/overlay the type pairs of NULL types belong to the other sub-styles. Lengths are Å (units metal
-// and real); the model's energy unit converts to eV or kcal/mol here, once.
+// hybrid/overlay the type pairs of NULL types belong to the other sub-styles. Bonded pairs that LAMMPS
+// drops from the neighbour list (special_bonds weights of 0) stop the run: the model needs every pair.
+// Lengths are Å (units metal and real); the model's energy unit converts to eV or kcal/mol here, once.
 
 #include "atom.h"
 #include "comm.h"
@@ -94,10 +95,12 @@ class PairSchNet : public Pair {
   double *features = nullptr;    // [nmax x n_features] rows exchanged between blocks
   int nmax = 0;
   double ghost_cutoff_set = -1.0, ghost_cutoff_before = 0.0;    // comm->cutghostuser as ghost deep set it, and before
+  bool bonds_checked = false;                                    // check_special_bonds() ran in this run
 
   void allocate();
   void check_masses();
   void check_box();
+  void check_special_bonds();
   void release_ghost_cutoff();
   torch::Device device() const
   {
@@ -302,6 +305,7 @@ void PairSchNet::init_style()
   }
   module.to(device());    // the device keyword of a repeated pair_style line
   at::set_num_threads(keywords.threads);
+  bonds_checked = false;
 }
 
 // ghost deep raises LAMMPS's ghost cutoff; give it back when the mode changes or the style goes
@@ -360,6 +364,50 @@ void PairSchNet::check_box()
                  "xyz"[d], heights[d], model_cutoff);
 }
 
+// LAMMPS leaves 1-2, 1-3 and 1-4 pairs whose special_bonds weights (lj and coul) are both 0 out of every
+// neighbour list; pairs with other weights stay in, flagged, and this style uses them unweighted. The model
+// must see every pair, so a run whose bonded model atoms lost their pairs stops here, before its first force.
+void PairSchNet::check_special_bonds()
+{
+  if (atom->molecular == Atom::ATOMIC || force->kspace) return;    // with a kspace style LAMMPS keeps them all
+  bool dropped[4] = {false, false, false, false};
+  std::string orders;
+  for (int k = 1; k <= 3; k++) {
+    dropped[k] = force->special_lj[k] == 0.0 && force->special_coul[k] == 0.0;
+    if (dropped[k]) orders += fmt::format("{}1-{}", orders.empty() ? "" : " ", k + 1);
+  }
+  if (orders.empty()) return;
+  bigint count = 0;
+  const int *type = atom->type;
+  for (int i = 0; i < atom->nlocal; i++) {
+    if (species_of_type[type[i]] < 0) continue;
+    if (atom->molecular == Atom::TEMPLATE) {    // bonds live in molecule templates: assume they are there
+      count++;
+      continue;
+    }
+    const int *n = atom->nspecial[i];    // cumulative counts of 1-2, 1-3, 1-4 neighbours
+    for (int k = 0; k < n[2]; k++) {
+      if (!dropped[k < n[0] ? 1 : k < n[1] ? 2 : 3]) continue;
+      const int m = atom->map(atom->special[i][k]);    // -1: not even a ghost here, far beyond the cutoff
+      if (m >= 0 && species_of_type[type[m]] >= 0) count++;
+    }
+  }
+  bigint total = 0;
+  MPI_Allreduce(&count, &total, 1, MPI_LMP_BIGINT, MPI_SUM, world);
+  if (total == 0) return;
+  if (force->pair == this)
+    error->all(FLERR,
+               "pair_style schnet: special_bonds weights of 0 ({}) leave bonded pairs of model atoms out of the "
+               "neighbour list, so the model would not see them; set special_bonds lj/coul 1.0 1.0 1.0",
+               orders);
+  error->all(FLERR,
+             "pair_style schnet: special_bonds weights of 0 ({}) leave bonded pairs of model atoms out of the "
+             "neighbour list, so the model would not see them; under pair_style hybrid set special_bonds lj/coul "
+             "1.0e-100 1.0e-100 1.0e-100 (pairs stay listed) and give the sub-styles that exclude them pair_modify "
+             "pair STYLE special lj/coul 0.0 0.0 0.0",
+             orders);
+}
+
 torch::Tensor PairSchNet::rows_to_device(int n)
 {
   auto rows = torch::from_blob(features, {n, n_features}, torch::kFloat64);
@@ -376,6 +424,10 @@ void PairSchNet::compute(int eflag, int vflag)
 {
   ev_init(eflag, vflag);
   check_box();
+  if (!bonds_checked) {
+    check_special_bonds();
+    bonds_checked = true;
+  }
 
   double **x = atom->x;
   double **f = atom->f;
