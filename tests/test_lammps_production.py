@@ -5,6 +5,7 @@ on 1, 2 and 4 ranks, each against the numbers it must equal or the one-line erro
 from __future__ import annotations
 
 import re
+import resource
 import subprocess
 
 import numpy as np
@@ -337,3 +338,36 @@ def test_bonded_molecules_under_hybrid_keep_the_other_styles_exclusions(box_data
         runs = run_deck(deck_folder(tmp_path, f"overlay{ranks}", full_data), body, ranks=ranks,
                         style="full", bonds=BOND_STYLE)
         assert_same(runs["overlay"], atomic + lj, f"{ranks} ranks")
+
+
+def test_ghost_deep_refuses_a_shell_that_cannot_fit(tmp_path):
+    """A 324-atom box (14.8 Å) with a six-block, 5 Å model on 2 ranks: ghost deep would hold a 32 Å shell of
+    ghosts around each half box (~44k atoms, ~85 GB). The run stops in init with the estimate and the way out
+    instead of being killed by the kernel; a 3 GB data limit per rank makes the verdict the same on any machine."""
+    rng = np.random.default_rng(3)
+    side, points = 14.8, []
+    while len(points) < 324:
+        p = rng.random(3) * side
+        if all(np.linalg.norm((p - q) - side * np.round((p - q) / side)) > 1.2 for q in points):
+            points.append(p)
+    model = random_model("schnet2018", elements=(1, 8), n_features=128, n_interactions=6, cutoff=5.0)
+    model_path = export_lammps(model, tmp_path / "model.pt")
+    lammps_plugin.write_data(tmp_path / "system.data", np.where(np.arange(324) % 3 == 0, 8, 1), np.array(points),
+                             ["H", "O"], cell=np.diag([side] * 3))
+    (tmp_path / "in.deep").write_text(f"units metal\natom_style atomic\nread_data system.data\n"
+                                      f"pair_style schnet ghost deep\npair_coeff * * {model_path} H O\nrun 0\n")
+    limit = 3 * 2 ** 30
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+
+    proc = subprocess.run(lammps_plugin.lammps_command(["-in", "in.deep", "-log", "none"], 2), cwd=tmp_path,
+                          env=lammps_plugin.run_environment(), capture_output=True, text=True, timeout=600,
+                          preexec_fn=cap)
+    error = lammps_plugin.lammps_error(proc.stdout + proc.stderr)
+    assert proc.returncode != 0
+    found = re.search(r"ghost deep would hold about (\d+) atoms per rank \(a ghost shell 32 Å deep\) and need about "
+                      r"([0-9.e+]+) GB, more than the ([0-9.]+) GB a rank has here; use pair_style schnet ghost "
+                      r"exchange", error)
+    assert found, error
+    assert 30000 < int(found.group(1)) < 60000 and float(found.group(2)) > 20 and float(found.group(3)) <= 3.3

@@ -44,11 +44,13 @@
 #include <torch/script.h>
 
 #include <mpi.h>
+#include <sys/resource.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <fstream>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -100,6 +102,7 @@ class PairSchNet : public Pair {
   void allocate();
   void check_masses();
   void check_box();
+  void check_deep_memory();
   void check_special_bonds();
   void release_ghost_cutoff();
   torch::Device device() const
@@ -139,6 +142,16 @@ void PairSchNet::allocate()
   memory->create(cutghost, n, n, "pair:cutghost");
   for (int i = 0; i < n; i++)
     for (int j = 0; j < n; j++) setflag[i][j] = 0;
+}
+
+// this rank's index among the MPI ranks of its node, and their number
+static void node_rank(MPI_Comm world, int &rank, int &size)
+{
+  MPI_Comm node;
+  MPI_Comm_split_type(world, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node);
+  MPI_Comm_rank(node, &rank);
+  MPI_Comm_size(node, &size);
+  MPI_Comm_free(&node);
 }
 
 // pair_style schnet [ghost exchange|deep] [threads N] [device cpu|cuda] [cutoff R]
@@ -294,6 +307,7 @@ void PairSchNet::init_style()
     ghost_cutoff_before = comm->cutghostuser;
     ghost_cutoff_set = std::max(comm->cutghostuser, n_blocks * cutoff + neighbor->skin);
     comm->cutghostuser = ghost_cutoff_set;
+    check_deep_memory();
   }
   neighbor->add_request(this, flags);
   comm_forward = comm_reverse = keywords.ghost_mode == EXCHANGE ? n_features : 0;
@@ -406,6 +420,51 @@ void PairSchNet::check_special_bonds()
              "1.0e-100 1.0e-100 1.0e-100 (pairs stay listed) and give the sub-styles that exclude them pair_modify "
              "pair STYLE special lj/coul 0.0 0.0 0.0",
              orders);
+}
+
+// ghost deep holds every atom within T x cutoff + skin of its subdomain and runs the model on all of them.
+// LAMMPS builds that shell after init: estimate it from the mean density here, and refuse a run that cannot
+// fit rather than have the kernel kill it mid-setup.
+void PairSchNet::check_deep_memory()
+{
+  const double depth = n_blocks * cutoff + neighbor->skin;
+  const double prd[3] = {domain->xprd, domain->yprd, domain->zprd};
+  const int periodic[3] = {domain->xperiodic, domain->yperiodic, domain->zperiodic};
+  double held_volume = 1.0;
+  for (int d = 0; d < 3; d++) {
+    const double side = prd[d] / comm->procgrid[d];
+    held_volume *= periodic[d] ? side + 2.0 * depth : std::min(side + 2.0 * depth, prd[d]);
+  }
+  const double density = (double) atom->natoms / (prd[0] * prd[1] * prd[2]);
+  const double held_atoms = density * held_volume;
+  const double pairs = held_atoms * density * 4.0 / 3.0 * M_PI * cutoff * cutoff * cutoff;
+  // autograd keeps about six [pairs x features] tensors per interaction block for the backward pass
+  const double value_bytes = dtype == torch::kFloat64 ? 8.0 : 4.0;
+  const double bytes = pairs * (6.0 * n_blocks * n_features * value_bytes + 64.0) + held_atoms * 1024.0;
+
+  // what this rank may use: the node's available memory shared by its ranks, within the process limits
+  int node_index, node_ranks;
+  node_rank(world, node_index, node_ranks);
+  double available = std::numeric_limits<double>::infinity();
+  std::ifstream meminfo("/proc/meminfo");
+  for (std::string line; std::getline(meminfo, line);)
+    if (line.rfind("MemAvailable:", 0) == 0) available = std::stod(line.substr(13)) * 1024.0 / node_ranks;
+  for (int resource : {RLIMIT_AS, RLIMIT_DATA}) {
+    struct rlimit limit;
+    if (getrlimit(resource, &limit) == 0 && limit.rlim_cur != RLIM_INFINITY)
+      available = std::min(available, (double) limit.rlim_cur);
+  }
+  double least_available = available;
+  MPI_Allreduce(&available, &least_available, 1, MPI_DOUBLE, MPI_MIN, world);
+  if (comm->me == 0)
+    utils::logmesg(lmp, "pair_style schnet ghost deep: a ghost shell {:.4g} Å deep; about {:.0f} atoms, {:.3g} model "
+                        "pairs and {:.3g} GB per rank (estimated)\n",
+                   depth, held_atoms, pairs, bytes / 1e9);
+  if (bytes > least_available)
+    error->all(FLERR,
+               "pair_style schnet: ghost deep would hold about {:.0f} atoms per rank (a ghost shell {:.4g} Å deep) and "
+               "need about {:.3g} GB, more than the {:.3g} GB a rank has here; use pair_style schnet ghost exchange",
+               held_atoms, depth, bytes / 1e9, least_available / 1e9);
 }
 
 torch::Tensor PairSchNet::rows_to_device(int n)
