@@ -10,6 +10,7 @@ import subprocess
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import SYSTEMS, random_model
 from schnet_md.lammps import export_lammps
@@ -371,3 +372,16 @@ def test_ghost_deep_refuses_a_shell_that_cannot_fit(tmp_path):
                       r"exchange", error)
     assert found, error
     assert 30000 < int(found.group(1)) < 60000 and float(found.group(2)) > 20 and float(found.group(3)) <= 3.3
+
+
+def test_errors_name_the_source_file_not_a_build_folder(box_data, model_file, tmp_path):
+    """The plugin is built once per machine from whichever checkout asks first: its messages cite pair_schnet.cpp
+    by name. device cuda on a machine without a GPU is refused in one line."""
+    folder = deck_folder(tmp_path, "errors", box_data)
+    error = refused(folder, f"pair_style schnet ghosts deep\npair_coeff * * {model_file} H C O\nrun 0\n")
+    assert re.search(r"ERROR: pair_style schnet: unknown keyword 'ghosts' \(use ghost, threads, device, cutoff\) "
+                     r"\(pair_schnet\.cpp:\d+\)", error), error
+    assert str(lammps_plugin.SOURCE.parent) not in error
+    if not torch.cuda.is_available():
+        error = refused(folder, f"pair_style schnet device cuda\npair_coeff * * {model_file} H C O\nrun 0\n")
+        assert "device cuda requested, but libtorch sees no CUDA device (pair_schnet.cpp:" in error

@@ -54,6 +54,10 @@
 #include <string>
 #include <vector>
 
+// errors name this file, not the folder of whichever checkout compiled the (shared, cached) plugin
+#undef FLERR
+#define FLERR "pair_schnet.cpp", __LINE__
+
 namespace LAMMPS_NS {
 
 class PairSchNet : public Pair {
@@ -80,6 +84,7 @@ class PairSchNet : public Pair {
     double cutoff = 0.0;    // Å; only for models without a cutoff (molecules in non-periodic boxes)
   };
   Keywords keywords;
+  int cuda_index = 0;    // this rank's GPU: its rank among the node's ranks, modulo the node's GPUs
 
   torch::jit::Module module;
   bool loaded = false;
@@ -107,7 +112,7 @@ class PairSchNet : public Pair {
   void release_ghost_cutoff();
   torch::Device device() const
   {
-    return keywords.use_cuda ? torch::Device(torch::kCUDA) : torch::Device(torch::kCPU);
+    return keywords.use_cuda ? torch::Device(torch::kCUDA, cuda_index) : torch::Device(torch::kCPU);
   }
   torch::Tensor rows_to_device(int n);
   void device_to_rows(const torch::Tensor &t, int n);
@@ -181,8 +186,14 @@ void PairSchNet::settings(int narg, char **arg)
     }
   }
   ghostneigh = keywords.ghost_mode == DEEP ? 1 : 0;
-  if (keywords.use_cuda && !torch::cuda::is_available())
-    error->all(FLERR, "pair_style schnet: device cuda requested, but libtorch sees no CUDA device");
+  if (keywords.use_cuda) {
+    // several ranks per node share its GPUs round-robin, by their rank on the node
+    const int gpus = torch::cuda::is_available() ? (int) torch::cuda::device_count() : 0;
+    if (gpus == 0) error->all(FLERR, "pair_style schnet: device cuda requested, but libtorch sees no CUDA device");
+    int rank, size;
+    node_rank(world, rank, size);
+    cuda_index = rank % gpus;
+  }
 }
 
 // pair_coeff * * FILE.pt El1 El2 ... (one per atom type; NULL for types the model skips)
