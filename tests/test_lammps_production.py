@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import resource
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -385,3 +386,13 @@ def test_errors_name_the_source_file_not_a_build_folder(box_data, model_file, tm
     if not torch.cuda.is_available():
         error = refused(folder, f"pair_style schnet device cuda\npair_coeff * * {model_file} H C O\nrun 0\n")
         assert "device cuda requested, but libtorch sees no CUDA device (pair_schnet.cpp:" in error
+
+
+def test_run_help_is_its_own():
+    """`schnet-md-lammps run --help` explains run and starts no LAMMPS; `run -- -h` would hand -h to lmp."""
+    for flag in ("--help", "-h"):
+        proc = subprocess.run([sys.executable, "-m", "schnet_md_lammps", "run", flag], capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.startswith("usage: schnet-md-lammps run [-h] [-np N] [LMP_ARGS ...]")
+        assert "LAMMPS (" not in proc.stdout + proc.stderr
