@@ -448,7 +448,9 @@ void PairSchNet::check_deep_memory()
   }
   const double density = (double) atom->natoms / (prd[0] * prd[1] * prd[2]);
   const double held_atoms = density * held_volume;
-  const double pairs = held_atoms * density * 4.0 / 3.0 * M_PI * cutoff * cutoff * cutoff;
+  // (a model without a cutoff in a non-periodic box has a cutoff sphere larger than the box: cap at all atoms)
+  const double neighbours = std::min(density * 4.0 / 3.0 * M_PI * cutoff * cutoff * cutoff, held_atoms - 1.0);
+  const double pairs = held_atoms * std::max(neighbours, 0.0);
   // autograd keeps about six [pairs x features] tensors per interaction block for the backward pass
   const double value_bytes = dtype == torch::kFloat64 ? 8.0 : 4.0;
   const double bytes = pairs * (6.0 * n_blocks * n_features * value_bytes + 64.0) + held_atoms * 1024.0;
