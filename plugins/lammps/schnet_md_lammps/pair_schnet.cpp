@@ -5,6 +5,8 @@
 //   pair_coeff * * model-lammps.pt C H O          (one element per atom type, NULL: not in the model;
 //                                                  checked against the types' masses)
 //
+// Each pair_style line starts from the defaults: ghost exchange, threads 1, device cpu, no cutoff.
+//
 // SchNet with T interaction blocks gives atom i an energy that depends on atoms up to T cutoffs away.
 // Exact on any number of MPI ranks, two ways:
 //   ghost deep      the ghost shell is T x cutoff + skin deep; the model runs on local + ghost atoms
@@ -13,9 +15,12 @@
 //                   atom features of local atoms are forward-communicated to their ghost copies, and in
 //                   the backward pass the gradients that reach ghost features are reverse-communicated
 //                   to their owners, block by block.
-// Forces come from autograd (forces on ghosts are summed into their owners by LAMMPS, newton pair on);
-// the global virial from fdotr. Lengths are Å (units metal and real); the model's energy unit converts
-// to eV or kcal/mol here, once.
+// The module takes the pair vectors r_j - r_i; autograd gives dE/dr per pair, whose force goes to i and j
+// (forces on ghosts are summed into their owners by LAMMPS, newton pair on) and whose virial -r (x) dE/dr
+// goes half to each (per-atom virial); the global virial comes from fdotr. Under pair_style hybrid and
+// hybrid/overlay the type pairs of NULL types belong to the other sub-styles. Bonded pairs that LAMMPS
+// drops from the neighbour list (special_bonds weights of 0) stop the run: the model needs every pair.
+// Lengths are Å (units metal and real); the model's energy unit converts to eV or kcal/mol here, once.
 
 #include "atom.h"
 #include "comm.h"
@@ -39,12 +44,19 @@
 #include <torch/script.h>
 
 #include <mpi.h>
+#include <sys/resource.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <fstream>
+#include <limits>
 #include <string>
 #include <vector>
+
+// errors name this file, not the folder of whichever checkout compiled the (shared, cached) plugin
+#undef FLERR
+#define FLERR "pair_schnet.cpp", __LINE__
 
 namespace LAMMPS_NS {
 
@@ -65,10 +77,14 @@ class PairSchNet : public Pair {
 
  private:
   enum GhostMode { EXCHANGE, DEEP };
-  GhostMode ghost_mode = EXCHANGE;
-  int threads = 1;
-  bool use_cuda = false;
-  double user_cutoff = 0.0;    // Å; only for models without a cutoff (molecules in non-periodic boxes)
+  struct Keywords {    // the pair_style keywords and their defaults
+    GhostMode ghost_mode = EXCHANGE;
+    int threads = 1;
+    bool use_cuda = false;
+    double cutoff = 0.0;    // Å; only for models without a cutoff (molecules in non-periodic boxes)
+  };
+  Keywords keywords;
+  int cuda_index = 0;    // this rank's GPU: its rank among the node's ranks, modulo the node's GPUs
 
   torch::jit::Module module;
   bool loaded = false;
@@ -85,11 +101,19 @@ class PairSchNet : public Pair {
 
   double *features = nullptr;    // [nmax x n_features] rows exchanged between blocks
   int nmax = 0;
+  double ghost_cutoff_set = -1.0, ghost_cutoff_before = 0.0;    // comm->cutghostuser as ghost deep set it, and before
+  bool bonds_checked = false;                                    // check_special_bonds() ran in this run
 
   void allocate();
   void check_masses();
   void check_box();
-  torch::Device device() const { return use_cuda ? torch::Device(torch::kCUDA) : torch::Device(torch::kCPU); }
+  void check_deep_memory();
+  void check_special_bonds();
+  void release_ghost_cutoff();
+  torch::Device device() const
+  {
+    return keywords.use_cuda ? torch::Device(torch::kCUDA, cuda_index) : torch::Device(torch::kCPU);
+  }
   torch::Tensor rows_to_device(int n);
   void device_to_rows(const torch::Tensor &t, int n);
 };
@@ -105,6 +129,7 @@ PairSchNet::PairSchNet(LAMMPS *lmp) : Pair(lmp)
 
 PairSchNet::~PairSchNet()
 {
+  release_ghost_cutoff();
   memory->destroy(features);
   if (allocated) {
     memory->destroy(setflag);
@@ -124,36 +149,51 @@ void PairSchNet::allocate()
     for (int j = 0; j < n; j++) setflag[i][j] = 0;
 }
 
+// this rank's index among the MPI ranks of its node, and their number
+static void node_rank(MPI_Comm world, int &rank, int &size)
+{
+  MPI_Comm node;
+  MPI_Comm_split_type(world, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node);
+  MPI_Comm_rank(node, &rank);
+  MPI_Comm_size(node, &size);
+  MPI_Comm_free(&node);
+}
+
 // pair_style schnet [ghost exchange|deep] [threads N] [device cpu|cuda] [cutoff R]
 void PairSchNet::settings(int narg, char **arg)
 {
-  int k = 0;
-  while (k < narg) {
+  keywords = Keywords();    // a repeated pair_style schnet line keeps the model, not the previous keywords
+  for (int k = 0; k < narg; k += 2) {
     std::string key = arg[k];
     if (k + 1 >= narg) error->all(FLERR, "pair_style schnet: keyword {} needs a value", key);
     std::string value = arg[k + 1];
     if (key == "ghost") {
-      if (value == "exchange") ghost_mode = EXCHANGE;
-      else if (value == "deep") ghost_mode = DEEP;
+      if (value == "exchange") keywords.ghost_mode = EXCHANGE;
+      else if (value == "deep") keywords.ghost_mode = DEEP;
       else error->all(FLERR, "pair_style schnet: ghost must be 'exchange' or 'deep', not '{}'", value);
     } else if (key == "threads") {
-      threads = utils::inumeric(FLERR, value, false, lmp);
-      if (threads < 1) error->all(FLERR, "pair_style schnet: threads must be >= 1");
+      keywords.threads = utils::inumeric(FLERR, value, false, lmp);
+      if (keywords.threads < 1) error->all(FLERR, "pair_style schnet: threads must be >= 1");
     } else if (key == "device") {
-      if (value == "cpu") use_cuda = false;
-      else if (value == "cuda") use_cuda = true;
+      if (value == "cpu") keywords.use_cuda = false;
+      else if (value == "cuda") keywords.use_cuda = true;
       else error->all(FLERR, "pair_style schnet: device must be 'cpu' or 'cuda', not '{}'", value);
     } else if (key == "cutoff") {
-      user_cutoff = utils::numeric(FLERR, value, false, lmp);
-      if (user_cutoff <= 0.0) error->all(FLERR, "pair_style schnet: cutoff must be positive");
+      keywords.cutoff = utils::numeric(FLERR, value, false, lmp);
+      if (keywords.cutoff <= 0.0) error->all(FLERR, "pair_style schnet: cutoff must be positive");
     } else {
       error->all(FLERR, "pair_style schnet: unknown keyword '{}' (use ghost, threads, device, cutoff)", key);
     }
-    k += 2;
   }
-  ghostneigh = ghost_mode == DEEP ? 1 : 0;
-  if (use_cuda && !torch::cuda::is_available())
-    error->all(FLERR, "pair_style schnet: device cuda requested, but libtorch sees no CUDA device");
+  ghostneigh = keywords.ghost_mode == DEEP ? 1 : 0;
+  if (keywords.use_cuda) {
+    // several ranks per node share its GPUs round-robin, by their rank on the node
+    const int gpus = torch::cuda::is_available() ? (int) torch::cuda::device_count() : 0;
+    if (gpus == 0) error->all(FLERR, "pair_style schnet: device cuda requested, but libtorch sees no CUDA device");
+    int rank, size;
+    node_rank(world, rank, size);
+    cuda_index = rank % gpus;
+  }
 }
 
 // pair_coeff * * FILE.pt El1 El2 ... (one per atom type; NULL for types the model skips)
@@ -193,9 +233,10 @@ void PairSchNet::coeff(int narg, char **arg)
                "pair_style schnet: {} is not a schnet-md LAMMPS model (an OpenMM export, or another TorchScript "
                "file?); write one with: schnet-md export MODEL --engine lammps --out FILE.pt",
                model_file);
-  if (meta.value("format_version", 0) != 2)
-    error->all(FLERR, "pair_style schnet: {} has LAMMPS format version {}; this plugin reads version 2: export it "
-                      "again with schnet-md export MODEL --engine lammps", model_file, meta.value("format_version", 0));
+  if (meta.value("format_version", 0) != 3)
+    error->all(FLERR, "pair_style schnet: {} has LAMMPS format version {}; this plugin reads version 3 (pair vectors "
+                      "in): export it again with schnet-md export MODEL --engine lammps", model_file,
+               meta.value("format_version", 0));
   if (!module.hasattr("metadata_sha1") || module.attr("metadata_sha1").toStringRef() != c10::sha1(text).str())
     error->all(FLERR, "pair_style schnet: {} is damaged: its metadata (schnet_md.json) does not match the checksum "
                       "inside the module (edited or damaged?); export it again", model_file);
@@ -234,9 +275,13 @@ void PairSchNet::coeff(int narg, char **arg)
     n_model_types++;
   }
   if (n_model_types == 0) error->all(FLERR, "pair_style schnet: every atom type is NULL");
+  // Alone, this style covers every type pair (NULL atoms are skipped, and must stay out of reach). Under
+  // pair_style hybrid a pair with a NULL type belongs to another sub-style, and hybrid leaves it out of
+  // this style's neighbour list.
+  const bool sub_style = force->pair != this;
   for (int i = 1; i <= ntypes; i++)
-    for (int j = i; j <= ntypes; j++) setflag[i][j] = 1;
-  comm_forward = comm_reverse = n_features;
+    for (int j = i; j <= ntypes; j++)
+      setflag[i][j] = !sub_style || (species_of_type[i] >= 0 && species_of_type[j] >= 0);
   loaded = true;
 }
 
@@ -253,7 +298,7 @@ void PairSchNet::init_style()
                update->unit_style);
   const bool periodic = domain->xperiodic || domain->yperiodic || domain->zperiodic;
   if (model_cutoff > 0.0) {
-    if (user_cutoff > 0.0 && user_cutoff != model_cutoff)
+    if (keywords.cutoff > 0.0 && keywords.cutoff != model_cutoff)
       error->all(FLERR, "pair_style schnet: the model has its own cutoff ({} Å); drop the cutoff keyword",
                  model_cutoff);
     cutoff = model_cutoff;
@@ -262,17 +307,38 @@ void PairSchNet::init_style()
       error->all(FLERR, "pair_style schnet: this model has no cutoff (schnet2017: all pairs), so it runs only in "
                         "non-periodic boxes (boundary f or s); train a model with a cutoff for periodic systems");
     // default: the box diagonal, which holds every pair of a fixed box; compute() checks it holds all pairs
-    cutoff = user_cutoff > 0.0
-        ? user_cutoff
+    cutoff = keywords.cutoff > 0.0
+        ? keywords.cutoff
         : std::sqrt(domain->xprd * domain->xprd + domain->yprd * domain->yprd + domain->zprd * domain->zprd) + 1.0;
   }
   int flags = NeighConst::REQ_FULL;
-  if (ghost_mode == DEEP) {
+  release_ghost_cutoff();
+  if (keywords.ghost_mode == DEEP) {
     flags |= NeighConst::REQ_GHOST;
-    comm->cutghostuser = std::max(comm->cutghostuser, n_blocks * cutoff + neighbor->skin);
+    ghost_cutoff_before = comm->cutghostuser;
+    ghost_cutoff_set = std::max(comm->cutghostuser, n_blocks * cutoff + neighbor->skin);
+    comm->cutghostuser = ghost_cutoff_set;
+    check_deep_memory();
   }
   neighbor->add_request(this, flags);
-  at::set_num_threads(threads);
+  comm_forward = comm_reverse = keywords.ghost_mode == EXCHANGE ? n_features : 0;
+  // pair_style hybrid took its communication sizes from its sub-styles at pair_style time, before pair_coeff
+  // named the model (and with it the feature width); LAMMPS sizes its buffers from the parent's after this
+  if (force->pair != this) {
+    force->pair->comm_forward = std::max(force->pair->comm_forward, comm_forward);
+    force->pair->comm_reverse = std::max(force->pair->comm_reverse, comm_reverse);
+  }
+  module.to(device());    // the device keyword of a repeated pair_style line
+  at::set_num_threads(keywords.threads);
+  bonds_checked = false;
+}
+
+// ghost deep raises LAMMPS's ghost cutoff; give it back when the mode changes or the style goes
+void PairSchNet::release_ghost_cutoff()
+{
+  if (comm && ghost_cutoff_set >= 0.0 && comm->cutghostuser == ghost_cutoff_set)
+    comm->cutghostuser = ghost_cutoff_before;
+  ghost_cutoff_set = -1.0;
 }
 
 double PairSchNet::init_one(int i, int j)
@@ -323,6 +389,97 @@ void PairSchNet::check_box()
                  "xyz"[d], heights[d], model_cutoff);
 }
 
+// LAMMPS leaves 1-2, 1-3 and 1-4 pairs whose special_bonds weights (lj and coul) are both 0 out of every
+// neighbour list; pairs with other weights stay in, flagged, and this style uses them unweighted. The model
+// must see every pair, so a run whose bonded model atoms lost their pairs stops here, before its first force.
+void PairSchNet::check_special_bonds()
+{
+  if (atom->molecular == Atom::ATOMIC || force->kspace) return;    // with a kspace style LAMMPS keeps them all
+  bool dropped[4] = {false, false, false, false};
+  std::string orders;
+  for (int k = 1; k <= 3; k++) {
+    dropped[k] = force->special_lj[k] == 0.0 && force->special_coul[k] == 0.0;
+    if (dropped[k]) orders += fmt::format("{}1-{}", orders.empty() ? "" : " ", k + 1);
+  }
+  if (orders.empty()) return;
+  bigint count = 0;
+  const int *type = atom->type;
+  for (int i = 0; i < atom->nlocal; i++) {
+    if (species_of_type[type[i]] < 0) continue;
+    if (atom->molecular == Atom::TEMPLATE) {    // bonds live in molecule templates: assume they are there
+      count++;
+      continue;
+    }
+    const int *n = atom->nspecial[i];    // cumulative counts of 1-2, 1-3, 1-4 neighbours
+    for (int k = 0; k < n[2]; k++) {
+      if (!dropped[k < n[0] ? 1 : k < n[1] ? 2 : 3]) continue;
+      const int m = atom->map(atom->special[i][k]);    // -1: not even a ghost here, far beyond the cutoff
+      if (m >= 0 && species_of_type[type[m]] >= 0) count++;
+    }
+  }
+  bigint total = 0;
+  MPI_Allreduce(&count, &total, 1, MPI_LMP_BIGINT, MPI_SUM, world);
+  if (total == 0) return;
+  if (force->pair == this)
+    error->all(FLERR,
+               "pair_style schnet: special_bonds weights of 0 ({}) leave bonded pairs of model atoms out of the "
+               "neighbour list, so the model would not see them; set special_bonds lj/coul 1.0 1.0 1.0",
+               orders);
+  error->all(FLERR,
+             "pair_style schnet: special_bonds weights of 0 ({}) leave bonded pairs of model atoms out of the "
+             "neighbour list, so the model would not see them; under pair_style hybrid set special_bonds lj/coul "
+             "1.0e-100 1.0e-100 1.0e-100 (pairs stay listed) and give the sub-styles that exclude them pair_modify "
+             "pair STYLE special lj/coul 0.0 0.0 0.0",
+             orders);
+}
+
+// ghost deep holds every atom within T x cutoff + skin of its subdomain and runs the model on all of them.
+// LAMMPS builds that shell after init: estimate it from the mean density here, and refuse a run that cannot
+// fit rather than have the kernel kill it mid-setup.
+void PairSchNet::check_deep_memory()
+{
+  const double depth = n_blocks * cutoff + neighbor->skin;
+  const double prd[3] = {domain->xprd, domain->yprd, domain->zprd};
+  const int periodic[3] = {domain->xperiodic, domain->yperiodic, domain->zperiodic};
+  double held_volume = 1.0;
+  for (int d = 0; d < 3; d++) {
+    const double side = prd[d] / comm->procgrid[d];
+    held_volume *= periodic[d] ? side + 2.0 * depth : std::min(side + 2.0 * depth, prd[d]);
+  }
+  const double density = (double) atom->natoms / (prd[0] * prd[1] * prd[2]);
+  const double held_atoms = density * held_volume;
+  // (a model without a cutoff in a non-periodic box has a cutoff sphere larger than the box: cap at all atoms)
+  const double neighbours = std::min(density * 4.0 / 3.0 * M_PI * cutoff * cutoff * cutoff, held_atoms - 1.0);
+  const double pairs = held_atoms * std::max(neighbours, 0.0);
+  // autograd keeps about six [pairs x features] tensors per interaction block for the backward pass
+  const double value_bytes = dtype == torch::kFloat64 ? 8.0 : 4.0;
+  const double bytes = pairs * (6.0 * n_blocks * n_features * value_bytes + 64.0) + held_atoms * 1024.0;
+
+  // what this rank may use: the node's available memory shared by its ranks, within the process limits
+  int node_index, node_ranks;
+  node_rank(world, node_index, node_ranks);
+  double available = std::numeric_limits<double>::infinity();
+  std::ifstream meminfo("/proc/meminfo");
+  for (std::string line; std::getline(meminfo, line);)
+    if (line.rfind("MemAvailable:", 0) == 0) available = std::stod(line.substr(13)) * 1024.0 / node_ranks;
+  for (int resource : {RLIMIT_AS, RLIMIT_DATA}) {
+    struct rlimit limit;
+    if (getrlimit(resource, &limit) == 0 && limit.rlim_cur != RLIM_INFINITY)
+      available = std::min(available, (double) limit.rlim_cur);
+  }
+  double least_available = available;
+  MPI_Allreduce(&available, &least_available, 1, MPI_DOUBLE, MPI_MIN, world);
+  if (comm->me == 0)
+    utils::logmesg(lmp, "pair_style schnet ghost deep: a ghost shell {:.4g} Å deep; about {:.0f} atoms, {:.3g} model "
+                        "pairs and {:.3g} GB per rank (estimated)\n",
+                   depth, held_atoms, pairs, bytes / 1e9);
+  if (bytes > least_available)
+    error->all(FLERR,
+               "pair_style schnet: ghost deep would hold about {:.0f} atoms per rank (a ghost shell {:.4g} Å deep) and "
+               "need about {:.3g} GB, more than the {:.3g} GB a rank has here; use pair_style schnet ghost exchange",
+               held_atoms, depth, bytes / 1e9, least_available / 1e9);
+}
+
 torch::Tensor PairSchNet::rows_to_device(int n)
 {
   auto rows = torch::from_blob(features, {n, n_features}, torch::kFloat64);
@@ -338,28 +495,34 @@ void PairSchNet::device_to_rows(const torch::Tensor &t, int n)
 void PairSchNet::compute(int eflag, int vflag)
 {
   ev_init(eflag, vflag);
-  if (vflag_atom)
-    error->all(FLERR, "pair_style schnet: per-atom virial (compute stress/atom) is not supported");
   check_box();
+  if (!bonds_checked) {
+    check_special_bonds();
+    bonds_checked = true;
+  }
 
   double **x = atom->x;
   double **f = atom->f;
   const int *type = atom->type;
   const int nlocal = atom->nlocal;
   const int nall = nlocal + atom->nghost;
-  const int n_listed = list->inum + (ghost_mode == DEEP ? list->gnum : 0);
+  const bool deep = keywords.ghost_mode == DEEP;
+  const int n_listed = list->inum + (deep ? list->gnum : 0);
   const double cutsq_model = cutoff * cutoff;
 
-  if (ghost_mode == EXCHANGE && nall > nmax) {
+  if (!deep && nall > nmax) {
     nmax = atom->nmax;
     memory->destroy(features);
     memory->create(features, (bigint) nmax * n_features, "pair:features");
   }
 
-  // the pair list: every (i, j) within the cutoff, i an atom with a neighbour list, both in the model
+  // the pair list: every (i, j) within the cutoff, i an atom with a neighbour list, both in the model, with
+  // its vector r_j - r_i (special-bond bits masked off: the model sees every pair unweighted)
   std::vector<int64_t> pair_i, pair_j;
+  std::vector<double> pair_r;
   pair_i.reserve((size_t) n_listed * 32);
   pair_j.reserve((size_t) n_listed * 32);
+  pair_r.reserve((size_t) n_listed * 96);
   int local_model_atoms = 0, short_of_pairs = 0;
   for (int ii = 0; ii < n_listed; ii++) {
     const int i = list->ilist[ii];
@@ -383,6 +546,7 @@ void PairSchNet::compute(int eflag, int vflag)
       }
       pair_i.push_back(i);
       pair_j.push_back(j);
+      pair_r.insert(pair_r.end(), {dx, dy, dz});
       model_neighbours++;
     }
     if (i < nlocal && model_cutoff <= 0.0) short_of_pairs += model_neighbours;
@@ -398,9 +562,13 @@ void PairSchNet::compute(int eflag, int vflag)
                  cutoff);
   }
 
+  const int64_t n_pairs = (int64_t) pair_i.size();
   const auto opts_long = torch::TensorOptions().dtype(torch::kInt64);
-  torch::Tensor i_t = torch::from_blob(pair_i.data(), {(int64_t) pair_i.size()}, opts_long).to(device());
-  torch::Tensor j_t = torch::from_blob(pair_j.data(), {(int64_t) pair_j.size()}, opts_long).to(device());
+  const auto opts_double = torch::TensorOptions().dtype(torch::kFloat64);
+  torch::Tensor i_t = torch::from_blob(pair_i.data(), {n_pairs}, opts_long).to(device());
+  torch::Tensor j_t = torch::from_blob(pair_j.data(), {n_pairs}, opts_long).to(device());
+  torch::Tensor vectors =
+      torch::from_blob(pair_r.data(), {n_pairs, 3}, opts_double).to(device(), dtype, false, true).requires_grad_(true);
   std::vector<int64_t> species(nall, 0);
   std::vector<double> local_weight(nall, 0.0);    // 1 for the local model atoms whose energies count
   double reference_sum = 0.0;
@@ -413,25 +581,21 @@ void PairSchNet::compute(int eflag, int vflag)
     }
   }
   torch::Tensor species_t = torch::from_blob(species.data(), {nall}, opts_long).to(device());
-  torch::Tensor weight_t =
-      torch::from_blob(local_weight.data(), {nall}, torch::TensorOptions().dtype(torch::kFloat64)).to(device(), dtype);
-  torch::Tensor positions = torch::from_blob(&x[0][0], {nall, 3}, torch::TensorOptions().dtype(torch::kFloat64))
-                                .to(device(), dtype, false, true)
-                                .requires_grad_(true);
+  torch::Tensor weight_t = torch::from_blob(local_weight.data(), {nall}, opts_double).to(device(), dtype);
 
   torch::Tensor atom_energies;    // [nall], model unit, without references
-  torch::Tensor gradient;         // dE/dr [nall, 3]
-  if (ghost_mode == DEEP) {
-    atom_energies = module.forward({species_t, positions, i_t, j_t}).toTensor();
+  torch::Tensor gradient;         // dE/d(r_j - r_i) [n_pairs, 3]
+  if (deep) {
+    atom_energies = module.forward({species_t, vectors, i_t, j_t}).toTensor();
     torch::Tensor energy = (atom_energies * weight_t).sum();
-    gradient = torch::autograd::grad({energy}, {positions})[0];
+    gradient = torch::autograd::grad({energy}, {vectors}, {}, false, false, true)[0];
   } else {
     // forward: block by block, sending local atoms' new features to their ghost copies
     std::vector<torch::Tensor> inputs, outputs;
     torch::Tensor xt = module.get_method("embed")({species_t}).toTensor();
     for (int t = 0; t < n_blocks; t++) {
       torch::Tensor leaf = xt.detach().requires_grad_(t > 0);
-      torch::Tensor y = module.get_method("interact")({t, leaf, positions, i_t, j_t, nlocal}).toTensor();
+      torch::Tensor y = module.get_method("interact")({t, leaf, vectors, i_t, j_t, nlocal}).toTensor();
       inputs.push_back(leaf);
       outputs.push_back(y);
       device_to_rows(y, nlocal);
@@ -441,14 +605,14 @@ void PairSchNet::compute(int eflag, int vflag)
     torch::Tensor last = xt.requires_grad_(true);
     atom_energies = module.get_method("readout")({last, species_t}).toTensor();
     torch::Tensor energy = (atom_energies * weight_t).sum();
-    gradient = torch::zeros({nall, 3}, positions.options());
+    gradient = torch::zeros_like(vectors);
     torch::Tensor g_features = torch::autograd::grad({energy}, {last})[0];
     // backward: block by block, summing the gradients that reached ghost features into their owners
     for (int t = n_blocks - 1; t >= 0; t--) {
       device_to_rows(g_features, nall);
       comm->reverse_comm(this);
       torch::Tensor g_out = rows_to_device(nlocal);
-      std::vector<torch::Tensor> wrt = {positions};
+      std::vector<torch::Tensor> wrt = {vectors};
       if (t > 0) wrt.push_back(inputs[t]);
       auto grads = torch::autograd::grad({outputs[t]}, wrt, {g_out}, false, false, true);
       if (grads[0].defined()) gradient = gradient + grads[0];
@@ -456,13 +620,34 @@ void PairSchNet::compute(int eflag, int vflag)
     }
   }
 
-  // model unit -> LAMMPS unit, once; forces to local and ghost atoms (LAMMPS sums ghosts into owners)
-  torch::Tensor g_host = gradient.to(torch::kCPU, torch::kFloat64).contiguous();
-  const double *g = g_host.data_ptr<double>();
-  for (int i = 0; i < nall; i++) {
-    f[i][0] -= energy_factor * g[3 * i + 0];
-    f[i][1] -= energy_factor * g[3 * i + 1];
-    f[i][2] -= energy_factor * g[3 * i + 2];
+  // model unit -> LAMMPS unit, once. Pair p with g = dE/dr_p: force +g on i and -g on j (local or ghost:
+  // LAMMPS sums ghosts into their owners); virial -r (x) g, half to each atom for the per-atom virial.
+  if (n_pairs > 0 && gradient.defined()) {
+    torch::Tensor g_host = gradient.to(torch::kCPU, torch::kFloat64).contiguous();
+    const double *g = g_host.data_ptr<double>();
+    const bool pair_virial = vflag_global && !vflag_fdotr;
+    for (int64_t p = 0; p < n_pairs; p++) {
+      const int i = (int) pair_i[p], j = (int) pair_j[p];
+      const double *r = &pair_r[3 * p];
+      const double gx = energy_factor * g[3 * p], gy = energy_factor * g[3 * p + 1],
+                   gz = energy_factor * g[3 * p + 2];
+      f[i][0] += gx;
+      f[i][1] += gy;
+      f[i][2] += gz;
+      f[j][0] -= gx;
+      f[j][1] -= gy;
+      f[j][2] -= gz;
+      if (pair_virial || vflag_atom) {
+        const double v[6] = {-r[0] * gx, -r[1] * gy, -r[2] * gz, -r[0] * gy, -r[0] * gz, -r[1] * gz};
+        for (int c = 0; c < 6; c++) {
+          if (pair_virial) virial[c] += v[c];
+          if (vflag_atom) {
+            vatom[i][c] += 0.5 * v[c];
+            vatom[j][c] += 0.5 * v[c];
+          }
+        }
+      }
+    }
   }
   if (eflag) {
     torch::Tensor e_host = atom_energies.detach().narrow(0, 0, nlocal).to(torch::kCPU, torch::kFloat64).contiguous();
