@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import json
 import logging
 import math
 import os
 import sys
 import warnings
+import zipfile
+import zlib
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -32,7 +35,7 @@ from .neighbors import (box_heights, box_too_small, cell_grid, cell_list_pairs, 
                         check_molecule_fits_box, minimum_image, unique_pairs)
 from .units import ANGSTROM_PER_NM, energy_factor
 
-EXPORT_FORMAT_VERSION = 2   # 2: the metadata carries a checksum (1: none)
+EXPORT_FORMAT_VERSION = 3   # 3: a checksum of every member of the archive; 2: of the metadata and tensors; 1: none
 
 
 class OpenMMSchNet(nn.Module):
@@ -638,17 +641,43 @@ def metadata_sha1(text: bytes) -> str:
     return hashlib.sha1(text).hexdigest()
 
 
+ARCHIVE_DIGEST_FILE = "schnet_md.sha1"   # extra file: the checksum of every other member of the archive
+
+
+def archive_sha1(source) -> str:
+    """SHA-1 over the members of a TorchScript archive (its code, constants, module attributes such as unit
+    factors, and tensors), each as name, size and bytes in name order, leaving out the extra files and torch's
+    random serialization id. The LAMMPS pair style computes the same digest. A damaged member whose zip CRC no
+    longer matches counts as damaged."""
+    digest = hashlib.sha1()
+    with zipfile.ZipFile(source) as archive:
+        members = sorted((name.split("/", 1)[1], name) for name in archive.namelist() if "/" in name)
+        for relative, name in members:
+            if relative.startswith("extra/") or relative == ".data/serialization_id":
+                continue
+            data = archive.read(name)
+            digest.update(relative.encode() + b"\0" + len(data).to_bytes(8, "little"))
+            digest.update(data)
+    return digest.hexdigest()
+
+
 def save_exported(module: torch.jit.ScriptModule, metadata: dict, out: str | Path) -> Path:
     """Write a scripted OpenMM or LAMMPS module with its metadata (the TorchScript extra file METADATA_FILE),
-    atomically. The metadata carries the SHA-256 of the module's tensors and the module the checksum of the
-    metadata, so an edited or damaged file is refused by load_exported (and by the pair style)."""
+    atomically. The module holds the checksum of the metadata, and the extra file ARCHIVE_DIGEST_FILE the checksum
+    of everything else in the archive (weights, code, attributes), so a file edited or damaged anywhere that
+    matters is refused by load_exported (and by the pair style)."""
+    from .runs import atomic_write
+
     text = json.dumps(dict(metadata, tensors_sha256=tensors_sha256(module.state_dict())))
     module.metadata_sha1 = metadata_sha1(text.encode())
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.jit.save(module, str(tmp), _extra_files={METADATA_FILE: text})
-    os.replace(tmp, out)
+    draft = io.BytesIO()
+    torch.jit.save(module, draft, _extra_files={METADATA_FILE: text})
+    digest = archive_sha1(io.BytesIO(draft.getvalue()))
+    out = atomic_write(out, writer=lambda fh: torch.jit.save(
+        module, fh, _extra_files={METADATA_FILE: text, ARCHIVE_DIGEST_FILE: digest}))
+    if archive_sha1(out) != digest:     # torch wrote the module differently the second time: never ship that
+        out.unlink()
+        raise RuntimeError(f"{out}: the saved module does not reproduce its checksum; nothing was written")
     return out
 
 
@@ -672,7 +701,7 @@ def load_exported(path: str | Path) -> Tuple[torch.jit.ScriptModule, dict]:
         what = FILE_KINDS.get(kind, "a torch archive (a schnet-md model file?)")
         raise ModelFileError(f"{path} is {what}, not an exported force: write one with "
                              "`schnet-md export MODEL --structure FILE --out FORCE.pt`")
-    extra = {METADATA_FILE: ""}
+    extra = {METADATA_FILE: "", ARCHIVE_DIGEST_FILE: ""}
     try:
         module = torch.jit.load(str(path), _extra_files=extra, map_location="cpu")
     except (RuntimeError, ValueError) as err:
@@ -692,6 +721,19 @@ def load_exported(path: str | Path) -> Tuple[torch.jit.ScriptModule, dict]:
         warn_once(path, f"{path} was exported before exports carried a checksum (format {version}): its metadata "
                         "and weights are not checked; export it again to have them checked")
         return module, metadata
+    recorded = extra[ARCHIVE_DIGEST_FILE]
+    recorded = recorded.decode() if isinstance(recorded, bytes) else recorded
+    if recorded or version >= 3:
+        try:
+            intact = recorded == archive_sha1(path)
+        except (zipfile.BadZipFile, zlib.error, OSError):
+            intact = False
+        if not intact:
+            raise ModelFileError(f"{path} is damaged: its contents (weights, code or settings such as unit factors) "
+                                 "do not match the checksum written with them (edited or damaged?); export it again")
+    else:
+        warn_once(path, f"{path} was exported before exports carried a checksum of all their contents: only its "
+                        "metadata and weights are checked; export it again to have everything checked")
     if getattr(module, "metadata_sha1", None) != metadata_sha1(text):
         raise ModelFileError(f"{path} is damaged: its metadata ({METADATA_FILE}) does not match the checksum inside "
                              "the module (edited or damaged?); export it again")

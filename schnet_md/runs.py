@@ -68,6 +68,7 @@ def lock_path(path: str | os.PathLike, file: Optional[bool] = None) -> Path:
     path = Path(path)
     if file is False or (file is None and (path.is_dir() or not path.suffix)):
         return path / LOCK_NAME
+    path = path.resolve()          # a symbolic link and its target are one output: one lock
     return path.with_name(f".{path.name}.lock")
 
 
@@ -91,6 +92,7 @@ def exclusive(path: str | os.PathLike, command: str, file: Optional[bool] = None
     support honour it across machines; mounts without lock support (`nolock`, some FUSE file systems)
     make flock a local lock, and two jobs on different nodes are then not kept apart."""
     target = lock_path(path, file)
+    made = [] if target.parent.exists() else [target.parent]     # a folder this command creates for its output
     target.parent.mkdir(parents=True, exist_ok=True)
     key = str(target.resolve())
     if key in _held:                 # re-entered by the same process (refine training its rounds, say)
@@ -118,7 +120,12 @@ def exclusive(path: str | os.PathLike, command: str, file: Optional[bool] = None
         yield
     finally:
         _held.pop(key, None)
-        os.close(fd)             # (the file stays: removing it would let a waiting process lock a dead inode)
+        # The lock file stays (removing it could let a process that opened it lock a dead inode), except in a
+        # folder this command created and left empty (a refused run leaves nothing behind).
+        if made and sorted(p.name for p in made[0].iterdir()) == [LOCK_NAME]:
+            target.unlink(missing_ok=True)
+            made[0].rmdir()
+        os.close(fd)
 
 
 # ---- stopping on request ------------------------------------------------------------------------------
@@ -170,6 +177,8 @@ def atomic_write(path: str | os.PathLike, content: bytes | str | None = None,
     """Write `content` (or call `writer(binary_file)`) to a temporary file of this process beside `path`,
     flush it to disk and rename it over `path`. On failure nothing is replaced and the temporary is gone."""
     path = Path(path)
+    if path.is_symlink():
+        path = path.resolve()      # write the file the link names; the link stays a link
     _crash_point(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
@@ -182,17 +191,25 @@ def atomic_write(path: str | os.PathLike, content: bytes | str | None = None,
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except OSError as err:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
-        if err.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise RunFolderError(f"no space left on the device holding {path} ({os.strerror(err.errno)}): it was "
-                                 "not written, and what was there before is unchanged; free space and run the "
-                                 "command again (a run resumes from its last checkpoint)") from None
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+        # torch's writers report a full disk as a RuntimeError of their own ("unexpected pos ..."): ask the disk
+        if getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or \
+                (isinstance(err, (OSError, RuntimeError)) and disk_full(path.parent)):
+            raise RunFolderError(f"no space left on the device holding {path}: it was not written, and what was "
+                                 "there before is unchanged; free space and run the command again (a run resumes "
+                                 "from its last checkpoint)") from None
         raise
     return path
+
+
+def disk_full(folder: Path, margin: int = 1 << 20) -> bool:
+    """Less than `margin` bytes free for this user on the file system holding `folder`."""
+    try:
+        stat = os.statvfs(folder)
+    except OSError:
+        return False
+    return stat.f_bavail * stat.f_frsize < margin
 
 
 def write_json(path: str | os.PathLike, value) -> Path:

@@ -277,6 +277,25 @@ def test_edited_metadata_is_refused(tmp_path, periodic_case):
     assert f"{edited} is damaged: its metadata (schnet_md.json) does not match the checksum inside the module" in error
 
 
+def test_a_damaged_weight_or_attribute_is_refused(tmp_path, periodic_case):
+    """Every member of the export's archive (weights, code, attributes) is under the checksum the pair style
+    recomputes: a flipped byte in a weight is refused, though the metadata is intact."""
+    import struct
+
+    model, model_file, z, positions = periodic_case
+    weight = model.interactions[0].dense1.weight.detach().float().numpy().tobytes()[:16]
+    data = model_file.read_bytes()
+    if data.count(weight) != 1:                           # (the export may hold the weights in float64)
+        weight = model.interactions[0].dense1.weight.detach().double().numpy().tobytes()[:16]
+    assert data.count(weight) == 1
+    flipped = bytearray(weight)
+    flipped[3] ^= 0x10
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(data.replace(weight, bytes(flipped)))
+    error = failure(tmp_path / "run", model_file=damaged, z=z, positions=positions, cell=np.diag([12.0, 12.0, 12.0]))
+    assert f"{damaged} is damaged: its contents (weights, code or settings such as unit factors) do not match" in error
+
+
 def test_element_order_that_does_not_match_the_types_is_refused(tmp_path, periodic_case):
     """The data file's types are H C O (by mass); `pair_coeff * * FILE C H O` would run hydrogen as carbon."""
     model, model_file, z, positions = periodic_case

@@ -99,8 +99,16 @@ def test_an_edited_or_damaged_export_is_refused(tmp_path):
     flipped = bytearray(weight)
     flipped[5] ^= 0x40
     damaged = _replaced(path, weight, bytes(flipped), tmp_path / "damaged.pt")
-    with pytest.raises(ModelFileError, match="damaged.pt is damaged: its weights do not match the checksum"):
+    with pytest.raises(ModelFileError, match=r"damaged.pt is damaged: its contents \(weights, code or settings"):
         load_exported(damaged)
+    # a number kept as a module attribute, outside the metadata and the tensors: the kcal/mol -> kJ/mol factor
+    import struct
+
+    factor = struct.pack(">d", module.kj_per_model_energy)        # as pickle stores a float
+    unit = _replaced(path, factor, struct.pack(">d", 4.188), tmp_path / "unit.pt")
+    with pytest.raises(ModelFileError, match=r"unit.pt is damaged: its contents \(weights, code or settings such as "
+                                             "unit factors\) do not match"):
+        load_exported(unit)
 
 
 def test_exports_written_before_the_checksum_still_load(tmp_path, caplog):

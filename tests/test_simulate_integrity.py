@@ -181,9 +181,9 @@ def test_run_json_of_another_version_and_non_finite_settings_are_named(tmp_path,
     out = tmp_path / "run"
     run_simulation(ETHANOL, model_file, out, settings(steps=20), progress=False)
     info = json.loads((out / "run.json").read_text())
-    info["settings"]["barostat_interval"] = 25
+    info["settings"]["replicas"] = 8
     (out / "run.json").write_text(json.dumps(info))
-    with pytest.raises(runs.RunFolderError, match="does not know: barostat_interval"):
+    with pytest.raises(runs.RunFolderError, match="does not know: replicas"):
         resume_simulation(out, steps=10, progress=False)
     (out / "run.json").write_text('{"settings": {"steps"')
     with pytest.raises(runs.RunFolderError, match="run.json .* is damaged"):

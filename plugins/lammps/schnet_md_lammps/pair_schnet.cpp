@@ -38,6 +38,7 @@
 
 #include <ATen/Parallel.h>
 #include <c10/util/hash.h>
+#include <caffe2/serialize/inline_container.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/jit/runtime/graph_executor.h>
 #include <torch/cuda.h>
@@ -197,6 +198,27 @@ void PairSchNet::settings(int narg, char **arg)
 }
 
 // pair_coeff * * FILE.pt El1 El2 ... (one per atom type; NULL for types the model skips)
+// SHA-1 over an export's archive members (code, constants, attributes such as unit factors, tensors), each as
+// name, size (8 bytes, little-endian) and bytes in name order, leaving out the extra files and torch's random
+// serialization id: the digest schnet_md.export.archive_sha1 writes into the extra file schnet_md.sha1.
+static std::string archive_sha1(const std::string &file)
+{
+  caffe2::serialize::PyTorchStreamReader reader(file);
+  std::vector<std::string> names = reader.getAllRecords();
+  std::sort(names.begin(), names.end());
+  std::string blob;
+  for (const auto &name : names) {
+    if (name.rfind("extra/", 0) == 0 || name == ".data/serialization_id") continue;
+    auto record = reader.getRecord(name);
+    const uint64_t size = std::get<1>(record);
+    blob += name;
+    blob.push_back('\0');
+    for (int k = 0; k < 8; ++k) blob.push_back(static_cast<char>((size >> (8 * k)) & 0xff));
+    blob.append(static_cast<const char *>(std::get<0>(record).get()), size);
+  }
+  return c10::sha1(blob).str();
+}
+
 void PairSchNet::coeff(int narg, char **arg)
 {
   if (!allocated) allocate();
@@ -210,7 +232,7 @@ void PairSchNet::coeff(int narg, char **arg)
   model_file = arg[2];
   if (!std::ifstream(model_file).good())
     error->all(FLERR, "pair_style schnet: model file {} does not exist or cannot be read", model_file);
-  torch::jit::ExtraFilesMap extra{{"schnet_md.json", ""}};
+  torch::jit::ExtraFilesMap extra{{"schnet_md.json", ""}, {"schnet_md.sha1", ""}};
   try {
     module = torch::jit::load(model_file, device(), extra);
   } catch (const std::exception &err) {
@@ -240,6 +262,16 @@ void PairSchNet::coeff(int narg, char **arg)
   if (!module.hasattr("metadata_sha1") || module.attr("metadata_sha1").toStringRef() != c10::sha1(text).str())
     error->all(FLERR, "pair_style schnet: {} is damaged: its metadata (schnet_md.json) does not match the checksum "
                       "inside the module (edited or damaged?); export it again", model_file);
+  std::string contents;
+  try {
+    contents = archive_sha1(model_file);
+  } catch (const std::exception &) {
+    contents.clear();
+  }
+  if (extra["schnet_md.sha1"].empty() || contents != extra["schnet_md.sha1"])
+    error->all(FLERR, "pair_style schnet: {} is damaged: its contents (weights, code or settings such as unit "
+                      "factors) do not match the checksum written with them (edited or damaged?); export it again",
+               model_file);
   module.eval();
   // The pair list changes length every step; TorchScript's profiling executor would re-specialise (and
   // re-optimise) its graphs for new shapes again and again. Run the graphs as scripted instead.
