@@ -50,7 +50,7 @@ from schnet_md.data import read_iso17x, read_qm9, read_rmd17
 from schnet_md.evaluate import evaluate
 from schnet_md.model import config_from_preset
 from schnet_md.modelfile import load_model
-from schnet_md.train import TrainSettings, train
+from schnet_md.train import TrainSettings, read_checkpoint, train
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("SCHNET_MD_DATA", ROOT.parent / "shared" / "data"))
@@ -140,7 +140,7 @@ def cmd_evaluate(name: str) -> None:
     if (out / "metrics.json").exists():
         metrics = json.loads((out / "metrics.json").read_text())
     else:   # a run stopped between epochs: its history is in the last epoch's checkpoint
-        state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+        state = read_checkpoint(out / "checkpoint.pt")
         metrics = {"history": json.loads(state["history"]), "stop_reason": "stopped by hand (resumable)",
                    "settings": meta["training"]["settings"]}
     history = metrics["history"]

@@ -17,6 +17,7 @@ import torch
 from schnet_md.bench import cpu_name
 from schnet_md.data import read_data
 from schnet_md.elements import formula
+from schnet_md.train import read_checkpoint
 from schnet_md.evaluate import evaluate, format_table
 from schnet_md.model import count_parameters
 from schnet_md.modelfile import MODELS_DIR, load_model
@@ -91,7 +92,7 @@ def main() -> None:
     if (run / "metrics.json").exists():
         history = json.loads((run / "metrics.json").read_text())["history"]
     else:  # a run still going: its history is in the last epoch's checkpoint
-        history = json.loads(torch.load(run / "checkpoint.pt", weights_only=True)["history"])
+        history = json.loads(read_checkpoint(run / "checkpoint.pt")["history"])
     dest = MODELS_DIR / args.name
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copy(run / "model.pt", dest / "model.pt")

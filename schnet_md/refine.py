@@ -137,9 +137,9 @@ def _train(model_path, data, out: Path, log, validation=None, recipe=None, **set
 
 def _checkpoint_epochs(out: Path) -> int:
     """Epochs a training's checkpoint.pt has finished (train.py keeps the last one's 0-based number as 'epoch')."""
-    import torch
+    from .train import read_checkpoint
 
-    return int(torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)["epoch"]) + 1
+    return int(read_checkpoint(out / "checkpoint.pt")["epoch"]) + 1
 
 
 def frame_weights(labelled, rms_force: float, energy_spread: dict) -> np.ndarray:

@@ -229,6 +229,39 @@ def read_json(path: str | os.PathLike, what: str = "record") -> dict:
     return value
 
 
+# ---- files that carry their own checksum ----------------------------------------------------------------
+
+SEAL = b"schnet-md sealed 1\n"
+
+
+class SealError(RunFolderError):
+    """A sealed file whose bytes no longer match its header: damaged, cut short or edited."""
+
+
+def sealed(data: bytes, **header) -> bytes:
+    """`data` behind a one-line JSON header holding its size and SHA-256 (and `header`, e.g. run id, step):
+    a checkpoint that tells by itself whether it is whole."""
+    header = dict(header, size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    return SEAL + json.dumps(header).encode() + b"\n" + data
+
+
+def unsealed(blob: bytes, path) -> tuple:
+    """(header, data) of a sealed file's bytes, or (None, blob) for a file written without a seal. Raises
+    SealError naming `path` when the bytes do not match the header."""
+    if not blob.startswith(SEAL):
+        return None, blob
+    line, _, data = blob[len(SEAL):].partition(b"\n")
+    try:
+        header = json.loads(line)
+    except ValueError:
+        raise SealError(f"{path} has a damaged header") from None
+    if not isinstance(header, dict) or len(data) != header.get("size") or \
+            hashlib.sha256(data).hexdigest() != header.get("sha256"):
+        raise SealError(f"{path} does not match the size and checksum recorded when it was written (damaged or cut "
+                        "short)")
+    return header, data
+
+
 # ---- what a run is and what it read -------------------------------------------------------------------
 
 def new_run_id() -> str:

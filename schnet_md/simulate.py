@@ -300,9 +300,6 @@ def _record_steps_done(info_path: Path, step: int, **more) -> None:
     runs.write_json(info_path, runs.read_json(info_path, "run record") | {"steps_done": step} | more)
 
 
-CHECKPOINT_MAGIC = b"schnet-md checkpoint 1\n"
-
-
 class CheckpointError(SimulationError):
     """A checkpoint that is damaged, cut short, or belongs to another run."""
 
@@ -312,13 +309,11 @@ def save_checkpoint(simulation, path: Path, run_id: str, keep_previous: bool = T
     into place. The checkpoint it replaces becomes PATH's `.prev` twin first, so a kill at any instant
     leaves at least one whole checkpoint of this run: PATH, or (between the two renames) its twin.
     `keep_previous=False` (final.chk) replaces PATH without keeping a twin."""
-    data = simulation.context.createCheckpoint()
-    header = {"run_id": run_id, "step": simulation.currentStep, "size": len(data),
-              "sha256": hashlib.sha256(data).hexdigest()}
+    blob = runs.sealed(simulation.context.createCheckpoint(), run_id=run_id, step=simulation.currentStep)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as fh:
-            fh.write(CHECKPOINT_MAGIC + json.dumps(header).encode() + b"\n" + data)
+            fh.write(blob)
             fh.flush()
             os.fsync(fh.fileno())
         if keep_previous and path.exists():
@@ -334,26 +329,23 @@ def save_checkpoint(simulation, path: Path, run_id: str, keep_previous: bool = T
 
 def read_checkpoint(path: Path, run_id: Optional[str] = None) -> tuple:
     """(OpenMM checkpoint bytes, step) of a checkpoint written by save_checkpoint, after checking its size,
-    SHA-256 and (given `run_id`) that it belongs to that run. Raises CheckpointError naming what is wrong."""
+    SHA-256 and (given `run_id`; "" for a run recorded before run ids) that it belongs to that run. Raises
+    CheckpointError naming what is wrong."""
     blob = path.read_bytes()
-    if not blob.startswith(CHECKPOINT_MAGIC):
-        digest = _legacy_digest_file(path)        # written before the header existed: its digest lies beside it
-        if digest.is_file() and digest.read_text().strip() == f"{len(blob)} {hashlib.sha256(blob).hexdigest()}":
-            return blob, None
-        raise CheckpointError(f"{path} does not match the size and checksum recorded when it was written "
-                              "(damaged or cut short)")
-    line, _, data = blob[len(CHECKPOINT_MAGIC):].partition(b"\n")
     try:
-        header = json.loads(line)
-    except ValueError:
-        raise CheckpointError(f"{path} has a damaged header") from None
-    if len(data) != header.get("size") or hashlib.sha256(data).hexdigest() != header.get("sha256"):
-        raise CheckpointError(f"{path} does not match the size and checksum recorded when it was written "
-                              "(damaged or cut short)")
-    if run_id is not None and header.get("run_id") != run_id:
-        raise CheckpointError(f"{path} belongs to another run (run id {header.get('run_id')}, this folder's run is "
-                              f"{run_id}): it was copied in from elsewhere, so it is not resumed")
-    return data, header["step"]
+        header, data = runs.unsealed(blob, path)
+    except runs.SealError as err:
+        raise CheckpointError(str(err)) from None
+    if header is None:       # written before checkpoints carried a header: its digest lies beside it
+        digest = _legacy_digest_file(path)
+        if not (digest.is_file() and digest.read_text().strip() == f"{len(blob)} {hashlib.sha256(blob).hexdigest()}"):
+            raise CheckpointError(f"{path} does not match the size and checksum recorded when it was written "
+                                  "(damaged or cut short)")
+        header = {}
+    if run_id is not None and (header.get("run_id") or "") != run_id:
+        raise CheckpointError(f"{path} belongs to another run (run id {header.get('run_id') or 'none'}, this "
+                              f"folder's run is {run_id}): it was copied in from elsewhere, so it is not resumed")
+    return data, header.get("step")
 
 
 def load_checkpoint(simulation, path: Path, run_id: Optional[str] = None) -> None:
@@ -494,7 +486,7 @@ def resume_simulation(out_dir, steps: Optional[int] = None, platform: Optional[s
         raise ValueError("give either steps (further steps) or to_step (the step to end at), not both")
     with runs.exclusive(out, "schnet-md simulate --resume", file=False):
         info = read_run_info(out)
-        run_id = info.get("run_id")                    # (runs started before run ids: none to compare)
+        run_id = info.get("run_id") or ""              # ("": a run recorded before run ids, whose checkpoints have none)
         for name, digest in info.get("run_files", {}).items():
             if not (out / name).is_file() or runs.file_sha256(out / name) != digest:
                 raise runs.RunFolderError(f"{out / name} is not the file this run started with (missing, or its "

@@ -10,6 +10,7 @@ ends) and, through train_from_config, OUT/config.json (the settings, the run's i
 from __future__ import annotations
 
 import copy
+import io
 import json
 import math
 import signal
@@ -30,7 +31,7 @@ from .model import SchNet, SchNetConfig, count_parameters
 from .modelfile import ModelFileError, save_model
 
 RECORD = "config.json"                                        # a run's settings, run id and input files
-RUN_FILES = ("model.pt", "checkpoint*.pt", "metrics.json")    # what a run writes besides its record
+RUN_FILES = ("model.pt", "checkpoint.pt", "metrics.json")    # what a run writes besides its record
 
 
 class TrainingError(RuntimeError):
@@ -244,13 +245,19 @@ def epoch_order(train_idx: np.ndarray, settings: TrainSettings, epoch: int) -> n
     return order
 
 
-def _read_checkpoint(path: Path, device, run_id: Optional[str]) -> dict:
-    """The state a resume continues from; refused when damaged or when it belongs to another run than `run_id`
-    (None: not checked, for callers without a record of the run)."""
+def read_checkpoint(path: str | Path, device="cpu", run_id: Optional[str] = None) -> dict:
+    """The state in a training checkpoint (what a resume continues from); refused when damaged or when it belongs
+    to another run than `run_id` (None: not checked, for callers without a record of the run)."""
+    path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"cannot resume: {path} does not exist")
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        header, data = runs.unsealed(path.read_bytes(), path)
+        if header is None and run_id:
+            raise runs.SealError(f"{path} has no seal (size and SHA-256), which every checkpoint of this run has")
+        state = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+    except runs.SealError as err:
+        raise ModelFileError(f"cannot resume: {err}; the best model so far is {path.parent / 'model.pt'}") from None
     except Exception as err:   # truncated or corrupt bytes raise all sorts of errors from the unpickler
         raise ModelFileError(f"cannot resume: {path} is damaged ({type(err).__name__}: "
                              f"{str(err).splitlines()[0] if str(err) else ''}); the best model so far is "
@@ -260,8 +267,9 @@ def _read_checkpoint(path: Path, device, run_id: Optional[str]) -> dict:
     if run_id is not None and state.get("run_id") != run_id:
         raise runs.RunFolderError(
             f"cannot resume: {path} belongs to another run (run id {state.get('run_id') or 'none'}) than "
-            f"{path.parent / RECORD} records ({run_id}); it was left by an earlier run in this folder. A resume "
-            "continues exactly the run it names: start this one again with --overwrite")
+            f"{path.parent / RECORD} records ({run_id}): copied in from elsewhere, or left by an earlier run in this "
+            "folder. A resume continues exactly the run it names: restore its own checkpoint, or start this one again "
+            "with --overwrite")
     return state
 
 
@@ -345,7 +353,7 @@ def _train(data, config, out, settings, resume, log, validation, on_start, init_
     first_epoch, first_batch, loss_sum, epoch_seconds, finished = 0, 0, 0.0, 0.0, ""
     checkpoint_path = out / "checkpoint.pt"
     if resume:
-        state = _read_checkpoint(checkpoint_path, device, run_id)
+        state = read_checkpoint(checkpoint_path, device, run_id)
         try:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
@@ -396,7 +404,11 @@ def _train(data, config, out, settings, resume, log, validation, on_start, init_
         if saved is not None:
             state["saved_model"], state["saved_metadata"] = saved[0], json.dumps(saved[1])
         # (no random state: the frame order is derived from seed and epoch, and training draws nothing else)
-        runs.atomic_write(checkpoint_path, writer=lambda fh: torch.save(state, fh))
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        # sealed with its SHA-256: a resume refuses a damaged checkpoint rather than training on (and writing
+        # into model.pt, under a fresh checksum) whatever the damage left
+        runs.atomic_write(checkpoint_path, runs.sealed(buffer.getvalue(), run_id=run_id))
 
     forward = None
     if group.active:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, shared_file
+from schnet_md.train import read_checkpoint
 
 ARGS = ["--labels", "old", "--max-frames", "48", "--features", "16", "--interactions", "2", "--batch-size", "8",
         "--validation-fraction", "0.25", "--seed", "3", "--lr", "5e-4"]
@@ -119,9 +120,7 @@ def test_resume_after_a_kill_mid_epoch_also_with_another_process_count(tmp_path,
         except ProcessLookupError:
             pass
     proc.wait()
-    import torch
-
-    done = int(torch.load(out / "checkpoint.pt", weights_only=True)["epoch"]) + 1
+    done = int(read_checkpoint(out / "checkpoint.pt")["epoch"]) + 1
     assert done < 4
     run([sys.executable, "-m", "schnet_md.cli", "train", "--resume", "--out", str(out), "--epochs", "4",
          "--threads", "1"])                                # resumed on ONE process

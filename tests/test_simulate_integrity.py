@@ -157,6 +157,15 @@ def test_a_checkpoint_or_force_from_another_run_is_refused(tmp_path, model_file)
         resume_simulation(a, steps=10, progress=False)
     (a / "force.pt").write_bytes(force)
     assert resume_simulation(a, steps=10, progress=False).steps_done == 30
+    # a run.json from before run ids cannot be used to slip in a checkpoint that has one
+    info = json.loads((a / "run.json").read_text())
+    del info["run_id"], info["run_files"]
+    (a / "run.json").write_text(json.dumps(info))
+    (a / "checkpoint.chk").write_bytes((b / "checkpoint.chk").read_bytes())
+    frames_before = (a / "trajectory.dcd").read_bytes()
+    with pytest.raises(CheckpointError, match="belongs to another run"):
+        resume_simulation(a, steps=10, progress=False)
+    assert (a / "trajectory.dcd").read_bytes() == frames_before             # nothing truncated first
 
 
 def test_a_users_own_files_are_kept_unless_overwrite(tmp_path, model_file):

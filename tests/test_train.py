@@ -13,7 +13,7 @@ from schnet_md.cli import main
 from schnet_md.data import DataError, read_rmd17
 from schnet_md.model import config_from_preset
 from schnet_md.modelfile import load_model
-from schnet_md.train import TrainSettings, train
+from schnet_md.train import TrainSettings, read_checkpoint, train
 
 SMALL = dict(n_features=24, n_interactions=2)
 
@@ -46,8 +46,8 @@ def test_resume_continues_exactly(tmp_path, ethanol_frames):
     train(ethanol_frames, config, tmp_path / "b", TrainSettings(**{**straight.__dict__, "epochs": 2}), log=quiet)
     summary = train(ethanol_frames, config, tmp_path / "b", straight, resume=True, log=quiet)
     assert [h["epoch"] for h in summary["history"]] == [0, 1, 2, 3]
-    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
-    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    a = read_checkpoint(tmp_path / "a" / "checkpoint.pt")
+    b = read_checkpoint(tmp_path / "b" / "checkpoint.pt")
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
     assert a["optimizer"]["state"][0]["step"] == b["optimizer"]["state"][0]["step"]

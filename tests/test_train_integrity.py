@@ -6,6 +6,7 @@ files: a tiny model on 24 rMD17 frames (18 to train on in 9 batches of 2, 6 to v
 from __future__ import annotations
 
 import copy
+import io
 import json
 import os
 import shutil
@@ -23,7 +24,7 @@ from conftest import ROOT, shared_file
 from schnet_md import runs
 from schnet_md.cli import main
 from schnet_md.modelfile import load_model
-from schnet_md.train import resolve_config, train_from_config
+from schnet_md.train import read_checkpoint, resolve_config, train_from_config
 
 TINY = ["--features", "8", "--interactions", "1", "--batch-size", "2", "--validation-fraction", "0.25",
         "--threads", "1"]
@@ -70,7 +71,7 @@ def wait_for(path: Path, proc, timeout=120):
 
 
 def checkpoint(out: Path) -> dict:
-    return torch.load(out / "checkpoint.pt", weights_only=True)
+    return read_checkpoint(out / "checkpoint.pt")
 
 
 def assert_same_run(expected: Path, out: Path):
@@ -161,9 +162,28 @@ def test_a_checkpoint_of_another_run_is_refused(tmp_path, capsys, data):
     assert code == 1 and "belongs to another run" in err
     state = checkpoint(tmp_path / "b")
     del state["run_id"]                                   # as an earlier schnet-md wrote them
-    torch.save(state, tmp_path / "b" / "checkpoint.pt")
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    (tmp_path / "b" / "checkpoint.pt").write_bytes(runs.sealed(buffer.getvalue()))
     code, _, err = cli(capsys, "--resume", "--out", tmp_path / "b", "--epochs", "2")
     assert code == 1 and "belongs to another run (run id none)" in err
+    torch.save(state, tmp_path / "b" / "checkpoint.pt")   # no seal at all
+    code, _, err = cli(capsys, "--resume", "--out", tmp_path / "b", "--epochs", "2")
+    assert code == 1 and "has no seal" in err
+
+
+def test_a_damaged_checkpoint_is_refused_not_trained_on(tmp_path, capsys, data):
+    """One flipped byte anywhere in checkpoint.pt (here in the middle, among the weights): a resume refuses it
+    instead of training on the damage and writing it into model.pt under a fresh checksum."""
+    out = tmp_path / "run"
+    assert cli(capsys, "--data", data, *RUN, "--epochs", "1", "--out", out)[0] == 0
+    model_before = (out / "model.pt").read_bytes()
+    blob = bytearray((out / "checkpoint.pt").read_bytes())
+    blob[len(blob) // 2] ^= 0x10
+    (out / "checkpoint.pt").write_bytes(bytes(blob))
+    code, _, err = cli(capsys, "--resume", "--out", out, "--epochs", "2")
+    assert code == 1 and "does not match the size and checksum recorded when it was written" in err
+    assert (out / "model.pt").read_bytes() == model_before
 
 
 def test_a_data_file_changed_since_the_run_started_is_refused_by_name(tmp_path, capsys):

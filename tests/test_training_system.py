@@ -14,7 +14,7 @@ from schnet_md.data import Dataset, read_data, read_iso17x, read_qm9, read_rmd17
 from schnet_md.export import create_torch_force
 from schnet_md.model import config_from_preset
 from schnet_md.modelfile import load_model
-from schnet_md.train import TrainSettings, resolve_config, train
+from schnet_md.train import TrainSettings, read_checkpoint, resolve_config, train
 
 SMALL = dict(n_features=16, n_interactions=2)
 
@@ -64,7 +64,7 @@ rho = 0.05
 def test_ema_early_stopping_and_time_budget(tmp_path, ethanol60):
     config = config_from_preset("schnet2017", ethanol60.elements, **SMALL)
     s = train(ethanol60, config, tmp_path / "ema", TrainSettings(epochs=3, batch_size=10, ema_decay=0.9), log=quiet)
-    state = torch.load(tmp_path / "ema" / "checkpoint.pt", weights_only=True)
+    state = read_checkpoint(tmp_path / "ema" / "checkpoint.pt")
     assert "ema" in state and len(s["history"]) == 3
     # the saved model is the averaged one, not the raw weights
     model, _ = load_model(tmp_path / "ema" / "model.pt")
@@ -77,7 +77,7 @@ def test_ema_early_stopping_and_time_budget(tmp_path, ethanol60):
     s = train(ethanol60, config, tmp_path / "budget", TrainSettings(epochs=50, batch_size=30, max_hours=1e-9),
               log=quiet)      # checked between batches: it stops within the first epoch, after a checkpoint
     assert s["history"] == [] and "time budget" in s["stop_reason"] and "after batch 1 of 2" in s["stop_reason"]
-    assert not s["finished"] and torch.load(tmp_path / "budget" / "checkpoint.pt", weights_only=True)["batch"] == 1
+    assert not s["finished"] and read_checkpoint(tmp_path / "budget" / "checkpoint.pt")["batch"] == 1
 
 
 def test_energy_only_training_on_qm9():
