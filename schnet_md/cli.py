@@ -237,8 +237,6 @@ def _import_schnetpack(args) -> int:
 
 
 def _bench(args) -> int:
-    import json
-
     import torch
 
     from .bench import bench, benchmark_model, water_box
@@ -247,34 +245,35 @@ def _bench(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = []
-    for target in args.targets:
-        if target.startswith("water:"):
-            count = target.split(":", 1)[1]
-            if not count.isdigit() or not 30 <= int(count) <= 10_000_000:
-                raise ValueError(f"water:N needs a number of atoms from 30 up, got {target!r}")
-            topology, positions = water_box(int(count))
-            name = f"water box ({topology.getNumAtoms()} atoms)"
-        else:
-            path = Path(target) if Path(target).exists() else SYSTEMS / target / f"{target}.pdb"
-            if not path.exists():
-                raise ValueError(f"bench target {target!r} is neither a file nor one of the ready-to-run systems "
-                                 f"({', '.join(sorted(d.name for d in SYSTEMS.iterdir() if d.is_dir()))}) nor water:N")
-            structure = read_structure(path)
-            topology, positions, name = structure.topology, structure.positions_nm, target
-        z = [a.element.atomic_number for a in topology.atoms()]
-        if args.model:
-            model, label = load_model(args.model)[0], args.model
-        else:
-            model, label = benchmark_model(args.preset, z, topology.getPeriodicBoxVectors() is not None, args.cutoff)
-        r = bench(name, topology, positions, model, label + (" + tabulated filters" if args.tabulate else ""),
-                  args.platform, args.steps, args.repeats, args.cuda_graphs, args.neighbor_list, tabulate=args.tabulate)
-        results.append(r.as_dict())
-        print(f"{r.system:28s} {r.n_atoms:6d} atoms  {r.model:34s} {r.neighbor_list:9s} model {r.model_ms:9.2f} ms  "
-              f"MD {r.steps_per_second:9.1f} steps/s  {r.ns_per_day:8.2f} ns/day  peak {r.peak_memory_mb:8.0f} MB "
-              f"(model calls {r.model_memory_mb:+.0f} MB)")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+    with _json_output(args.json, "bench", args.overwrite):
+        results = []
+        for target in args.targets:
+            if target.startswith("water:"):
+                count = target.split(":", 1)[1]
+                if not count.isdigit() or not 30 <= int(count) <= 10_000_000:
+                    raise ValueError(f"water:N needs a number of atoms from 30 up, got {target!r}")
+                topology, positions = water_box(int(count))
+                name = f"water box ({topology.getNumAtoms()} atoms)"
+            else:
+                path = Path(target) if Path(target).exists() else SYSTEMS / target / f"{target}.pdb"
+                if not path.exists():
+                    raise ValueError(f"bench target {target!r} is neither a file nor one of the ready-to-run systems "
+                                     f"({', '.join(sorted(d.name for d in SYSTEMS.iterdir() if d.is_dir()))}) nor water:N")
+                structure = read_structure(path)
+                topology, positions, name = structure.topology, structure.positions_nm, target
+            z = [a.element.atomic_number for a in topology.atoms()]
+            if args.model:
+                model, label = load_model(args.model)[0], args.model
+            else:
+                model, label = benchmark_model(args.preset, z, topology.getPeriodicBoxVectors() is not None, args.cutoff)
+            r = bench(name, topology, positions, model, label + (" + tabulated filters" if args.tabulate else ""),
+                      args.platform, args.steps, args.repeats, args.cuda_graphs, args.neighbor_list, tabulate=args.tabulate)
+            results.append(r.as_dict())
+            print(f"{r.system:28s} {r.n_atoms:6d} atoms  {r.model:34s} {r.neighbor_list:9s} model {r.model_ms:9.2f} ms  "
+                  f"MD {r.steps_per_second:9.1f} steps/s  {r.ns_per_day:8.2f} ns/day  peak {r.peak_memory_mb:8.0f} MB "
+                  f"(model calls {r.model_memory_mb:+.0f} MB)")
+        if args.json:
+            runs.write_json(args.json, results)
     return 0
 
 
@@ -585,7 +584,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--neighbor-list", default="auto", choices=["auto", "all_pairs", "cells"])
     b.add_argument("--tabulate", action="store_true", help="filters from spline tables (schnet_md.tabulated)")
     b.add_argument("--threads", type=int, help="torch CPU threads")
-    b.add_argument("--json", help="also write the results here")
+    b.add_argument("--json", help="also write the results here (an existing file is refused before any work, unless "
+                                  "--overwrite)")
+    b.add_argument("--overwrite", action="store_true", help="replace the --json file if it exists")
     b.set_defaults(func=_bench)
 
     ck = sub.add_parser("check", help="robustness checks before production MD (minimisation, bond and molecule "

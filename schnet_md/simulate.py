@@ -76,6 +76,18 @@ class SimulationSettings:
     barostat_interval: int = 25      # steps between the barostat's volume moves
 
     def __post_init__(self) -> None:
+        for f in fields(self):      # (run.json is read back into these: a damaged value is named, not a traceback)
+            value, default = getattr(self, f.name), f.default
+            if f.name == "platform":
+                ok, kind = value is None or isinstance(value, str), "a platform name or None"
+            elif isinstance(default, (bool, str)):
+                ok, kind = type(value) is type(default), type(default).__name__
+            elif isinstance(default, int):
+                ok, kind = isinstance(value, int) and not isinstance(value, bool), "a whole number"
+            else:
+                ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+            if not ok:
+                raise ValueError(f"simulation setting {f.name} must be {kind}, got {value!r}")
         if self.steps < 0 or self.report_interval < 1 or self.checkpoint_interval < 1:
             raise ValueError("steps >= 0, report_interval >= 1 and checkpoint_interval >= 1 are required")
         if not all(math.isfinite(v) for v in (self.timestep_fs, self.temperature_k, self.friction_per_ps)):
@@ -399,8 +411,10 @@ def truncate_state_csv(path: Path, last_step: int) -> None:
 
 # the files a run writes into its folder (run.json is its record); --overwrite retires exactly these
 RUN_FILES = ("input.pdb", "topology.pdb", "force.pt", "trajectory.dcd", "state.csv", "checkpoint.chk",
-             "checkpoint.prev.chk", "checkpoint*.sha256", "final.chk", ".checkpoint.chk.*.tmp")
+             "checkpoint.prev.chk", "final.chk", "checkpoint.chk.sha256", "checkpoint.prev.chk.sha256",
+             "final.chk.sha256", ".checkpoint.chk.*.tmp", ".final.chk.*.tmp")   # (*.sha256: runs from before seals)
 RUN_RECORD = "run.json"
+ADDED_SETTINGS = {"pressure_bar", "barostat_interval"}   # settings newer than some runs: missing means the default
 
 
 def run_simulation(structure_path, model_path, out_dir, settings: SimulationSettings,
@@ -463,11 +477,21 @@ def read_run_info(out: Path) -> dict:
     if not isinstance(info.get("settings"), dict):
         raise runs.RunFolderError(f"{info_path} has no settings: it is not a schnet-md simulate record, or is damaged")
     known = {f.name for f in fields(SimulationSettings)}
+    missing = sorted(known - set(info["settings"]) - ADDED_SETTINGS)
+    if missing:
+        raise runs.RunFolderError(f"{info_path} is damaged: its settings lack {', '.join(missing)}; restore it, or "
+                                  "start a new run")
     unknown = sorted(set(info["settings"]) - known)
     if unknown:
         raise runs.RunFolderError(
             f"{info_path} was written by schnet-md {info.get('schnet_md_version', '?')} and has settings this version "
             f"({__version__}) does not know: {', '.join(unknown)}; resume it with the version that started it")
+    try:
+        SimulationSettings(**info["settings"])
+        if not isinstance(info.get("target_step", 0), int) or isinstance(info.get("target_step"), bool):
+            raise ValueError(f"target_step must be a whole number, got {info['target_step']!r}")
+    except ValueError as err:
+        raise runs.RunFolderError(f"{info_path} is damaged: {err}; restore it, or start a new run") from None
     return info
 
 

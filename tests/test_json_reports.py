@@ -75,3 +75,13 @@ def test_an_evaluation_report_has_one_writer_and_is_not_replaced_unasked(tmp_pat
     assert "already exist(s)" in capsys.readouterr().err
     monkeypatch.setattr(schnet_md.modelfile, "load_model", real_load)
     assert main(argv + ["--overwrite"]) == 0 and json.loads(metrics.read_text()) == written
+
+
+def test_a_bench_report_is_not_replaced_unasked(tmp_path, capsys):
+    mine = tmp_path / "mine.json"
+    mine.write_text("[1, 2, 3]")
+    args = ["bench", "ethanol", "--model", "ethanol", "--steps", "5", "--repeats", "1", "--platform", "Reference"]
+    assert main([*args, "--json", str(mine)]) == 1
+    assert "mine.json already exist" in capsys.readouterr().err and mine.read_text() == "[1, 2, 3]"
+    assert main([*args, "--json", str(mine), "--overwrite"]) == 0
+    assert json.loads(mine.read_text())[0]["n_atoms"] == 9

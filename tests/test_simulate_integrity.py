@@ -194,6 +194,13 @@ def test_run_json_of_another_version_and_non_finite_settings_are_named(tmp_path,
     (out / "run.json").write_text(json.dumps(info))
     with pytest.raises(runs.RunFolderError, match="does not know: replicas"):
         resume_simulation(out, steps=10, progress=False)
+    del info["settings"]["replicas"]
+    for damaged, message in (({"steps": "abc"}, "steps must be a whole number, got 'abc'"),
+                             ({}, "its settings lack")):
+        (out / "run.json").write_text(json.dumps(info | {"settings": info["settings"] | damaged} if damaged
+                                                 else info | {"settings": {}}))
+        with pytest.raises(runs.RunFolderError, match=f"run.json is damaged: .*{message}"):
+            resume_simulation(out, steps=10, progress=False)
     (out / "run.json").write_text('{"settings": {"steps"')
     with pytest.raises(runs.RunFolderError, match="run.json .* is damaged"):
         resume_simulation(out, steps=10, progress=False)
