@@ -226,3 +226,15 @@ def test_compare_replaces_an_earlier_comparison_only_when_asked(tmp_path, capsys
     assert "already holds compare.md, compare.json" in err and err.count("\n") == 1
     assert main(argv + ["--overwrite"]) == 0
     assert (tmp_path / "cmp" / "compare.json").read_text() == before
+
+
+def test_a_trajectory_under_a_non_ascii_absolute_path_is_read(tmp_path, capsys):
+    """mdtraj's DCD reader takes ASCII file names only; analyze and compare read from résultats/ all the same."""
+    written = _trajectory_files(tmp_path / "ascii", driven_dihedral()[0])     # (mdtraj writes ASCII names only)
+    (tmp_path / "données").mkdir()
+    folder = (tmp_path / "ascii").rename(tmp_path / "données" / "分子")
+    dcd, pdb = folder / written[0].name, folder / written[1].name
+    assert dcd.is_absolute() and not str(dcd).isascii()
+    assert main(["analyze", str(dcd), "--top", str(pdb), "--timestep", "0.01", "--out", str(tmp_path / "a")]) == 0
+    assert json.loads((tmp_path / "a" / "summary.json").read_text())["dihedrals"][0]["n_transitions"] == 3
+    assert main(["compare", str(dcd), str(dcd), "--top", str(pdb), "--out", str(tmp_path / "c")]) == 0

@@ -100,8 +100,22 @@ def _without_dcd_chatter():
 
 def read_trajectory(path: str | Path, top: str | Path) -> mdtraj.Trajectory:
     """mdtraj.load(path, top=top), without the DCD reader's chatter on stdout."""
-    with _without_dcd_chatter():
-        return mdtraj.load(str(path), top=str(top))
+    with _without_dcd_chatter(), _ascii_path(path) as readable:
+        return mdtraj.load(readable, top=str(top))
+
+
+@contextlib.contextmanager
+def _ascii_path(path: str | Path):
+    """`path`, or a link to it under an ASCII name: mdtraj's DCD reader encodes file names as ASCII and fails on
+    any other character (a folder named résultats/)."""
+    path = str(path)
+    if path.isascii():
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="schnet-md-") as folder:
+        link = Path(folder) / ("trajectory" + Path(path).suffix)
+        link.symlink_to(Path(path).resolve())
+        yield str(link)
 
 
 def _load(path: Path, top) -> mdtraj.Trajectory:
