@@ -45,6 +45,12 @@ class CheckSettings:
     platform: str = "CPU"
     seed: int = 1
 
+    def __post_init__(self) -> None:   # refused before the minimisation and scans, not after them
+        if not (math.isfinite(self.temperature_k) and self.temperature_k > 0):
+            raise ValueError(f"the check temperature must be a finite number of kelvin above 0, got {self.temperature_k}")
+        if self.md_steps < 0 or self.scan_points < 2:
+            raise ValueError("md_steps must be >= 0 and scan_points >= 2")
+
 
 def _context(model, structure, platform: str):
     import openmm

@@ -41,7 +41,7 @@ def check_labels(model_name, trained_on: str, data: Dataset, allow_mismatch: boo
     if kind == "note":
         log(f"note: {message}")
     elif not allow_mismatch:
-        raise ValueError(f"{message}: their energies lie on another zero; evaluate on the model's own labels (for "
+        raise ValueError(f"{message}: their energies lie on another zero; use the model's own labels (for "
                          "rMD17 files: leave out --labels) or pass --allow-label-mismatch")
     else:
         log(f"warning: {message}: their energies lie on another zero, which the energy errors include")

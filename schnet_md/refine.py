@@ -434,6 +434,14 @@ def _refine(model, structures, data, out_dir, settings, test, log, validation, p
         raise ValueError(f"label_weight must be > 0 (got {settings.label_weight}) and frames_per_epoch >= 0 (got "
                          f"{settings.frames_per_epoch})")
     tests = [] if test is None else (list(test) if isinstance(test, (list, tuple)) else [test])
+    # the model's labels (its energy zero) must be the data's: fine-tuning across them learns the offset
+    from .evaluate import check_labels
+    from .modelfile import load_model, trained_labels
+
+    trained_on = trained_labels(load_model(model)[1])
+    for labelled in [data, validation, *tests]:
+        if labelled is not None:
+            check_labels(model, trained_on, labelled, log=lambda _note: None)   # (a mismatch raises)
     structures = [str(s) for s in ([structures] if isinstance(structures, (str, Path)) else structures)]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

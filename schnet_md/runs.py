@@ -366,8 +366,9 @@ def claim(folder: str | os.PathLike, record: str, owned: Sequence[str], command:
             raise RunFolderError(f"{folder} already holds a run ({command}: {record}); continue it with --resume, "
                                  "replace it with --overwrite, or choose another output folder")
         raise RunFolderError(f"{folder} holds files that {command} would write ({', '.join(present)}) but no "
-                             f"{record}, so they are not from a {command} run and were left untouched; choose "
-                             "another output folder, or pass --overwrite to replace them")
+                             f"{record}: your own files, or those of a {command} killed before its run had started "
+                             "(nothing to resume). They were left untouched; choose another output folder, or pass "
+                             "--overwrite to replace them")
     for name in present:
         target = folder / name
         if target.is_dir() and not target.is_symlink():

@@ -280,3 +280,14 @@ def test_models_and_files_without_a_label_record_get_a_note(tmp_path, capsys):
     assert read_rmd17(tmp_path / "xtb.npz").label_set == "GFN2-xTB"
     assert read_rmd17(tmp_path / "unnamed.npz").label_set == ""
     assert read_rmd17(test, "new").label_set == "rMD17" and read_rmd17(test, "old").label_set == "MD17"
+
+
+def test_refine_refuses_data_with_other_labels_than_the_model(md17_model, tmp_path):
+    """Fine-tuning an MD17-label model on rMD17 labels would learn the ~120 kcal/mol between their zeros."""
+    from schnet_md.data import read_rmd17
+    from schnet_md.refine import refine
+
+    data = read_rmd17(shared_file("rmd17/rmd17_ethanol_train_02.npz"), "new")
+    with pytest.raises(ValueError, match="was trained on MD17 labels.*holds rMD17 labels"):
+        refine(md17_model, [SYSTEMS / "ethanol" / "ethanol.pdb"], data.subset(range(20)), tmp_path / "refine")
+    assert not (tmp_path / "refine").exists()                 # refused before anything was written
