@@ -17,6 +17,7 @@ import torch
 
 from . import units
 from .neighbors import batched_unique_pairs, unique_pairs
+from .runs import file_sha256
 
 # What a training frame may hold, in Å. The project's data has its closest pair at 0.86 Å (iso17x; rMD17 0.88,
 # QM9 0.96), its refinement frames H-H pinches down to 0.64 Å (H2's bond is 0.74 Å), and its farthest
@@ -124,14 +125,6 @@ class Dataset:
         digest = hashlib.sha256(self.sha256.encode() + weights.tobytes()).hexdigest()  # weights change training
         return Dataset(self.atomic_numbers, self.positions, self.offsets, self.energies, self.forces,
                        self.energy_unit, self.source, digest, weights, self.label_set)
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _npz_names(path: Path) -> List[str]:
