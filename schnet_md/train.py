@@ -217,7 +217,6 @@ def _holding(out: Path):
     its own. A second writer is refused, naming the holder."""
     if not parallel.main_process():
         return nullcontext()
-    out.mkdir(parents=True, exist_ok=True)          # (the lock file lives inside the folder)
     return runs.exclusive(out, "schnet-md train")
 
 

@@ -64,7 +64,7 @@ def test_exported_file_loads_in_torchforce_with_metadata(tmp_path, ethanol, plat
     module, meta = load_exported(path)
     assert meta["units"] == {"positions": "nm", "box": "nm", "energy": "kJ/mol"}
     assert meta["atomic_numbers"] == z.tolist() and meta["n_particles"] == 9 and meta["periodic"] is False
-    assert meta["format_version"] == 2 and meta["model_elements"] == [1, 6, 7, 8]
+    assert meta["format_version"] == 3 and meta["model_elements"] == [1, 6, 7, 8]
     force = openmmtorch.TorchForce(str(path))
     system = system_with(force, [a.element.mass for a in structure.topology.atoms()])
     e, _ = openmm_energy_forces(system, structure.positions_nm, platform)
