@@ -523,18 +523,22 @@ def resume_simulation(out_dir, steps: Optional[int] = None, platform: Optional[s
         system = build_system(structure.topology, out / "force.pt")
         simulation, platform_name = make_simulation(structure.topology, system, settings)
         checkpoint = out / "checkpoint.chk"
-        candidates = [c for c in (checkpoint, previous_checkpoint(checkpoint)) if c.is_file()]
+        candidates = [c for c in (checkpoint, previous_checkpoint(checkpoint), out / "final.chk") if c.is_file()]
         if not candidates:
             raise ValueError(f"{out} has no checkpoint.chk to resume from")
-        loaded = None
+        sound = []
         for candidate in candidates:
             try:
-                data, _ = read_checkpoint(candidate, run_id)
+                sound.append((candidate, *read_checkpoint(candidate, run_id)))
             except CheckpointError as err:
                 if "another run" in str(err):
                     raise
-                log(f"warning: {err}; trying the previous checkpoint")
-                continue
+                log(f"warning: {err}; trying the other checkpoints")
+        # checkpoint.chk when sound (the last written); else the furthest other (a finished run's final.chk is as
+        # far as its checkpoint.chk, .prev is older), so a damaged checkpoint costs as few frames as possible
+        sound.sort(key=lambda entry: (entry[0] != checkpoint, -(entry[2] or 0)))
+        loaded = None
+        for candidate, data, _ in sound[:1]:
             try:
                 simulation.context.loadCheckpoint(data)
             except Exception as err:   # OpenMMException

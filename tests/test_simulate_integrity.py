@@ -222,3 +222,15 @@ def test_non_ascii_paths_work_end_to_end(tmp_path, model_file):
                              text=True, timeout=300, env=os.environ | {"LC_ALL": "C"})
     assert resumed.returncode == 0, resumed.stderr
     assert steps_in(out / "state.csv") == [10, 20, 30, 40]
+
+
+def test_a_damaged_checkpoint_of_a_finished_run_falls_back_to_final_not_to_step_0(tmp_path, model_file):
+    """The second probe: one flipped byte in a finished run's checkpoint.chk made the resume fall back to
+    checkpoint.prev.chk (step 0) and cut the whole trajectory. final.chk is as far and intact: it is taken."""
+    out = tmp_path / "run"
+    run_simulation(ETHANOL, model_file, out, settings(steps=40), progress=False)
+    blob = bytearray((out / "checkpoint.chk").read_bytes())
+    blob[len(blob) // 2] ^= 0x10
+    (out / "checkpoint.chk").write_bytes(bytes(blob))
+    result = resume_simulation(out, steps=20, progress=False, log=lambda _m: None)
+    assert result.steps_done == 60 and steps_in(out / "state.csv") == [10, 20, 30, 40, 50, 60]
